@@ -1,0 +1,56 @@
+# ProlifScore: `make demo` runs the main job, `make test` runs the tests. Both set up first.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+DEPS := $(VENV)/.deps
+STAMP := $(VENV)/.installed
+PROTO_SRC := $(wildcard protos/prolifscore/v1/*.proto)
+PROTO_OUT := services/v1
+PROTO_STAMP := $(PROTO_OUT)/.generated
+
+.PHONY: setup protos demo test lint bench lock clean
+
+setup: $(STAMP) $(PROTO_STAMP)
+
+$(DEPS): requirements/lock.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements/lock.txt
+	touch $@
+
+$(STAMP): $(DEPS) $(PROTO_STAMP) pyproject.toml
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
+	touch $@
+
+protos: $(PROTO_STAMP)
+
+# Generated into services/v1 so that it imports as prolifscore.v1 (git-ignored).
+$(PROTO_STAMP): $(PROTO_SRC) $(DEPS)
+	rm -rf build/protos $(PROTO_OUT) && mkdir -p build/protos
+	$(PY) -m grpc_tools.protoc -Iprotos --python_out=build/protos --pyi_out=build/protos \
+	  --grpc_python_out=build/protos $(PROTO_SRC)
+	mv build/protos/prolifscore/v1 $(PROTO_OUT)
+	find $(PROTO_OUT) -type d -exec touch {}/__init__.py \;
+	touch $@
+
+demo: setup
+	$(PY) -m prolifscore.cli.main demo
+
+test: setup
+	$(PY) -m pytest -q
+
+lint: setup
+	$(VENV)/bin/ruff check services tests bench
+	$(VENV)/bin/ruff format --check services tests bench
+
+bench: setup
+	$(PY) -m bench.run
+
+# Re-pin after editing requirements/*.in (needs the registry).
+lock:
+	rm -rf build/lockenv && $(PYTHON) -m venv build/lockenv
+	build/lockenv/bin/pip install --quiet -r requirements/dev.in
+	build/lockenv/bin/pip freeze > requirements/lock.txt
+
+clean:
+	rm -rf build $(PROTO_OUT) .pytest_cache

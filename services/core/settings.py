@@ -1,0 +1,114 @@
+"""Settings from environment variables, one frozen dataclass per service.
+
+Every field declares its variable, default and meaning in one place (`env(...)`), so the README's
+configuration table and the Kubernetes manifests can be checked against the code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+def env(var: str, default: Any, doc: str) -> Any:
+    """Declare a settings field read from environment variable `var`."""
+    if isinstance(default, (list, tuple)):
+        return dataclasses.field(
+            default_factory=lambda: tuple(default), metadata={"env": var, "doc": doc}
+        )
+    return dataclasses.field(default=default, metadata={"env": var, "doc": doc})
+
+
+def _parse(raw: str, kind: Any, var: str) -> Any:
+    origin = typing.get_origin(kind)
+    if origin in (types.UnionType, typing.Union):  # Optional[X]
+        if raw.strip() == "":
+            return None
+        kind = next(a for a in typing.get_args(kind) if a is not type(None))
+        origin = typing.get_origin(kind)
+    try:
+        if kind is bool:
+            if raw.strip().lower() in ("1", "true", "yes", "on"):
+                return True
+            if raw.strip().lower() in ("0", "false", "no", "off", ""):
+                return False
+            raise ValueError(raw)
+        if kind is int:
+            return int(raw)
+        if kind is float:
+            return float(raw)
+        if kind is Path:
+            return Path(raw)
+        if origin is tuple:
+            (item,) = {a for a in typing.get_args(kind) if a is not Ellipsis}
+            return tuple(_parse(p.strip(), item, var) for p in raw.split(",") if p.strip())
+        return raw
+    except ValueError as exc:
+        raise ValueError(f"{var}={raw!r} is not a valid {getattr(kind, '__name__', kind)}") from exc
+
+
+def load(cls: type[T], environ: Mapping[str, str] | None = None, **overrides: Any) -> T:
+    """Build `cls` from the environment; keyword overrides win (used by tests and the CLI)."""
+    environ = os.environ if environ is None else environ
+    hints = typing.get_type_hints(cls)
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        var = f.metadata.get("env")
+        if f.name in overrides:
+            values[f.name] = overrides[f.name]
+        elif var and var in environ:
+            values[f.name] = _parse(environ[var], hints[f.name], var)
+    return cls(**values)
+
+
+def describe(cls: type) -> list[tuple[str, str, str]]:
+    """(variable, default, meaning) rows for documentation."""
+    rows = []
+    for f in dataclasses.fields(cls):
+        if "env" not in f.metadata:
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        if isinstance(default, tuple):
+            default = ",".join(str(d) for d in default)
+        rows.append((f.metadata["env"], "" if default is None else str(default), f.metadata["doc"]))
+    return rows
+
+
+@dataclasses.dataclass(frozen=True)
+class KafkaSettings:
+    bootstrap_servers: str = env(
+        "PROLIF_KAFKA_BOOTSTRAP", "127.0.0.1:9092", "Kafka bootstrap servers (host:port,...)"
+    )
+    client_id: str = env("PROLIF_KAFKA_CLIENT_ID", "prolifscore", "Kafka client id prefix")
+    topic_ingest: str = env("PROLIF_TOPIC_INGEST", "prolif.slides.ingest", "Slide ingest topic")
+    topic_tasks: str = env("PROLIF_TOPIC_TASKS", "prolif.tiles.tasks", "Tile task topic")
+    topic_shards: str = env("PROLIF_TOPIC_SHARDS", "prolif.tiles.shards", "Shard index topic")
+    topic_status: str = env("PROLIF_TOPIC_STATUS", "prolif.slides.status", "Slide status topic")
+    topic_dlq: str = env("PROLIF_TOPIC_DLQ", "prolif.dlq", "Dead-letter topic")
+    partitions: int = env("PROLIF_TOPIC_PARTITIONS", 4, "Partitions of topics the services create")
+    max_poll_records: int = env(
+        "PROLIF_KAFKA_MAX_POLL_RECORDS", 8, "Records a consumer takes per poll (one unit of work)"
+    )
+    max_poll_interval_ms: int = env(
+        "PROLIF_KAFKA_MAX_POLL_INTERVAL_MS",
+        300_000,
+        "Longest gap between polls before the group evicts a consumer (also its rebalance timeout)",
+    )
+    session_timeout_ms: int = env(
+        "PROLIF_KAFKA_SESSION_TIMEOUT_MS", 10_000, "Consumer group session timeout"
+    )
+    max_request_size: int = env(
+        "PROLIF_KAFKA_MAX_REQUEST_SIZE", 8 * 1024 * 1024, "Largest message the producer sends"
+    )
+    connect_timeout_s: float = env(
+        "PROLIF_KAFKA_CONNECT_TIMEOUT_S",
+        120.0,
+        "How long to retry (with backoff) while the broker is unreachable",
+    )
