@@ -63,15 +63,26 @@ def load(cls: type[T], environ: Mapping[str, str] | None = None, **overrides: An
         var = f.metadata.get("env")
         if f.name in overrides:
             values[f.name] = overrides[f.name]
+        elif dataclasses.is_dataclass(hints[f.name]):
+            values[f.name] = load(hints[f.name], environ)
         elif var and var in environ:
             values[f.name] = _parse(environ[var], hints[f.name], var)
     return cls(**values)
 
 
+def nested(cls: type[T]) -> T:
+    """A settings field holding another settings group (loaded from the same environment)."""
+    return dataclasses.field(default_factory=cls)  # type: ignore[return-value]
+
+
 def describe(cls: type) -> list[tuple[str, str, str]]:
-    """(variable, default, meaning) rows for documentation."""
+    """(variable, default, meaning) rows for documentation, nested groups included."""
     rows = []
+    hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            rows.extend(describe(hints[f.name]))
+            continue
         if "env" not in f.metadata:
             continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
@@ -107,8 +118,60 @@ class KafkaSettings:
     max_request_size: int = env(
         "PROLIF_KAFKA_MAX_REQUEST_SIZE", 8 * 1024 * 1024, "Largest message the producer sends"
     )
+    delivery_timeout_ms: int = env(
+        "PROLIF_KAFKA_DELIVERY_TIMEOUT_MS",
+        120_000,
+        "How long the producer retries a record before flush() reports it failed",
+    )
     connect_timeout_s: float = env(
         "PROLIF_KAFKA_CONNECT_TIMEOUT_S",
         120.0,
         "How long to retry (with backoff) while the broker is unreachable",
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class PreprocessSettings:
+    """Defaults of the tiling spec; an ingest message may override each per slide."""
+
+    target_mpp: float = env("PROLIF_TARGET_MPP", 0.5, "Target microns per pixel (0.5 ~ 20x)")
+    tile_size: int = env("PROLIF_TILE_SIZE", 256, "Tile side in pixels at the target resolution")
+    overlap: int = env("PROLIF_TILE_OVERLAP", 0, "Pixels shared by neighbouring tiles")
+    tissue_threshold: float = env(
+        "PROLIF_TISSUE_THRESHOLD", 0.9, "Fraction of a tile that must be tissue to keep it"
+    )
+    tissue_mode: str = env("PROLIF_TISSUE_MODE", "fast", "Tissue criterion: fast or seed")
+    stain_normalization: str = env(
+        "PROLIF_STAIN_NORMALIZATION", "none", "Stain normalization: none, macenko or reinhard"
+    )
+    max_tiles: int = env("PROLIF_MAX_TILES", 0, "Per-slide cap on candidate tiles (0 = none)")
+    default_mpp: float = env(
+        "PROLIF_DEFAULT_MPP",
+        0.25,
+        "Microns per pixel assumed for slides without mpp/objective metadata (40x scanners)",
+    )
+    batch_size: int = env("PROLIF_BATCH_SIZE", 64, "Tiles per tile task / TFRecord shard")
+    split_seed: int = env("PROLIF_SPLIT_SEED", 42, "Seed of the 80/20 slide-level split")
+    validation_fraction: float = env(
+        "PROLIF_VALIDATION_FRACTION", 0.2, "Share of slides in the validation split"
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class RuntimeSettings:
+    """What every service process needs besides Kafka."""
+
+    slide_roots: tuple[Path, ...] = env(
+        "PROLIF_SLIDE_ROOTS", ("data/slides",), "Comma-separated folders slides may be read from"
+    )
+    tiles_root: Path = env("PROLIF_TILES_ROOT", Path("data/tiles"), "Where TFRecord shards go")
+    bind_host: str = env("PROLIF_BIND_HOST", "127.0.0.1", "Address gRPC and metrics bind to")
+    health_port: int = env("PROLIF_HEALTH_PORT", 0, "gRPC health/reflection port (0 = any free)")
+    metrics_port: int = env("PROLIF_METRICS_PORT", 0, "Prometheus metrics port (0 = any free)")
+    ray_address: str = env(
+        "PROLIF_RAY_ADDRESS", "", "Ray cluster to join (empty = start a local one on 127.0.0.1)"
+    )
+    ray_num_cpus: int = env("PROLIF_RAY_NUM_CPUS", 0, "CPUs for a local Ray (0 = all)")
+    shutdown_grace_s: float = env(
+        "PROLIF_SHUTDOWN_GRACE_S", 20.0, "On SIGTERM, how long in-flight work may finish"
     )

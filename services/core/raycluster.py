@@ -1,0 +1,35 @@
+"""Ray start-up: join a configured cluster, or start a local one bound to loopback."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+log = logging.getLogger(__name__)
+
+# Must be in the environment before `import ray` (Ray reads them at import time).
+LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
+
+
+def init_ray(address: str = "", num_cpus: int = 0) -> None:
+    """Idempotent. Locally, Ray would bind the machine's non-loopback address; the variable set
+    here (before Ray starts) keeps every Ray listener on 127.0.0.1."""
+    for var, value in LOOPBACK_ENV.items():
+        os.environ.setdefault(var, value)
+    import ray
+
+    if ray.is_initialized():
+        return
+    if address:
+        log.info("joining ray cluster", extra={"address": address})
+        ray.init(address=address, log_to_driver=False)
+        return
+    kwargs = {"num_cpus": num_cpus} if num_cpus > 0 else {}
+    ray.init(
+        include_dashboard=False,
+        log_to_driver=False,
+        configure_logging=False,
+        _node_ip_address="127.0.0.1",
+        **kwargs,
+    )
+    log.info("started local ray", extra={"cpus": ray.cluster_resources().get("CPU")})

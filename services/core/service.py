@@ -1,0 +1,144 @@
+"""What every service process shares: health + reflection gRPC server, Prometheus endpoint,
+SIGTERM handling, and the consume -> work -> publish -> commit loop."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+import grpc
+from google.protobuf.message import Message
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import start_http_server
+
+from prolifscore.core import metrics
+from prolifscore.core.bus import Bus, DecodeError, decode
+from prolifscore.core.settings import RuntimeSettings
+
+log = logging.getLogger(__name__)
+M = TypeVar("M", bound=Message)
+
+
+class ServiceRuntime:
+    """Owns the process-level plumbing so a service only writes its `handle` function."""
+
+    def __init__(self, name: str, settings: RuntimeSettings) -> None:
+        self.name = name
+        self.settings = settings
+        self.stopping = threading.Event()
+        self.health = health.HealthServicer()
+        self.server = grpc.server(ThreadPoolExecutor(max_workers=4))
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        self.health_port = 0
+        self.metrics_port = 0
+        self._extra_services: list[str] = []
+
+    def add_service(self, full_name: str) -> None:
+        """Register another gRPC service (its servicer already added to `self.server`)."""
+        self._extra_services.append(full_name)
+
+    def start(self) -> ServiceRuntime:
+        names = [*self._extra_services, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name]
+        reflection.enable_server_reflection([*names, reflection.SERVICE_NAME], self.server)
+        host = self.settings.bind_host
+        self.health_port = self.server.add_insecure_port(f"{host}:{self.settings.health_port}")
+        self.server.start()
+        httpd, _ = start_http_server(self.settings.metrics_port, addr=host)
+        self.metrics_port = httpd.server_port
+        self.set_serving(False)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._on_signal)
+        log.info(
+            "service started",
+            extra={
+                "health": f"{host}:{self.health_port}",
+                "metrics": f"{host}:{self.metrics_port}",
+            },
+        )
+        return self
+
+    def set_serving(self, serving: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in ("", self.name, *self._extra_services):
+            self.health.set(name, status)
+
+    def _on_signal(self, signum: int, _frame: Any) -> None:
+        """Stop taking work; in-flight work gets `shutdown_grace_s` to finish and commit.
+        Past that the process exits without committing, and the work is redone elsewhere."""
+        if self.stopping.is_set():
+            os._exit(130)
+        log.info("stopping", extra={"signal": signum})
+        self.stopping.set()
+        self.set_serving(False)
+        timer = threading.Timer(self.settings.shutdown_grace_s, self._hard_exit)
+        timer.daemon = True
+        timer.start()
+
+    def _hard_exit(self) -> None:
+        log.warning("in-flight work did not finish within the grace period; exiting uncommitted")
+        os._exit(1)
+
+    def stop(self) -> None:
+        self.set_serving(False)
+        self.server.stop(grace=2).wait()
+
+
+def consume_loop(
+    runtime: ServiceRuntime,
+    bus: Bus,
+    topics: Sequence[str],
+    group_id: str,
+    msg_type: type[M],
+    handle: Callable[[list[tuple[Any, M]]], None],
+) -> None:
+    """Poll a batch, decode it (undecodable records go to the dead-letter topic), let `handle`
+    do the work and publish its outputs, flush, and only then commit the batch's offsets.
+
+    `handle` reports per-item failures itself (status event + dead letter). If it raises, or
+    the flush fails, nothing is committed: the consumer rewinds and the batch is redone.
+    """
+    consumer = bus.consumer(list(topics), group_id)
+    runtime.set_serving(True)
+    backoff = 0.5
+    try:
+        while not runtime.stopping.is_set():
+            records = consumer.poll(timeout_ms=500)
+            if not records:
+                continue
+            items: list[tuple[Any, M]] = []
+            for record in records:
+                try:
+                    items.append((record, decode(record.value, record.headers, msg_type)))
+                except DecodeError as exc:
+                    log.warning(
+                        "undecodable message",
+                        extra={"topic": record.topic, "offset": record.offset, "error": str(exc)},
+                    )
+                    bus.dead_letter(record, f"undecodable message: {exc}", runtime.name)
+                    metrics.DEAD_LETTERS.labels(runtime.name).inc()
+            try:
+                if items:
+                    handle(items)
+                bus.flush()
+            except Exception:
+                log.exception("batch failed; it will be redone", extra={"records": len(records)})
+                consumer.rewind(records)
+                time.sleep(backoff)
+                backoff = min(backoff * 2, 10.0)
+                continue
+            consumer.commit(records)
+            backoff = 0.5
+    finally:
+        runtime.set_serving(False)
+        consumer.close()

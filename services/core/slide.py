@@ -1,0 +1,156 @@
+"""Opening slides: OpenSlide first, `tiffslide` for plain TIFFs OpenSlide rejects.
+
+Paths are confined to configured roots before anything touches the file, and every failure
+becomes a `SlideError` subclass whose message is safe to show a user (status events, gRPC).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+class SlideError(Exception):
+    """A slide cannot be used; `reason` is the short machine-readable kind."""
+
+    reason = "unreadable"
+
+
+class SlideNotFound(SlideError):
+    reason = "not_found"
+
+
+class SlidePathDenied(SlideError):
+    reason = "permission_denied"
+
+
+class SlideUnreadable(SlideError):
+    reason = "unreadable"
+
+
+def confine_path(path: str | os.PathLike[str], roots: Sequence[str | os.PathLike[str]]) -> Path:
+    """Resolve `path` (symlinks included) and require it to lie under one of `roots`.
+
+    Relative paths are taken relative to the first root, so producers can send names.
+    """
+    if not roots:
+        raise SlidePathDenied("no slide roots are configured (PROLIF_SLIDE_ROOTS)")
+    real_roots = [Path(r).resolve() for r in roots]
+    raw = Path(path)
+    candidate = (raw if raw.is_absolute() else real_roots[0] / raw).resolve()
+    if not any(candidate.is_relative_to(r) for r in real_roots):
+        raise SlidePathDenied(f"{path} is outside the configured slide roots")
+    if not candidate.exists():
+        raise SlideNotFound(f"{path} does not exist")
+    if not candidate.is_file():
+        raise SlideUnreadable(f"{path} is not a file")
+    return candidate
+
+
+class Slide:
+    """One open whole-slide image. Open once per worker and reuse: opening costs far more
+    than reading a tile."""
+
+    def __init__(self, path: Path, handle: Any, backend: str) -> None:
+        self.path = path
+        self._h = handle
+        self.backend = backend
+        self.dimensions: tuple[int, int] = tuple(handle.dimensions)  # type: ignore[assignment]
+        self.level_dimensions: list[tuple[int, int]] = [tuple(d) for d in handle.level_dimensions]
+        self.level_downsamples: list[float] = [float(d) for d in handle.level_downsamples]
+        props = handle.properties
+        prefix = "openslide" if backend == "openslide" else "tiffslide"
+        self.mpp: float | None = _positive_float(props.get(f"{prefix}.mpp-x"))
+        self.objective_power: float | None = _positive_float(props.get(f"{prefix}.objective-power"))
+
+    @property
+    def level_count(self) -> int:
+        return len(self.level_dimensions)
+
+    def base_mpp(self) -> float | None:
+        """Microns per level-0 pixel from mpp, else from objective power (10 / power)."""
+        if self.mpp:
+            return self.mpp
+        if self.objective_power:
+            return 10.0 / self.objective_power
+        return None
+
+    def read(self, x: int, y: int, level: int, width: int, height: int | None = None) -> np.ndarray:
+        """RGB uint8 [H, W, 3] at `level`, top-left (x, y) in level-0 pixels.
+
+        Transparent pixels (outside the scanned area) come back white, not black, so that
+        they never look like tissue.
+        """
+        height = width if height is None else height
+        if self.backend == "tiffslide":
+            arr = self._h.read_region((x, y), level, (width, height), as_array=True)
+            return np.ascontiguousarray(arr[..., :3])
+        rgba = np.asarray(self._h.read_region((x, y), level, (width, height)))
+        rgb = rgba[..., :3]
+        alpha = rgba[..., 3]
+        if alpha.min() < 255:
+            rgb = rgb.copy()
+            rgb[alpha == 0] = 255
+        return rgb
+
+    def associated_rgb(self, name: str) -> np.ndarray | None:
+        """An associated image (label, macro, thumbnail) as RGB uint8, or None."""
+        try:
+            image = self._h.associated_images.get(name)
+        except Exception:
+            return None
+        if image is None:
+            return None
+        return np.asarray(image.convert("RGB"))
+
+    def close(self) -> None:
+        self._h.close()
+
+    def __enter__(self) -> Slide:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _positive_float(value: Any) -> float | None:
+    try:
+        f = float(value)
+    except (TypeError, ValueError):
+        return None
+    return f if f > 0 else None
+
+
+def open_slide(path: str | os.PathLike[str]) -> Slide:
+    """Open with OpenSlide, falling back to tiffslide; raise `SlideUnreadable` with both
+    readers' reasons when neither can."""
+    p = Path(path)
+    if not p.exists():
+        raise SlideNotFound(f"{p} does not exist")
+    import openslide
+
+    try:
+        return Slide(p, openslide.OpenSlide(str(p)), "openslide")
+    except (openslide.OpenSlideError, OSError) as exc:
+        first = f"OpenSlide: {exc}"
+    import tiffslide
+
+    try:
+        handle = tiffslide.TiffSlide(str(p))
+    except Exception as exc:  # tiffslide raises tifffile/zarr/value errors on garbage
+        raise SlideUnreadable(f"cannot read {p.name}: {first}; tiffslide: {exc}") from exc
+    try:
+        if handle.level_count < 1 or min(handle.dimensions) < 1:
+            raise SlideUnreadable(f"cannot read {p.name}: no image levels")
+        handle.read_region((0, 0), handle.level_count - 1, (1, 1), as_array=True)
+        return Slide(p, handle, "tiffslide")
+    except SlideUnreadable:
+        handle.close()
+        raise
+    except Exception as exc:
+        handle.close()
+        raise SlideUnreadable(f"cannot read {p.name}: {first}; tiffslide: {exc}") from exc

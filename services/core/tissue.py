@@ -1,0 +1,211 @@
+"""Tissue detection: a low-resolution coverage map per slide and per-tile criteria.
+
+Optical density OD = -ln((I + 1) / 240); a pixel is tissue when OD >= beta in every channel.
+For integer I that is exactly `max(R, G, B) <= 240 * exp(-beta) - 1` (205 for beta = 0.15),
+so the mask is a comparison on uint8, with no logarithm per pixel.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage as ndi
+
+from prolifscore.core.slide import Slide
+
+OD_BETA = 0.15
+OD_IO = 240.0
+
+
+def optical_density(rgb: np.ndarray, io: float = OD_IO) -> np.ndarray:
+    return -np.log((rgb.astype(np.float32) + 1.0) / io)
+
+
+def od_intensity_cutoff(beta: float = OD_BETA, io: float = OD_IO) -> int:
+    """Largest uint8 intensity whose OD is still >= beta."""
+    return math.floor(io * math.exp(-beta) - 1.0)
+
+
+def od_tissue_mask(rgb: np.ndarray, beta: float = OD_BETA) -> np.ndarray:
+    """True where OD >= beta in all channels (channel-wise maximum: 10x faster than max(axis))."""
+    brightest = np.maximum(rgb[..., 0], rgb[..., 1])
+    np.maximum(brightest, rgb[..., 2], out=brightest)
+    return brightest <= od_intensity_cutoff(beta)
+
+
+# A mask pixel (~16 x 16 full-resolution pixels) counts as tissue when this share of its pixels
+# is. The seed's full-resolution test closes and dilates the OD mask, which turns a tile of
+# scattered stained pixels into solid tissue; a low share per block mimics that at low cost.
+# Chosen on the shared slides: Jaccard 0.86 / 0.96 with the seed set before borderline checks.
+BLOCK_TISSUE_MIN = 0.1
+
+
+@dataclass
+class CoverageMap:
+    """Tissue fraction per mask pixel, `downsample` level-0 pixels per mask pixel.
+
+    `thumbnail` is an RGB image at the same resolution (strided samples, not averages,
+    so stain colours stay unmixed for the per-slide stain fit).
+    """
+
+    fraction: np.ndarray  # float32 [H, W] in [0, 1]
+    downsample: float
+    thumbnail: np.ndarray  # uint8 [H, W, 3]
+    block_min: float = BLOCK_TISSUE_MIN
+
+    def __post_init__(self) -> None:
+        tissue = (self.fraction >= self.block_min).astype(np.float64)
+        padded = np.zeros((tissue.shape[0] + 1, tissue.shape[1] + 1), np.float64)
+        padded[1:, 1:] = tissue.cumsum(0).cumsum(1)
+        self._integral = padded
+
+    def coverage(self, x: int, y: int, size0: int) -> float:
+        """Share of tissue mask pixels in the level-0 square (x, y, size0), O(1)."""
+        h, w = self.fraction.shape
+        x0 = min(w, max(0, round(x / self.downsample)))
+        y0 = min(h, max(0, round(y / self.downsample)))
+        x1 = min(w, max(x0 + 1, round((x + size0) / self.downsample)))
+        y1 = min(h, max(y0 + 1, round((y + size0) / self.downsample)))
+        if x0 >= w or y0 >= h:
+            return 0.0
+        s = self._integral
+        total = s[y1, x1] - s[y0, x1] - s[y1, x0] + s[y0, x0]
+        return float(total / ((y1 - y0) * (x1 - x0)))
+
+    def coverages(self, xs: np.ndarray, ys: np.ndarray, size0: int) -> np.ndarray:
+        return np.array([self.coverage(int(x), int(y), size0) for x, y in zip(xs, ys, strict=True)])
+
+
+def compute_coverage_map(
+    slide: Slide, mask_downsample: float, beta: float = OD_BETA, strip_bytes: int = 64 << 20
+) -> CoverageMap:
+    """Read the coarsest adequate level in horizontal strips and reduce to mask resolution.
+
+    Streaming in strips keeps memory bounded on 50k x 50k slides. When the pyramid has no
+    level near the mask resolution (single-level slides), the scanner's associated thumbnail
+    is used instead: decoding a small JPEG beats decoding the whole slide at full resolution.
+    """
+    level = 0
+    for i, ds in enumerate(slide.level_downsamples):
+        if ds <= mask_downsample * 1.01 and ds >= slide.level_downsamples[level]:
+            level = i
+    ds = slide.level_downsamples[level]
+    if ds * 2 <= mask_downsample:
+        thumb_map = _coverage_from_thumbnail(slide, mask_downsample, ds, beta)
+        if thumb_map is not None:
+            return thumb_map
+    k = max(1, round(mask_downsample / ds))
+    lw, lh = slide.level_dimensions[level]
+    out_w, out_h = max(1, lw // k), max(1, lh // k)
+    fraction = np.zeros((out_h, out_w), np.float32)
+    thumb = np.full((out_h, out_w, 3), 255, np.uint8)
+    rows_per_strip = max(1, strip_bytes // max(1, lw * 4 * k)) * k
+    for top in range(0, out_h * k, rows_per_strip):
+        height = min(rows_per_strip, out_h * k - top)
+        rgb = slide.read(0, round(top * ds), level, out_w * k, height)
+        r0, r1 = top // k, (top + height) // k
+        fraction[r0:r1], thumb[r0:r1] = _reduce(rgb, k, beta)
+    return CoverageMap(fraction=fraction, downsample=ds * k, thumbnail=thumb)
+
+
+def _reduce(rgb: np.ndarray, k: int, beta: float) -> tuple[np.ndarray, np.ndarray]:
+    """k x k blocks of an RGB strip -> (tissue fraction per block, one sampled pixel per block)."""
+    h, w = rgb.shape[0] // k, rgb.shape[1] // k
+    tissue = od_tissue_mask(rgb[: h * k, : w * k], beta)
+    fraction = tissue.reshape(h, k, w, k).mean(axis=(1, 3), dtype=np.float32)
+    return fraction, rgb[k // 2 : h * k : k, k // 2 : w * k : k]
+
+
+def _coverage_from_thumbnail(
+    slide: Slide, mask_downsample: float, finest_ds: float, beta: float
+) -> CoverageMap | None:
+    thumb = slide.associated_rgb("thumbnail")
+    if thumb is None:
+        return None
+    ds = slide.dimensions[0] / thumb.shape[1]
+    if not finest_ds < ds <= mask_downsample * 1.01:
+        return None
+    k = max(1, round(mask_downsample / ds))
+    fraction, sampled = _reduce(thumb, k, beta)
+    return CoverageMap(fraction=fraction, downsample=ds * k, thumbnail=sampled)
+
+
+def _disk(radius: int) -> np.ndarray:
+    yy, xx = np.mgrid[-radius : radius + 1, -radius : radius + 1]
+    return (xx * xx + yy * yy) <= radius * radius
+
+
+def _fill_holes(mask: np.ndarray) -> np.ndarray:
+    """Same result as ndi.binary_fill_holes, via one labelling pass instead of iterated
+    dilations (several times faster on mostly-background tiles)."""
+    background, _ = ndi.label(~mask)
+    border = np.unique(
+        np.concatenate([background[0], background[-1], background[:, 0], background[:, -1]])
+    )
+    return ~np.isin(background, border[border > 0])
+
+
+def _close_dilate_fill(mask: np.ndarray, radius: int) -> np.ndarray:
+    se = _disk(radius)
+    closed = ndi.binary_closing(mask, structure=se)
+    return _fill_holes(ndi.binary_dilation(closed, structure=se))
+
+
+def od_morph_fraction(tile: np.ndarray, beta: float = OD_BETA) -> float:
+    """The seed's OD measure alone: the full-resolution check for borderline tiles."""
+    return float(_close_dilate_fill(od_tissue_mask(tile, beta), 2).mean())
+
+
+def seed_tissue_fractions(tile: np.ndarray, beta: float = OD_BETA) -> tuple[float, float]:
+    """The seed project's two per-tile measures (SystemML TUPAC16 `keep_tile`).
+
+    1. Canny edges of the inverted grey image, closed and dilated with disk(10), holes filled.
+    2. OD >= beta in all channels, closed and dilated with disk(2), holes filled.
+    """
+    from skimage.color import rgb2gray
+    from skimage.feature import canny
+
+    edges = canny(1.0 - rgb2gray(tile))
+    return float(_close_dilate_fill(edges, 10).mean()), od_morph_fraction(tile, beta)
+
+
+def seed_keep(tile: np.ndarray, threshold: float, beta: float = OD_BETA) -> tuple[bool, float]:
+    """Seed criterion: both measures >= threshold. Returns (keep, the smaller measure)."""
+    edge_fraction, od_frac = seed_tissue_fractions(tile, beta)
+    low = min(edge_fraction, od_frac)
+    return low >= threshold, low
+
+
+@dataclass(frozen=True)
+class FastCriterion:
+    """Fast tissue test: trust the low-resolution coverage away from the threshold, check
+    full-resolution pixels only in the band around it.
+
+    Tiles with coverage below `threshold - band_below` are never candidates (never read).
+    The default band reproduced the seed's kept set exactly (Jaccard 1.0) on the shared slides
+    while checking 7 of 25 (cmu) and 11 of 26 (TCGA) candidates at full resolution.
+    """
+
+    threshold: float
+    band_below: float = 0.10
+    band_above: float = 0.05
+
+    @property
+    def candidate_min(self) -> float:
+        return max(0.0, self.threshold - self.band_below)
+
+    def needs_pixels(self, coverage: float) -> bool:
+        return self.candidate_min <= coverage < min(1.0, self.threshold + self.band_above)
+
+    def keep(
+        self, coverage: float, tile: np.ndarray | None, beta: float = OD_BETA
+    ) -> tuple[bool, float]:
+        """(keep, tissue fraction used for the decision)."""
+        if coverage < self.candidate_min:
+            return False, coverage
+        if not self.needs_pixels(coverage) or tile is None:
+            return True, coverage
+        fraction = od_morph_fraction(tile, beta)
+        return fraction >= self.threshold, fraction

@@ -1,0 +1,18 @@
+"""Filtering service settings (environment variables, documented defaults)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from prolifscore.core.settings import KafkaSettings, RuntimeSettings, env, nested
+
+
+@dataclass(frozen=True)
+class FilteringSettings:
+    kafka: KafkaSettings = nested(KafkaSettings)
+    runtime: RuntimeSettings = nested(RuntimeSettings)
+    group_id: str = env(
+        "PROLIF_FILTERING_GROUP", "prolif-filtering", "Consumer group of the filtering service"
+    )
+    workers: int = env("PROLIF_FILTER_WORKERS", 0, "Ray filter actors (0 = one per Ray CPU)")
+    slide_cache: int = env("PROLIF_SLIDE_CACHE", 8, "Open slides each filter worker keeps")

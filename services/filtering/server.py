@@ -1,0 +1,157 @@
+"""Filtering service: prolif.tiles.tasks -> TFRecord shards + prolif.tiles.shards (+ status),
+batches in parallel on a pool of Ray actors. Entry point: `prolifscore-filtering`."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from prolifscore.core import metrics
+from prolifscore.core.bus import Bus
+from prolifscore.core.logs import setup_logging
+from prolifscore.core.raycluster import init_ray
+from prolifscore.core.service import ServiceRuntime, consume_loop
+from prolifscore.core.settings import load
+from prolifscore.core.shards import completed_markers, write_manifest
+from prolifscore.filtering.config import FilteringSettings
+from prolifscore.filtering.worker import SPLIT_NAMES, BatchFilter
+from prolifscore.v1 import pipeline_pb2 as pb
+
+log = logging.getLogger(__name__)
+NAME = "filtering"
+
+
+class FilteringService:
+    def __init__(self, settings: FilteringSettings, bus: Bus) -> None:
+        import ray
+        from ray.util import ActorPool
+
+        self.settings = settings
+        self.bus = bus
+        rt = settings.runtime
+        n = settings.workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
+        actor = ray.remote(num_cpus=1)(BatchFilter)
+        roots = tuple(str(r) for r in rt.slide_roots)
+        self.pool = ActorPool(
+            [actor.remote(str(rt.tiles_root), roots, settings.slide_cache) for _ in range(n)]
+        )
+
+    def handle(self, items: list[tuple[Any, pb.TileTask]]) -> None:
+        by_index = {i: item for i, item in enumerate(items)}
+        payloads = [(i, msg.SerializeToString()) for i, (_, msg) in by_index.items()]
+        results = self.pool.map_unordered(lambda a, v: a.process_indexed.remote(*v), payloads)
+        for index, result in results:
+            record, task = by_index[index]
+            if "error" in result:
+                self.fail(record, task, result["error"])
+            else:
+                self.done(task, result)
+
+    def done(self, task: pb.TileTask, result: dict[str, Any]) -> None:
+        k = self.settings.kafka
+        metrics.TILES.labels(NAME, "kept").inc(result["tile_count"])
+        metrics.TILES.labels(NAME, "dropped").inc(result["candidates"] - result["tile_count"])
+        metrics.DURATION.labels(NAME, "batch").observe(result["seconds"])
+        if result["tile_count"]:
+            self.bus.publish(
+                k.topic_shards,
+                task.slide_id,
+                pb.ShardIndex(
+                    slide_id=task.slide_id,
+                    path=result["path"],
+                    tile_count=result["tile_count"],
+                    split=task.split,
+                    labels=task.labels,
+                    batch_index=task.batch_index,
+                    batch_count=task.batch_count,
+                    spec_hash=task.spec.spec_hash,
+                    size_bytes=result["size_bytes"],
+                    run_id=task.run_id,
+                    sha256=result["sha256"],
+                ),
+            )
+        root = self.settings.runtime.tiles_root
+        markers = completed_markers(root, task.slide_id, task.spec.spec_hash, task.batch_count)
+        status = pb.SlideStatus(
+            slide_id=task.slide_id,
+            service=NAME,
+            path=task.path,
+            run_id=task.run_id,
+            candidate_tiles=task.candidate_tiles,
+            batch_count=task.batch_count,
+            batch_index=task.batch_index,
+        )
+        status.time.GetCurrentTime()
+        if markers is None:
+            status.stage = pb.STAGE_FILTERING
+            status.kept_tiles = result["tile_count"]
+            status.duration_s = result["seconds"]
+        else:
+            summary = {
+                "path": task.path,
+                "split": SPLIT_NAMES.get(task.split, "train"),
+                "labels": {
+                    "tumor_score": task.labels.tumor_score
+                    if task.labels.HasField("tumor_score")
+                    else None,
+                    "molecular_score": task.labels.molecular_score
+                    if task.labels.HasField("molecular_score")
+                    else None,
+                },
+                "candidate_tiles": task.candidate_tiles,
+                "run_id": task.run_id,
+                "spec": {f.name: v for f, v in task.spec.ListFields()},
+            }
+            manifest = write_manifest(root, task.slide_id, task.spec.spec_hash, summary, markers)
+            status.stage = pb.STAGE_FILTERED
+            status.kept_tiles = sum(m["tile_count"] for m in markers)
+            status.batches_done = len(markers)
+            status.duration_s = sum(m["seconds"] for m in markers)
+            status.manifest_path = str(manifest)
+            metrics.SLIDES.labels(NAME, "filtered").inc()
+            log.info("slide filtered", extra={"slide_id": task.slide_id, "kept": status.kept_tiles})
+        self.bus.publish(k.topic_status, task.slide_id, status)
+
+    def fail(self, record: Any, task: pb.TileTask, reason: str) -> None:
+        log.warning(
+            "batch failed",
+            extra={"slide_id": task.slide_id, "batch": task.batch_index, "reason": reason},
+        )
+        status = pb.SlideStatus(
+            slide_id=task.slide_id,
+            stage=pb.STAGE_FAILED,
+            service=NAME,
+            reason=reason,
+            path=task.path,
+            run_id=task.run_id,
+            batch_index=task.batch_index,
+            batch_count=task.batch_count,
+        )
+        status.time.GetCurrentTime()
+        self.bus.publish(self.settings.kafka.topic_status, task.slide_id, status)
+        self.bus.dead_letter(record, reason, NAME)
+        metrics.FAILURES.labels(NAME, "batch").inc()
+        metrics.DEAD_LETTERS.labels(NAME).inc()
+
+
+def main() -> None:
+    setup_logging(NAME)
+    settings = load(FilteringSettings)
+    runtime = ServiceRuntime(NAME, settings.runtime).start()
+    init_ray(settings.runtime.ray_address, settings.runtime.ray_num_cpus)
+    bus = Bus(settings.kafka, NAME)
+    k = settings.kafka
+    bus.ensure_topics([k.topic_tasks, k.topic_shards, k.topic_status, k.topic_dlq])
+    service = FilteringService(settings, bus)
+    start = time.time()
+    try:
+        consume_loop(runtime, bus, [k.topic_tasks], settings.group_id, pb.TileTask, service.handle)
+    finally:
+        bus.close()
+        runtime.stop()
+        log.info("filtering stopped", extra={"uptime_s": round(time.time() - start, 1)})
+
+
+if __name__ == "__main__":
+    main()

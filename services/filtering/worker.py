@@ -1,0 +1,125 @@
+"""Filter worker: one tile task in, one TFRecord shard out. Run as a Ray actor so that each
+worker keeps its slides open across tasks (opening costs far more than a tile read)."""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+from prolifscore.core.preprocess import TileSource
+from prolifscore.core.shards import shard_path, write_marker
+from prolifscore.core.slide import Slide, SlideError, confine_path, open_slide
+from prolifscore.core.tfrecord import AtomicShardWriter, tile_example
+from prolifscore.v1 import pipeline_pb2 as pb
+
+SPLIT_NAMES = {pb.SPLIT_TRAIN: "train", pb.SPLIT_VALIDATION: "validation"}
+
+
+class BatchFilter:
+    def __init__(self, tiles_root: str, slide_roots: tuple[str, ...], cache_size: int = 8) -> None:
+        self.tiles_root = Path(tiles_root)
+        self.slide_roots = slide_roots
+        self.cache_size = cache_size
+        self._slides: OrderedDict[str, Slide] = OrderedDict()
+        self._sources: OrderedDict[tuple[str, str], TileSource] = OrderedDict()
+        self.opens = 0  # for tests: slides opened by this worker
+
+    def _source(self, task: pb.TileTask) -> TileSource:
+        key = (task.path, task.spec.spec_hash)
+        if key in self._sources:
+            self._sources.move_to_end(key)
+            return self._sources[key]
+        slide = self._slides.get(task.path)
+        if slide is None:
+            slide = open_slide(confine_path(task.path, self.slide_roots))
+            self.opens += 1
+            self._slides[task.path] = slide
+            if len(self._slides) > self.cache_size:
+                _, old = self._slides.popitem(last=False)
+                self._sources = OrderedDict(
+                    (k, v) for k, v in self._sources.items() if v.slide is not old
+                )
+                old.close()
+        self._slides.move_to_end(task.path)
+        source = TileSource(slide, task.spec, task.stain)
+        self._sources[key] = source
+        if len(self._sources) > self.cache_size:
+            self._sources.popitem(last=False)
+        return source
+
+    def process_indexed(self, index: int, task_bytes: bytes) -> tuple[int, dict[str, Any]]:
+        return index, self.process(task_bytes)
+
+    def process(self, task_bytes: bytes) -> dict[str, Any]:
+        """Write the batch's shard atomically, then its marker. Never raises: a failure comes
+        back as {"error": ...} and leaves no shard behind."""
+        task = pb.TileTask.FromString(task_bytes)
+        start = time.perf_counter()
+        path = shard_path(
+            self.tiles_root, task.slide_id, task.spec.spec_hash, task.batch_index, task.batch_count
+        )
+        base = {
+            "slide_id": task.slide_id,
+            "batch_index": task.batch_index,
+            "batch_count": task.batch_count,
+        }
+        try:
+            source = self._source(task)
+            score = task.labels.tumor_score if task.labels.HasField("tumor_score") else -1
+            molecular = (
+                task.labels.molecular_score
+                if task.labels.HasField("molecular_score")
+                else float("nan")
+            )
+            split = SPLIT_NAMES.get(task.split, "train")
+            kept: list[list[int]] = []
+            with AtomicShardWriter(path) as writer:
+                for tile in task.tiles:
+                    result = source.process(tile)
+                    if result is None:
+                        continue
+                    pixels, fraction = result
+                    writer.write(
+                        tile_example(
+                            pixels,
+                            slide_id=task.slide_id,
+                            col=tile.col,
+                            row=tile.row,
+                            x=tile.x,
+                            y=tile.y,
+                            level=task.spec.level,
+                            tumor_score=score,
+                            molecular_score=molecular,
+                            split=split,
+                            spec_hash=task.spec.spec_hash,
+                            tissue=fraction,
+                        )
+                    )
+                    kept.append([tile.col, tile.row])
+                if writer.count:
+                    writer.commit()
+                info = {
+                    **base,
+                    "shard": path.name if writer.count else "",
+                    "tile_count": writer.count,
+                    "candidates": len(task.tiles),
+                    "size_bytes": writer.size,
+                    "sha256": writer.sha256 if writer.count else "",
+                    "kept": kept,
+                    "seconds": round(time.perf_counter() - start, 4),
+                }
+            write_marker(
+                self.tiles_root,
+                task.slide_id,
+                task.spec.spec_hash,
+                task.batch_index,
+                task.batch_count,
+                info,
+            )
+            return {**info, "path": str(path) if writer.count else ""}
+        except SlideError as exc:
+            return {**base, "error": str(exc)}
+        except Exception as exc:  # a corrupt tile mid-slide, a full disk, ...
+            return {**base, "error": f"{type(exc).__name__}: {exc}"}

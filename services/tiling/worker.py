@@ -1,0 +1,87 @@
+"""Per-slide tiling work, run as a Ray task: open, plan, cut into tile tasks."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from prolifscore.core.preprocess import SpecError, batches, plan_slide
+from prolifscore.core.settings import PreprocessSettings
+from prolifscore.core.slide import SlideError, confine_path, open_slide
+from prolifscore.core.split import VALIDATION, hash_split
+from prolifscore.core.stain import StainFitError
+from prolifscore.v1 import pipeline_pb2 as pb
+
+
+@dataclass
+class TilingOutcome:
+    """Serialized messages to publish (picklable, small: references only)."""
+
+    slide_id: str
+    tasks: list[bytes] = field(default_factory=list)
+    status: bytes = b""
+    error: str = ""
+    candidates: int = 0
+
+
+def validate_ingest(msg: pb.SlideIngest) -> None:
+    if not msg.slide_id:
+        raise SpecError("slide_id is required")
+    if not msg.path:
+        raise SpecError("path is required")
+    if msg.labels.HasField("tumor_score") and msg.labels.tumor_score not in (1, 2, 3):
+        raise SpecError(f"tumor_score must be 1, 2 or 3, got {msg.labels.tumor_score}")
+
+
+def tile_slide(
+    ingest_bytes: bytes, slide_roots: tuple[str, ...], defaults: PreprocessSettings
+) -> TilingOutcome:
+    msg = pb.SlideIngest.FromString(ingest_bytes)
+    start = time.perf_counter()
+    try:
+        validate_ingest(msg)
+        path = confine_path(msg.path, slide_roots)
+        with open_slide(path) as slide:
+            plan = plan_slide(slide, msg.slide_id, msg.spec, defaults)
+    except (SlideError, SpecError, StainFitError) as exc:
+        return TilingOutcome(slide_id=msg.slide_id, error=str(exc))
+    split = msg.split
+    if split == pb.SPLIT_UNSPECIFIED:
+        score = msg.labels.tumor_score if msg.labels.HasField("tumor_score") else None
+        name = hash_split(msg.slide_id, score, defaults.split_seed, defaults.validation_fraction)
+        split = pb.SPLIT_VALIDATION if name == VALIDATION else pb.SPLIT_TRAIN
+    groups = batches(plan.candidates, defaults.batch_size)
+    tasks = [
+        pb.TileTask(
+            slide_id=msg.slide_id,
+            path=str(path),
+            labels=msg.labels,
+            split=split,
+            spec=plan.spec,
+            stain=plan.stain,
+            batch_index=i,
+            batch_count=len(groups),
+            tiles=group,
+            run_id=msg.run_id,
+            candidate_tiles=len(plan.candidates),
+        ).SerializeToString()
+        for i, group in enumerate(groups)
+    ]
+    status = pb.SlideStatus(
+        slide_id=msg.slide_id,
+        stage=pb.STAGE_TILED,
+        service="tiling",
+        warnings=plan.warnings,
+        candidate_tiles=len(plan.candidates),
+        batch_count=len(groups),
+        duration_s=time.perf_counter() - start,
+        path=str(path),
+        run_id=msg.run_id,
+    )
+    status.time.GetCurrentTime()
+    return TilingOutcome(
+        slide_id=msg.slide_id,
+        tasks=tasks,
+        status=status.SerializeToString(),
+        candidates=len(plan.candidates),
+    )

@@ -1,0 +1,87 @@
+"""Tissue masks and both tissue criteria, on real tiles."""
+
+import numpy as np
+import pytest
+from scipy import ndimage as ndi
+
+from prolifscore.core.slide import open_slide
+from prolifscore.core.tiler import mask_downsample_for, resolve_geometry
+from prolifscore.core.tissue import (
+    FastCriterion,
+    _fill_holes,
+    compute_coverage_map,
+    od_intensity_cutoff,
+    od_tissue_mask,
+    optical_density,
+    seed_keep,
+)
+
+from .slides import CMU, TCGA
+
+
+def test_od_cutoff_matches_the_logarithmic_definition():
+    values = np.arange(256, dtype=np.uint8).reshape(-1, 1, 1).repeat(3, axis=2)
+    by_log = (optical_density(values) >= 0.15).all(axis=2).ravel()
+    by_cutoff = od_tissue_mask(values).ravel()
+    assert od_intensity_cutoff(0.15) == 205
+    assert (by_log == by_cutoff).all()
+
+
+def test_fill_holes_equals_scipy():
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        mask = ndi.binary_opening(rng.random((64, 64)) > 0.4)
+        assert (_fill_holes(mask) == ndi.binary_fill_holes(mask)).all()
+
+
+def _grid(path):
+    slide = open_slide(path)
+    g = resolve_geometry(
+        slide.dimensions, slide.level_downsamples, slide.base_mpp(), target_mpp=0.5, tile_size=256
+    )
+    return slide, g
+
+
+@pytest.mark.parametrize("path", [CMU, TCGA])
+def test_fast_criterion_agrees_with_seed_on_real_slides(path):
+    """The fast mode's kept set must agree with the seed criterion at Jaccard >= 0.8 while
+    reading fewer tiles than the seed (which reads all of them)."""
+    slide, g = _grid(path)
+    cmap = compute_coverage_map(slide, mask_downsample_for(g))
+    fast = FastCriterion(0.9)
+    seed_set, fast_set, read, checked = set(), set(), 0, 0
+    for col, row, x, y in g.grid():
+        tile = slide.read(x, y, g.level, g.read_size)
+        if seed_keep(tile, 0.9)[0]:
+            seed_set.add((col, row))
+        cov = cmap.coverage(x, y, g.footprint0)
+        if cov >= fast.candidate_min:
+            read += 1
+            checked += fast.needs_pixels(cov)
+            if fast.keep(cov, tile)[0]:
+                fast_set.add((col, row))
+    assert seed_set, "the real slide has tissue tiles"
+    jaccard = len(seed_set & fast_set) / len(seed_set | fast_set)
+    assert jaccard >= 0.8
+    assert checked < read < g.tile_count  # only borderline tiles get the full-resolution test
+
+
+def test_coverage_map_sees_tissue_where_pixels_are_dark():
+    slide, g = _grid(CMU)
+    cmap = compute_coverage_map(slide, mask_downsample_for(g))
+    assert cmap.thumbnail.shape[:2] == cmap.fraction.shape
+    assert 0.0 < cmap.fraction.mean() < 1.0
+    covs = [
+        (cmap.coverage(x, y, g.footprint0), slide.read(x, y, 0, 256)) for _, _, x, y in g.grid()
+    ]
+    full = [float(od_tissue_mask(t).mean()) for _, t in covs]
+    low = [c for c, _ in covs]
+    assert np.corrcoef(low, full)[0, 1] > 0.8
+
+
+def test_seed_criterion_rejects_background_and_keeps_dense_tissue():
+    white = np.full((256, 256, 3), 240, np.uint8)
+    assert seed_keep(white, 0.9)[0] is False
+    slide, g = _grid(CMU)
+    fractions = [seed_keep(slide.read(x, y, 0, 256), 0.9) for _, _, x, y in g.grid()]
+    assert any(k for k, _ in fractions) and not all(k for k, _ in fractions)
