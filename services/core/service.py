@@ -53,8 +53,6 @@ class ServiceRuntime:
         httpd, _ = start_http_server(self.settings.metrics_port, addr=host)
         self.metrics_port = httpd.server_port
         self.set_serving(False)
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._on_signal)
         log.info(
             "service started",
             extra={
@@ -72,6 +70,11 @@ class ServiceRuntime:
         )
         for name in ("", self.name, *self._extra_services):
             self.health.set(name, status)
+
+    def handle_signals(self) -> None:
+        """Install SIGTERM/SIGINT handling. Call after ray.init(), which installs its own."""
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._on_signal)
 
     def _on_signal(self, signum: int, _frame: Any) -> None:
         """Stop taking work; in-flight work gets `shutdown_grace_s` to finish and commit.
@@ -109,6 +112,7 @@ def consume_loop(
     the flush fails, nothing is committed: the consumer rewinds and the batch is redone.
     """
     consumer = bus.consumer(list(topics), group_id)
+    runtime.handle_signals()
     runtime.set_serving(True)
     backoff = 0.5
     try:

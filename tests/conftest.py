@@ -1,0 +1,42 @@
+"""Shared fixtures: one embedded Kafka broker per test session, fresh topic names per test."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+from prolifscore.core.broker import EmbeddedBroker
+from prolifscore.core.settings import KafkaSettings, load
+
+
+@pytest.fixture(scope="session")
+def broker() -> Iterator[EmbeddedBroker]:
+    """A Tansu broker on 127.0.0.1 (in-memory: nothing survives the session)."""
+    with EmbeddedBroker() as b:
+        yield b
+
+
+@pytest.fixture
+def kafka_settings(broker: EmbeddedBroker) -> KafkaSettings:
+    """Settings for `broker` with topic names unique to this test.
+
+    Tansu's group join takes about session_timeout_ms / 2, hence the low timeouts.
+    """
+    suffix = uuid.uuid4().hex[:8]
+    return load(
+        KafkaSettings,
+        environ={},
+        bootstrap_servers=broker.bootstrap,
+        client_id=f"test-{suffix}",
+        topic_ingest=f"test.{suffix}.ingest",
+        topic_tasks=f"test.{suffix}.tasks",
+        topic_shards=f"test.{suffix}.shards",
+        topic_status=f"test.{suffix}.status",
+        topic_dlq=f"test.{suffix}.dlq",
+        partitions=2,
+        max_poll_interval_ms=8000,
+        session_timeout_ms=6000,
+        connect_timeout_s=20.0,
+    )

@@ -1,0 +1,218 @@
+"""Slides in, tiles out: real broker, real tiling and filtering service processes, real slides."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+from kafka import KafkaProducer
+from PIL import Image
+
+from prolifscore.core.bus import Bus, encode
+from prolifscore.core.preprocess import iter_kept_tiles, plan_slide
+from prolifscore.core.settings import KafkaSettings, PreprocessSettings, load
+from prolifscore.core.slide import open_slide
+from prolifscore.core.tfrecord import parse_tile_example, read_records
+from prolifscore.v1 import pipeline_pb2 as pb
+
+from .harness import ServiceProcess, Watcher, all_final, final_status, kafka_env
+from .slides import BROKEN, CMU, KIDNEY, SLIDES, TCGA, write_blank_slide
+
+pytestmark = pytest.mark.slow
+BATCH = 8
+
+
+@pytest.fixture(scope="module")
+def pipeline(broker, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("pipeline")
+    suffix = uuid.uuid4().hex[:8]
+    k = load(
+        KafkaSettings,
+        environ={},
+        bootstrap_servers=broker.bootstrap,
+        partitions=2,
+        topic_ingest=f"e2e.{suffix}.ingest",
+        topic_tasks=f"e2e.{suffix}.tasks",
+        topic_shards=f"e2e.{suffix}.shards",
+        topic_status=f"e2e.{suffix}.status",
+        topic_dlq=f"e2e.{suffix}.dlq",
+        max_poll_interval_ms=8000,
+        session_timeout_ms=6000,
+    )
+    (tmp / "slides").mkdir()
+    env = {
+        **kafka_env(k),
+        "PROLIF_SLIDE_ROOTS": f"{SLIDES},{tmp / 'slides'}",
+        "PROLIF_TILES_ROOT": str(tmp / "tiles"),
+        "PROLIF_BATCH_SIZE": str(BATCH),
+    }
+    bus = Bus(k, "test")
+    bus.ensure_topics([k.topic_ingest, k.topic_tasks, k.topic_shards, k.topic_status, k.topic_dlq])
+    tiling = ServiceProcess("prolifscore.tiling.server", env, tmp / "tiling.log").start()
+    filtering = ServiceProcess("prolifscore.filtering.server", env, tmp / "filtering.log").start()
+    status = Watcher(bus, k.topic_status, pb.SlideStatus, f"watch-{suffix}")
+    yield {"k": k, "bus": bus, "tmp": tmp, "env": env, "status": status}
+    status.close()
+    codes = {svc.module: (svc.stop(), svc.tail()) for svc in (tiling, filtering)}
+    bus.close()
+    for module, (code, tail) in codes.items():
+        assert code == 0, f"{module} did not stop cleanly on SIGTERM:\n{tail}"
+
+
+def ingest(p, slide_id: str, path: Path | str, **fields) -> None:
+    msg = pb.SlideIngest(slide_id=slide_id, path=str(path), **fields)
+    p["bus"].publish(p["k"].topic_ingest, slide_id, msg)
+    p["bus"].flush()
+
+
+def shard_tiles(manifest_path: str) -> dict[tuple[int, int], dict]:
+    manifest = json.loads(Path(manifest_path).read_text())
+    tiles: dict[tuple[int, int], dict] = {}
+    for shard in manifest["shards"]:
+        for raw in read_records(Path(manifest_path).parent / shard["shard"]):
+            ex = parse_tile_example(raw)
+            key = (int(ex["col"]), int(ex["row"]))
+            assert key not in tiles, f"tile {key} stored twice"
+            tiles[key] = ex
+    return tiles
+
+
+def library_tiles(
+    path: Path, slide_id: str, spec: pb.TilingSpec
+) -> dict[tuple[int, int], np.ndarray]:
+    with open_slide(path) as slide:
+        plan = plan_slide(
+            slide, slide_id, spec, load(PreprocessSettings, environ={}, batch_size=BATCH)
+        )
+        return {(t.col, t.row): px for t, px, _ in iter_kept_tiles(slide, plan)}
+
+
+def test_readable_slides_through_the_services_equal_the_library(pipeline):
+    # kidney-48-5 is a macro image with a speck of tissue: small tiles at native resolution.
+    kidney_spec = pb.TilingSpec(tissue_threshold=0.5, target_mpp=0.25, tile_size=32)
+    ingest(pipeline, "cmu", CMU, labels=pb.Labels(tumor_score=2, molecular_score=0.4))
+    ingest(pipeline, "tcga", TCGA, labels=pb.Labels(tumor_score=3))
+    ingest(pipeline, "kidney", KIDNEY, spec=kidney_spec)
+    events = pipeline["status"].wait_for(all_final(["cmu", "tcga", "kidney"]), timeout=180)
+    for slide_id, path, spec in [
+        ("cmu", CMU, pb.TilingSpec()),
+        ("tcga", TCGA, pb.TilingSpec()),
+        ("kidney", KIDNEY, kidney_spec),
+    ]:
+        final = final_status(events, slide_id)
+        assert final.stage == pb.STAGE_FILTERED, final.reason
+        stored = shard_tiles(final.manifest_path)
+        expected = library_tiles(path, slide_id, spec)
+        assert stored.keys() == expected.keys() and len(stored) == final.kept_tiles > 0
+        for key, ex in stored.items():
+            assert np.array_equal(ex["image"], expected[key])
+    cmu = next(iter(shard_tiles(final_status(events, "cmu").manifest_path).values()))
+    assert (cmu["tumor_score"], round(cmu["molecular_score"], 3)) == (2, 0.4)
+    tiled = [e for e in events if e.slide_id == "tcga" and e.stage == pb.STAGE_TILED]
+    assert "no mpp or objective-power metadata" in tiled[0].warnings[0]
+
+
+def test_bad_inputs_fail_with_reasons_and_dead_letters(pipeline):
+    tmp = pipeline["tmp"]
+    outside = tmp / "outside.svs"
+    shutil.copy(CMU, outside)
+    Image.new("RGB", (64, 64), "white").save(tmp / "slides" / "photo.png")
+    bad = {
+        "broken": BROKEN,
+        "missing": SLIDES / "missing.svs",
+        "outside": outside,
+        "unsupported": tmp / "slides" / "photo.png",
+    }
+    for slide_id, path in bad.items():
+        ingest(pipeline, slide_id, path)
+    ingest(pipeline, "badlabel", CMU, labels=pb.Labels(tumor_score=4))
+    p = pipeline["bus"]
+    p.publish_bytes(pipeline["k"].topic_ingest, "garbage", b"\xff\x00not a protobuf")
+    ingest(pipeline, "after-bad", CMU)  # the service goes on with the next slide
+    ids = [*bad, "badlabel", "after-bad"]
+    events = pipeline["status"].wait_for(all_final(ids), timeout=120)
+    reasons = {s: final_status(events, s).reason for s in ids}
+    assert final_status(events, "after-bad").stage == pb.STAGE_FILTERED
+    assert "broken.svs" in reasons["broken"]
+    assert "does not exist" in reasons["missing"]
+    assert "outside the configured slide roots" in reasons["outside"]
+    assert "photo.png" in reasons["unsupported"]
+    assert "tumor_score must be 1, 2 or 3" in reasons["badlabel"]
+    dlq = Watcher(p, pipeline["k"].topic_dlq, pb.DeadLetter, f"dlq-{uuid.uuid4().hex[:6]}")
+    letters = dlq.wait_for(lambda items: len(items) >= 6, timeout=60)
+    dlq.close()
+    by_key = {d.key.decode(): d for d in letters}
+    assert set(by_key) >= {*bad, "badlabel", "garbage"}
+    assert "undecodable" in by_key["garbage"].error and by_key["garbage"].payload.startswith(
+        b"\xff"
+    )
+
+
+def test_slide_without_tissue_completes_with_zero_tiles(pipeline):
+    blank = write_blank_slide(pipeline["tmp"] / "slides" / "blank.tif")
+    ingest(pipeline, "blank", blank)
+    final = final_status(pipeline["status"].wait_for(all_final(["blank"])), "blank")
+    assert final.stage == pb.STAGE_FILTERED and final.kept_tiles == 0 and not final.reason
+    assert json.loads(Path(final.manifest_path).read_text())["shards"] == []
+
+
+def test_json_ingest_from_a_plain_kafka_producer(pipeline):
+    """What `kcat -H content-type=application/json` would send."""
+    k = pipeline["k"]
+    producer = KafkaProducer(bootstrap_servers=k.bootstrap_servers)
+    body = json.dumps(
+        {
+            "slideId": "json-cmu",
+            "path": str(CMU),
+            "labels": {"tumorScore": 1},
+            "spec": {"maxTiles": 5},
+        }
+    )
+    producer.send(
+        k.topic_ingest,
+        key=b"json-cmu",
+        value=body.encode(),
+        headers=[("content-type", b"application/json")],
+    )
+    producer.flush()
+    producer.close()
+    final = final_status(pipeline["status"].wait_for(all_final(["json-cmu"])), "json-cmu")
+    assert final.stage == pb.STAGE_FILTERED and 0 < final.kept_tiles <= 5
+    tiles = shard_tiles(final.manifest_path)
+    assert {ex["tumor_score"] for ex in tiles.values()} == {1}
+    assert encode(pb.SlideIngest(slide_id="x"))[1]  # protobuf path still the default
+
+
+def test_ingest_cli_waits_and_summarizes(pipeline):
+    env = {**pipeline["env"], "PROLIF_KAFKA_BOOTSTRAP": pipeline["k"].bootstrap_servers}
+    labels = pipeline["tmp"] / "labels.csv"
+    labels.write_text("slide_id,tumor_score,molecular_score\ncmu-1-small-region,3,0.7\n")
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "prolifscore.cli.main",
+            "ingest",
+            str(CMU),
+            str(BROKEN),
+            "--labels",
+            str(labels),
+            "--wait",
+            "--timeout",
+            "120",
+        ],
+        env={**__import__("os").environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert out.returncode == 1, out.stderr  # one slide failed
+    rows = {line.split()[0]: line.split() for line in out.stdout.splitlines()[1:]}
+    assert rows["cmu-1-small-region"][1] == "filtered" and int(rows["cmu-1-small-region"][3]) > 0
+    assert rows["broken"][1] == "failed"
