@@ -7,7 +7,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from prolifscore.core.broker import EmbeddedBroker
+from prolifscore.core.broker import EmbeddedBroker, free_port
+from prolifscore.core.raycluster import RayHead
 from prolifscore.core.settings import KafkaSettings, load
 
 
@@ -40,3 +41,12 @@ def kafka_settings(broker: EmbeddedBroker) -> KafkaSettings:
         session_timeout_ms=6000,
         connect_timeout_s=20.0,
     )
+
+
+@pytest.fixture(scope="session")
+def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayHead]:
+    """One local Ray cluster (loopback only) that the service processes under test join."""
+    head = RayHead(free_port(), num_cpus=2, log_path=tmp_path_factory.mktemp("ray") / "head.log")
+    head.start()
+    yield head
+    head.stop()

@@ -29,7 +29,7 @@ BATCH = 8
 
 
 @pytest.fixture(scope="module")
-def pipeline(broker, tmp_path_factory):
+def pipeline(broker, ray_head, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("pipeline")
     suffix = uuid.uuid4().hex[:8]
     k = load(
@@ -48,6 +48,7 @@ def pipeline(broker, tmp_path_factory):
     (tmp / "slides").mkdir()
     env = {
         **kafka_env(k),
+        "PROLIF_RAY_ADDRESS": ray_head.address,
         "PROLIF_SLIDE_ROOTS": f"{SLIDES},{tmp / 'slides'}",
         "PROLIF_TILES_ROOT": str(tmp / "tiles"),
         "PROLIF_BATCH_SIZE": str(BATCH),

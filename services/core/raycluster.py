@@ -4,11 +4,20 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-# Must be in the environment before `import ray` (Ray reads them at import time).
-LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
+# Must be in the environment before `import ray` (Ray reads them at import time). Token auth
+# stays on: a joining process reads the token from ~/.ray/auth_token (RAY_AUTH_TOKEN_PATH).
+LOOPBACK_ENV = {
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_AUTH_MODE": "token",
+}
 
 
 def init_ray(address: str = "", num_cpus: int = 0) -> None:
@@ -33,3 +42,64 @@ def init_ray(address: str = "", num_cpus: int = 0) -> None:
         **kwargs,
     )
     log.info("started local ray", extra={"cpus": ray.cluster_resources().get("CPU")})
+
+
+class RayHead:
+    """A local Ray head (`ray start --head --block`) that several service processes join.
+
+    One shared cluster instead of one per service: start-up is paid once, and a service that
+    dies does not take the cluster (or other services' workers) with it.
+    """
+
+    def __init__(self, port: int, num_cpus: int = 0, log_path: Path | None = None) -> None:
+        self.port = port
+        self.num_cpus = num_cpus
+        self.log_path = log_path
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 90.0) -> RayHead:
+        env = {**LOOPBACK_ENV, **os.environ}
+        ray_cli = str(Path(sys.executable).with_name("ray"))
+        subprocess.run(
+            [ray_cli, "get-auth-token", "--generate"], env=env, capture_output=True, check=True
+        )
+        cmd = [
+            ray_cli,
+            "start",
+            "--head",
+            "--block",
+            f"--port={self.port}",
+            "--node-ip-address=127.0.0.1",
+            "--include-dashboard=false",
+            "--disable-usage-stats",
+        ]
+        if self.num_cpus:
+            cmd.append(f"--num-cpus={self.num_cpus}")
+        out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
+        self.proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"ray head exited with {self.proc.returncode}")
+            check = subprocess.run(
+                [ray_cli, "status", f"--address={self.address}"], env=env, capture_output=True
+            )
+            if check.returncode == 0:
+                return self
+            time.sleep(1.0)
+        self.stop()
+        raise TimeoutError(f"ray head on {self.address} not ready after {timeout}s")
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """SIGTERM to `ray start --block` stops every process it started."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()

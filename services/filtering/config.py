@@ -15,4 +15,10 @@ class FilteringSettings:
         "PROLIF_FILTERING_GROUP", "prolif-filtering", "Consumer group of the filtering service"
     )
     workers: int = env("PROLIF_FILTER_WORKERS", 0, "Ray filter actors (0 = one per Ray CPU)")
+    actor_cpus: float = env(
+        "PROLIF_FILTER_ACTOR_CPUS",
+        0.5,
+        "Ray CPUs each filter actor reserves (fractional so that tiling tasks on a shared "
+        "cluster are never starved by long-lived actors)",
+    )
     slide_cache: int = env("PROLIF_SLIDE_CACHE", 8, "Open slides each filter worker keeps")

@@ -31,7 +31,7 @@ class FilteringService:
         self.bus = bus
         rt = settings.runtime
         n = settings.workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
-        actor = ray.remote(num_cpus=1)(BatchFilter)
+        actor = ray.remote(num_cpus=settings.actor_cpus)(BatchFilter)
         roots = tuple(str(r) for r in rt.slide_roots)
         self.pool = ActorPool(
             [actor.remote(str(rt.tiles_root), roots, settings.slide_cache) for _ in range(n)]

@@ -18,6 +18,9 @@ class TilingSettings:
     kafka: KafkaSettings = nested(KafkaSettings)
     runtime: RuntimeSettings = nested(RuntimeSettings)
     preprocess: PreprocessSettings = nested(PreprocessSettings)
+    task_cpus: float = env(
+        "PROLIF_TILING_TASK_CPUS", 0.5, "Ray CPUs each per-slide tiling task reserves"
+    )
     group_id: str = env(
         "PROLIF_TILING_GROUP", "prolif-tiling", "Consumer group of the tiling service"
     )

@@ -26,7 +26,7 @@ class TilingService:
 
         self.settings = settings
         self.bus = bus
-        self._remote = ray.remote(tile_slide)
+        self._remote = ray.remote(num_cpus=settings.task_cpus)(tile_slide)
         self._roots = tuple(str(r) for r in settings.runtime.slide_roots)
 
     def handle(self, items: list[tuple[Any, pb.SlideIngest]]) -> None:

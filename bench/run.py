@@ -1,0 +1,277 @@
+"""`make bench`: preprocessing throughput, criterion speed/agreement, Ray scaling, memory.
+
+Writes bench/results.json (metric name -> number, plus `_note*` strings) and prints a table.
+Ratios are measured within one run (both sides alternately, best of several): this machine is
+small and noisy, so absolute tiles/s are context, not targets.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bench import CMU, TCGA, WORK_DIR
+from bench.child import run_child
+from bench.pipeline import (
+    Workload,
+    jaccard,
+    make_workload,
+    measure_ratio,
+    run_pipeline,
+    stage_breakdown,
+)
+from bench.pyramid import PyramidInfo, PyramidSpec, build_pyramid
+from bench.rayrun import ray_scaling
+from prolifscore.v1 import pipeline_pb2 as pb
+
+RESULTS = Path(__file__).resolve().parent / "results.json"
+TARGETS = {
+    "preprocess_vs_raw_decode_ratio": ">= 0.8",
+    "fast_vs_seed_jaccard": ">= 0.8",
+    "ray_2_vs_1_worker_speedup": ">= 1.7",
+    "filter_worker_peak_rss_mb": "< 2048",
+}
+SEED = pb.TilingSpec(tissue_mode=pb.TISSUE_MODE_SEED)
+
+
+@dataclass(frozen=True)
+class Config:
+    pyramid: PyramidSpec = field(default_factory=PyramidSpec)
+    band_candidates: int = 3000  # candidates of the large slide in the timed workloads
+    small_reps: int = 5
+    large_reps: int = 3
+    seed_reps: int = 2
+    seed_rows: int = 2  # grid rows of the large slide compared with the seed criterion
+    breakdown_sample: int = 300
+    ray_rounds: int = 1
+    work_dir: Path = WORK_DIR
+    slides: tuple[tuple[str, Path], ...] = (("cmu", CMU), ("tcga", TCGA))
+
+
+Results = dict[str, Any]
+
+
+def _r(x: float, digits: int = 3) -> float:
+    return round(float(x), digits)
+
+
+def bench_pyramid(cfg: Config, out: Results) -> PyramidInfo:
+    start = time.perf_counter()
+    info = build_pyramid(cfg.work_dir / "large-slide.tiff", [p for _, p in cfg.slides], cfg.pyramid)
+    out["pyramid_build_seconds"] = info.build_seconds
+    out["pyramid_size_mb"] = _r(info.size_bytes / 2**20, 1)
+    out["_note_pyramid"] = (
+        f"{info.path.name}: {info.level_sides[0]} x {info.level_sides[0]} px at "
+        f"{cfg.pyramid.mpp} um/px (TIFF resolution tags; OpenSlide reports it as mpp), "
+        f"{len(info.level_sides)} levels {info.level_sides}, JPEG q{cfg.pyramid.quality} 256 px "
+        f"tiles, {info.size_bytes / 2**20:.0f} MiB; tissue region {info.tissue_share:.0%} of the "
+        f"area; level-0 tiles {info.tile_kinds}; built in {info.build_seconds} s"
+        + (
+            f" (cached, reused: {time.perf_counter() - start:.1f} s to check)"
+            if info.reused
+            else ""
+        )
+    )
+    return info
+
+
+def bench_ratio(cfg: Config, large: Path, out: Results) -> Workload:
+    """Pipeline vs bare decode on each real slide and on a band of the large slide."""
+    parts = []
+    for name, path in cfg.slides:
+        work = make_workload(name, path)
+        res = measure_ratio(work, cfg.work_dir / "shards", cfg.small_reps)
+        out[f"preprocess_vs_raw_decode_ratio_{name}"] = _r(res.ratio)
+        parts.append(
+            f"{name}: {res.kept} kept of {work.candidates} candidates "
+            f"({work.plan.grid_tiles} grid), pipeline {res.pipeline_tps:.0f} vs decode "
+            f"{res.decode_tps:.0f} kept tiles/s, best of {cfg.small_reps}"
+        )
+    work = make_workload("large", large, band_candidates=cfg.band_candidates)
+    res = measure_ratio(work, cfg.work_dir / "shards", cfg.large_reps)
+    best = min(res.pipeline, key=lambda r: r.seconds)
+    out["preprocess_vs_raw_decode_ratio"] = _r(res.ratio)
+    out["preprocess_vs_raw_decode_ratio_large"] = _r(res.ratio)
+    out["large_pipeline_kept_tiles_per_s"] = _r(res.pipeline_tps, 1)
+    out["large_decode_kept_tiles_per_s"] = _r(res.decode_tps, 1)
+    out["large_plan_seconds"] = _r(min(r.plan_seconds for r in res.pipeline))
+    out["_note_ratio"] = (
+        "headline preprocess_vs_raw_decode_ratio is the large slide; per-slide keys alongside. "
+        f"large: grid rows {work.rows} of {work.plan.geometry.rows} = {work.candidates} "
+        f"candidates of {len(work.plan.candidates)} on the slide ({work.plan.grid_tiles} grid "
+        f"tiles), {res.kept} kept; pipeline {res.pipeline_tps:.0f} kept tiles/s "
+        f"(plan_slide {best.plan_seconds:.2f} s for the whole slide, charged "
+        f"{work.plan_share:.0%} by candidate share, + filter {best.filter_seconds:.2f} s, "
+        f"{best.shard_bytes / 2**20:.0f} MiB of shards) vs bare read_region "
+        f"{res.decode_tps:.0f} kept tiles/s, best of {cfg.large_reps} each, alternated, "
+        f"file cache warm. " + "; ".join(parts)
+    )
+    return work
+
+
+def bench_breakdown(cfg: Config, work: Workload, out: Results) -> None:
+    steps = stage_breakdown(work, cfg.work_dir / "breakdown", cfg.breakdown_sample)
+    for key, value in steps.items():
+        out[f"large_{key}"] = _r(value)
+    out["_note_breakdown"] = (
+        "large_*_ms_per_candidate / _per_kept: each step of BatchFilter.process timed on the "
+        f"first {int(steps['sampled_candidates'])} candidates of the large band "
+        "(bare_read_region = openslide read_region alone, slide_read = Slide.read, keep = "
+        "tissue criterion, contiguous_copy = np.ascontiguousarray of the RGB view, "
+        "tile_example = Example proto, write = frame + crc32c + sha256 + file write); "
+        "shard commit + marker is per shard (fsyncs)"
+    )
+
+
+def bench_fast_vs_seed(cfg: Config, large: Workload, out: Results) -> None:
+    """Whole real slides through the same pipeline with each criterion; kept-set agreement."""
+    fast_total = seed_total = 0.0
+    fast_all: set[tuple[str, int, int]] = set()
+    seed_all: set[tuple[str, int, int]] = set()
+    parts = []
+    for name, path in cfg.slides:
+        work = {"fast": make_workload(name, path), "seed": make_workload(name, path, SEED)}
+        runs: dict[str, list] = {"fast": [], "seed": []}
+        for i in range(cfg.seed_reps):
+            for mode in ("fast", "seed") if i % 2 == 0 else ("seed", "fast"):
+                runs[mode].append(run_pipeline(work[mode], cfg.work_dir / "shards"))
+        fast = min(r.seconds for r in runs["fast"])
+        seed = min(r.seconds for r in runs["seed"])
+        kf, ks = runs["fast"][0].kept, runs["seed"][0].kept
+        out[f"fast_vs_seed_filter_speedup_{name}"] = _r(seed / fast, 2)
+        out[f"fast_vs_seed_jaccard_{name}"] = _r(jaccard(kf, ks))
+        fast_total, seed_total = fast_total + fast, seed_total + seed
+        fast_all |= {(name, *k) for k in kf}
+        seed_all |= {(name, *k) for k in ks}
+        parts.append(
+            f"{name}: fast {fast:.3f} s ({len(kf)} kept), seed {seed:.3f} s ({len(ks)} kept) "
+            f"over {work['fast'].plan.grid_tiles} grid tiles"
+        )
+    out["fast_vs_seed_filter_speedup"] = _r(seed_total / fast_total, 2)
+    out["fast_vs_seed_jaccard"] = _r(jaccard(fast_all, seed_all))
+    note = (
+        "speedup = seed / fast seconds of plan + filter over both real slides together (best of "
+        f"{cfg.seed_reps}); jaccard over the union of both slides' kept (slide, col, row). "
+        + "; ".join(parts)
+    )
+    if cfg.seed_rows:
+        first = large.plan.geometry.rows // 2 - cfg.seed_rows // 2
+        rows = (first, first + cfg.seed_rows)
+        kept = {
+            mode: run_pipeline(
+                make_workload("large", large.path, spec, rows=rows), cfg.work_dir / "shards"
+            ).kept
+            for mode, spec in (("fast", pb.TilingSpec()), ("seed", SEED))
+        }
+        kf, ks = kept["fast"], kept["seed"]
+        out["fast_vs_seed_jaccard_large"] = _r(jaccard(kf, ks))
+        note += (
+            f". large slide, grid rows {rows}: fast keeps {len(kf)}, seed {len(ks)}, "
+            f"both {len(kf & ks)}"
+        )
+    out["_note_fast_vs_seed"] = note
+
+
+def bench_rss(cfg: Config, large: Path, work: Workload, out: Results) -> None:
+    """Peak RSS of a filter worker on the large band, of tiling the large slide, and of a
+    child that only imports, each in a fresh process."""
+    tasks_file = cfg.work_dir / "rss-tasks.pkl"
+    tiles_root = cfg.work_dir / "rss-shards"
+    tasks_file.write_bytes(pickle.dumps(work.tasks))
+    try:
+        base = run_child("baseline")
+        tiling = run_child("tiling", str(large))
+        filt = run_child("filter", str(tasks_file), str(tiles_root), str(large.parent))
+    finally:
+        tasks_file.unlink(missing_ok=True)
+        shutil.rmtree(tiles_root, ignore_errors=True)
+    out["filter_worker_peak_rss_mb"] = _r(filt["ru_maxrss_mb"], 1)
+    out["tiling_peak_rss_mb"] = _r(tiling["ru_maxrss_mb"], 1)
+    out["worker_import_baseline_rss_mb"] = _r(base["ru_maxrss_mb"], 1)
+    out["_note_rss"] = (
+        "peak RSS (wait4 ru_maxrss of a fresh child; VmHWM agrees: filter "
+        f"{filt['vmhwm_mb']:.0f}, tiling {tiling['vmhwm_mb']:.0f}, baseline "
+        f"{base['vmhwm_mb']:.0f} MB). filter: one BatchFilter over the large band's "
+        f"{filt['tasks']} tasks ({filt['candidates']} candidates, {filt['kept']} kept, "
+        f"{filt['seconds']:.1f} s); tiling: open + plan_slide of the whole large slide "
+        f"({tiling['candidates']} candidates, coverage map {tiling['coverage_map_shape']}, "
+        f"{tiling['seconds']:.1f} s); baseline: imports only"
+    )
+
+
+def bench_ray(cfg: Config, large: Path, work: Workload, out: Results) -> None:
+    speedup, runs = ray_scaling(work.tasks, large.parent, cfg.work_dir, cfg.ray_rounds)
+    out["ray_2_vs_1_worker_speedup"] = _r(speedup, 2)
+    out["_note_ray"] = (
+        "BatchFilter as ray.remote(num_cpus=1) actors in an ActorPool, init_ray(num_cpus=2), "
+        f"the large band's {len(work.tasks)} tasks ({work.candidates} candidates); actors "
+        "warmed with one task each before timing; runs: "
+        + ", ".join(
+            f"{r.actors} actor(s) {r.seconds:.2f} s = {r.kept_per_second:.0f} kept tiles/s"
+            for r in runs
+        )
+    )
+
+
+def run(cfg: Config | None = None, log: Callable[[str], None] = print) -> Results:
+    """Every benchmark in order; returns the results mapping."""
+    cfg = cfg or Config()
+    cfg.work_dir.mkdir(parents=True, exist_ok=True)
+    out: Results = {}
+    start = time.perf_counter()
+
+    def step(name: str, fn: Callable[[], Any]) -> Any:
+        t = time.perf_counter()
+        log(f"[bench] {name} ...")
+        value = fn()
+        out[f"_seconds_{name}"] = _r(time.perf_counter() - t, 1)
+        return value
+
+    info = step("pyramid", lambda: bench_pyramid(cfg, out))
+    large = info.path
+    work = step("ratio", lambda: bench_ratio(cfg, large, out))
+    step("breakdown", lambda: bench_breakdown(cfg, work, out))
+    step("fast_vs_seed", lambda: bench_fast_vs_seed(cfg, work, out))
+    step("rss", lambda: bench_rss(cfg, large, work, out))  # before Ray: keep children few
+    step("ray", lambda: bench_ray(cfg, large, work, out))
+    out["bench_seconds"] = _r(time.perf_counter() - start, 1)
+    out["_note"] = (
+        f"machine: {os.cpu_count()} cores (noisy; compare ratios, not absolute rates). "
+        f"slides: {', '.join(p.name for _, p in cfg.slides)} (real) and {large.name} "
+        "(built here, bench/work/, never committed). Tiles are 256 px at 0.5 um/px with the "
+        "services' default spec (fast criterion, threshold 0.9, no stain normalization, "
+        "64 tiles per shard); throughput counts kept tiles on both sides. "
+        "_seconds_* = wall time of each section."
+    )
+    timings = {k: out.pop(k) for k in [k for k in out if k.startswith("_seconds_")]}
+    out["_note_sections"] = ", ".join(f"{k[9:]} {v} s" for k, v in timings.items())
+    return out
+
+
+def table(results: Results) -> str:
+    rows = [(k, v) for k, v in results.items() if not k.startswith("_")]
+    width = max(len(k) for k, _ in rows)
+    lines = [f"{'metric':<{width}}  {'value':>10}  target", "-" * (width + 22)]
+    for key, value in rows:
+        lines.append(f"{key:<{width}}  {value:>10}  {TARGETS.get(key, '')}")
+    lines.append("")
+    lines.extend(f"{k}: {v}" for k, v in results.items() if k.startswith("_"))
+    return "\n".join(lines)
+
+
+def main() -> None:
+    results = run()
+    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+    print(table(results))
+    print(f"\nwrote {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,86 @@
+"""Kill the filtering consumer in the middle of a slide, start it again: no tile lost, none
+duplicated, no partial shard visible."""
+
+from __future__ import annotations
+
+import signal
+import uuid
+
+import pytest
+
+from prolifscore.core.bus import Bus
+from prolifscore.core.settings import KafkaSettings, load
+from prolifscore.v1 import pipeline_pb2 as pb
+
+from .harness import ServiceProcess, Watcher, all_final, final_status, kafka_env
+from .slides import CMU, SLIDES
+from .test_pipeline_e2e import library_tiles, shard_tiles
+
+pytestmark = pytest.mark.slow
+
+
+def test_filtering_killed_mid_slide_loses_and_duplicates_nothing(broker, ray_head, tmp_path):
+    suffix = uuid.uuid4().hex[:8]
+    k = load(
+        KafkaSettings,
+        environ={},
+        bootstrap_servers=broker.bootstrap,
+        partitions=2,
+        topic_ingest=f"crash.{suffix}.ingest",
+        topic_tasks=f"crash.{suffix}.tasks",
+        topic_shards=f"crash.{suffix}.shards",
+        topic_status=f"crash.{suffix}.status",
+        topic_dlq=f"crash.{suffix}.dlq",
+        max_poll_interval_ms=8000,
+        session_timeout_ms=6000,
+    )
+    env = {
+        **kafka_env(k),
+        "PROLIF_RAY_ADDRESS": ray_head.address,
+        "PROLIF_SLIDE_ROOTS": str(SLIDES),
+        "PROLIF_TILES_ROOT": str(tmp_path / "tiles"),
+        "PROLIF_BATCH_SIZE": "8",  # must match library_tiles' batch size (it is in the spec hash)
+        "PROLIF_KAFKA_MAX_POLL_RECORDS": "1",  # commit batch by batch: the kill lands mid-slide
+        "PROLIF_FILTER_WORKERS": "1",
+    }
+    bus = Bus(k, "test")
+    bus.ensure_topics([k.topic_ingest, k.topic_tasks, k.topic_shards, k.topic_status, k.topic_dlq])
+    status = Watcher(bus, k.topic_status, pb.SlideStatus, f"watch-{suffix}")
+    tiling = ServiceProcess("prolifscore.tiling.server", env, tmp_path / "tiling.log").start()
+    first = ServiceProcess("prolifscore.filtering.server", env, tmp_path / "filtering1.log").start()
+    second = None
+    try:
+        # Seed mode checks every grid tile (~13 tiles/s here): 11 batches take several seconds.
+        spec = pb.TilingSpec(tissue_mode=pb.TISSUE_MODE_SEED)
+        bus.publish(
+            k.topic_ingest, "crash", pb.SlideIngest(slide_id="crash", path=str(CMU), spec=spec)
+        )
+        bus.flush()
+        progress = lambda evs: (
+            sum(  # noqa: E731
+                1 for e in evs if e and e.slide_id == "crash" and e.stage == pb.STAGE_FILTERING
+            )
+            >= 2
+        )
+        status.wait_for(progress, timeout=120)
+        first.kill(signal.SIGKILL)
+        assert final_status(status.items, "crash") is None, "killed too late: slide already done"
+        second = ServiceProcess(
+            "prolifscore.filtering.server", env, tmp_path / "filtering2.log"
+        ).start()
+        final = final_status(status.wait_for(all_final(["crash"]), timeout=180), "crash")
+    finally:
+        status.close()
+        for svc in (tiling, first, second):
+            if svc:
+                svc.stop()
+        bus.close()
+    assert final.stage == pb.STAGE_FILTERED, final.reason
+    stored = shard_tiles(final.manifest_path)  # raises if any tile is stored twice
+    expected = library_tiles(CMU, "crash", spec)
+    assert stored.keys() == expected.keys() and final.kept_tiles == len(expected) > 0
+    slide_dir = tmp_path / "tiles" / "crash"
+    shards = sorted(p.name for p in slide_dir.glob("*.tfrecord"))
+    assert len(shards) == final.batch_count - sum(
+        1 for p in slide_dir.glob("*.done.json") if '"tile_count": 0' in p.read_text()
+    )
