@@ -56,12 +56,13 @@ def test_filtering_killed_mid_slide_loses_and_duplicates_nothing(broker, ray_hea
             k.topic_ingest, "crash", pb.SlideIngest(slide_id="crash", path=str(CMU), spec=spec)
         )
         bus.flush()
-        progress = lambda evs: (
-            sum(  # noqa: E731
-                1 for e in evs if e and e.slide_id == "crash" and e.stage == pb.STAGE_FILTERING
-            )
-            >= 2
-        )
+
+        def progress(events: list) -> bool:
+            done = [
+                e for e in events if e and e.slide_id == "crash" and e.stage == pb.STAGE_FILTERING
+            ]
+            return len(done) >= 2
+
         status.wait_for(progress, timeout=120)
         first.kill(signal.SIGKILL)
         assert final_status(status.items, "crash") is None, "killed too late: slide already done"

@@ -6,16 +6,45 @@ import argparse
 import logging
 import sys
 
-from prolifscore.cli import ingest
+from prolifscore.cli import demo, ingest
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="prolifscore", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     ingest.add_parser(sub)
+    demo.add_parser(sub)
+    cfg = sub.add_parser("config", help="print every environment variable as a Markdown table")
+    cfg.set_defaults(func=print_config)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     return int(args.func(args) or 0)
+
+
+def all_settings() -> dict[str, type]:
+    from prolifscore.filtering.config import FilteringSettings
+    from prolifscore.tiling.config import TilingSettings
+
+    return {"tiling": TilingSettings, "filtering": FilteringSettings}
+
+
+def config_rows() -> list[tuple[str, str, str, str]]:
+    """(variable, default, services, meaning), one row per variable across all services."""
+    from prolifscore.core.settings import describe
+
+    rows: dict[str, list] = {}
+    for service, cls in all_settings().items():
+        for var, default, doc in describe(cls):
+            rows.setdefault(var, [var, default, [], doc])[2].append(service)
+    return [(v, d, ", ".join(s), doc) for v, d, s, doc in rows.values()]
+
+
+def print_config(_args: argparse.Namespace) -> int:
+    print("| Variable | Default | Used by | Meaning |")
+    print("|---|---|---|---|")
+    for var, default, services, doc in config_rows():
+        print(f"| `{var}` | `{default}` | {services} | {doc} |")
+    return 0
 
 
 if __name__ == "__main__":

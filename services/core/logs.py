@@ -32,7 +32,7 @@ class JsonFormatter(logging.Formatter):
 
 
 def setup_logging(service: str, level: str | None = None) -> None:
-    """Route the root logger to stderr as JSON (level from PROLIF_LOG_LEVEL, default INFO)."""
+    """Route the root logger to stderr as JSON (`level` defaults to PROLIF_LOG_LEVEL or INFO)."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter(service))
     root = logging.getLogger()

@@ -172,6 +172,7 @@ class RuntimeSettings:
         "PROLIF_RAY_ADDRESS", "", "Ray cluster to join (empty = start a local one on 127.0.0.1)"
     )
     ray_num_cpus: int = env("PROLIF_RAY_NUM_CPUS", 0, "CPUs for a local Ray (0 = all)")
+    log_level: str = env("PROLIF_LOG_LEVEL", "INFO", "Log level (JSON lines on stderr)")
     shutdown_grace_s: float = env(
         "PROLIF_SHUTDOWN_GRACE_S", 20.0, "On SIGTERM, how long in-flight work may finish"
     )

@@ -75,8 +75,8 @@ class TilingService:
 
 
 def main() -> None:
-    setup_logging(NAME)
     settings = load(TilingSettings)
+    setup_logging(NAME, settings.runtime.log_level)
     runtime = ServiceRuntime(NAME, settings.runtime).start()
     init_ray(settings.runtime.ray_address, settings.runtime.ray_num_cpus)
     bus = Bus(settings.kafka, NAME)

@@ -1,0 +1,139 @@
+"""The embedded runtime: broker, Ray head and service processes on 127.0.0.1, supervised.
+
+Used by `prolifscore demo` and by the end-to-end tests, so both run the very processes a
+deployment runs, only on one machine.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from prolifscore.core.broker import EmbeddedBroker, free_port
+from prolifscore.core.raycluster import RayHead
+
+SERVICE_MODULES = {
+    "tiling": "prolifscore.tiling.server",
+    "filtering": "prolifscore.filtering.server",
+}
+
+
+class ServiceProcess:
+    """`python -m <module>` on its own health port, logging to `log_path`."""
+
+    def __init__(self, module: str, env: dict[str, str], log_path: Path) -> None:
+        self.module = module
+        self.env = env
+        self.log_path = log_path
+        self.health_port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def health_address(self) -> str:
+        return f"127.0.0.1:{self.health_port}"
+
+    def start(self, timeout: float = 90.0) -> ServiceProcess:
+        env = {**os.environ, **self.env, "PROLIF_HEALTH_PORT": str(self.health_port)}
+        env.setdefault("PROLIF_METRICS_PORT", "0")
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", self.module], env=env, stdout=log, stderr=subprocess.STDOUT
+            )
+        self.wait_serving(timeout)
+        return self
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def wait_serving(self, timeout: float) -> None:
+        """Until the gRPC health check says SERVING (the consumer has joined its group)."""
+        deadline = time.monotonic() + timeout
+        with grpc.insecure_channel(self.health_address) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            while time.monotonic() < deadline:
+                if not self.alive():
+                    raise RuntimeError(f"{self.module} exited during start-up:\n{self.tail()}")
+                try:
+                    resp = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1)
+                    if resp.status == health_pb2.HealthCheckResponse.SERVING:
+                        return
+                except grpc.RpcError:
+                    pass
+                time.sleep(0.3)
+        raise TimeoutError(f"{self.module} not serving after {timeout}s:\n{self.tail()}")
+
+    def tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except FileNotFoundError:
+            return ""
+
+    def kill(self, sig: int) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            self.proc.wait(timeout=60)
+
+    def stop(self, timeout: float = 40.0) -> int | None:
+        """SIGTERM (graceful: in-flight work finishes and commits), then SIGKILL."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+@dataclass
+class EmbeddedStack:
+    """Everything `make demo` needs, started in dependency order and stopped in reverse."""
+
+    run_dir: Path
+    env: dict[str, str] = field(default_factory=dict)
+    services: tuple[str, ...] = ("tiling", "filtering")
+    ray_cpus: int = 0
+    broker: EmbeddedBroker | None = None
+    ray: RayHead | None = None
+    processes: dict[str, ServiceProcess] = field(default_factory=dict)
+
+    def start(self) -> EmbeddedStack:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.broker = EmbeddedBroker(log_path=self.run_dir / "broker.log").start()
+            self.ray = RayHead(free_port(), self.ray_cpus, self.run_dir / "ray.log").start()
+            self.env = {
+                **self.env,
+                "PROLIF_KAFKA_BOOTSTRAP": self.broker.bootstrap,
+                "PROLIF_RAY_ADDRESS": self.ray.address,
+            }
+            for name in self.services:
+                proc = ServiceProcess(SERVICE_MODULES[name], self.env, self.run_dir / f"{name}.log")
+                self.processes[name] = proc.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> dict[str, int | None]:
+        codes = {name: p.stop() for name, p in reversed(self.processes.items())}
+        if self.ray:
+            self.ray.stop()
+        if self.broker:
+            self.broker.stop()
+        return codes
+
+    def __enter__(self) -> EmbeddedStack:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
