@@ -1,8 +1,8 @@
 """Peak memory of pipeline steps, each run in a fresh child process.
 
-`python -m bench.child KIND ARGS...` runs one step and prints one JSON line; `run_child` starts
-it and reads the child's own peak RSS from `os.wait4` (ru_maxrss), next to the VmHWM the child
-reports from /proc.
+`python -m bench.child KIND ARGS...` runs one step and prints one JSON line with its own peak
+RSS (VmHWM from /proc/self/status). `run_child` also returns wait4's ru_maxrss, which is not
+the child's alone: Linux keeps the parent's RSS at fork in it across exec.
 
 Kinds: `baseline` (imports only), `tiling SLIDE` (open + plan_slide),
 `filter TASKS_FILE TILES_ROOT SLIDE_ROOT` (one BatchFilter over pickled tile tasks).
@@ -63,8 +63,8 @@ def _run(kind: str, args: list[str]) -> dict[str, Any]:
 
 
 def run_child(*args: str) -> dict[str, Any]:
-    """Run `python -m bench.child ARGS` and return its JSON plus `ru_maxrss_mb` (the child's
-    own peak RSS, from wait4)."""
+    """Run `python -m bench.child ARGS` and return its JSON (with `vmhwm_mb`) plus
+    `ru_maxrss_mb` from wait4."""
     root = Path(__file__).resolve().parents[1]
     proc = subprocess.Popen(
         [sys.executable, "-m", "bench.child", *args],

@@ -6,6 +6,7 @@ figure is steady-state throughput, not Ray start-up.
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from collections.abc import Sequence
@@ -74,9 +75,20 @@ def ray_scaling(
 ) -> tuple[float, list[RayRun]]:
     """(speedup of 2 actors over 1, every run), best of `rounds` each, in one Ray session
     with 2 CPUs. Order 2, 1, 1, 2, ... so that neither side always goes first."""
-    import ray
+    # init_ray() without an address joins any Ray instance already running on this machine
+    # (ray.init(address=None) looks for one), and then fails on num_cpus. "local" forces a
+    # fresh instance of our own.
+    previous = os.environ.get("RAY_ADDRESS")
+    os.environ["RAY_ADDRESS"] = "local"
+    try:
+        init_ray(num_cpus=2)
+    finally:
+        if previous is None:
+            os.environ.pop("RAY_ADDRESS", None)
+        else:
+            os.environ["RAY_ADDRESS"] = previous
+    import ray  # only now: init_ray sets variables Ray reads at import time
 
-    init_ray(num_cpus=2)
     runs: list[RayRun] = []
     try:
         for i in range(rounds):

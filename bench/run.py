@@ -53,6 +53,7 @@ class Config:
     ray_rounds: int = 1
     work_dir: Path = WORK_DIR
     slides: tuple[tuple[str, Path], ...] = (("cmu", CMU), ("tcga", TCGA))
+    pyramid_sources: tuple[Path, ...] = (CMU, TCGA)
 
 
 Results = dict[str, Any]
@@ -64,7 +65,7 @@ def _r(x: float, digits: int = 3) -> float:
 
 def bench_pyramid(cfg: Config, out: Results) -> PyramidInfo:
     start = time.perf_counter()
-    info = build_pyramid(cfg.work_dir / "large-slide.tiff", [p for _, p in cfg.slides], cfg.pyramid)
+    info = build_pyramid(cfg.work_dir / "large-slide.tiff", cfg.pyramid_sources, cfg.pyramid)
     out["pyramid_build_seconds"] = info.build_seconds
     out["pyramid_size_mb"] = _r(info.size_bytes / 2**20, 1)
     out["_note_pyramid"] = (
@@ -192,17 +193,18 @@ def bench_rss(cfg: Config, large: Path, work: Workload, out: Results) -> None:
     finally:
         tasks_file.unlink(missing_ok=True)
         shutil.rmtree(tiles_root, ignore_errors=True)
-    out["filter_worker_peak_rss_mb"] = _r(filt["ru_maxrss_mb"], 1)
-    out["tiling_peak_rss_mb"] = _r(tiling["ru_maxrss_mb"], 1)
-    out["worker_import_baseline_rss_mb"] = _r(base["ru_maxrss_mb"], 1)
+    out["filter_worker_peak_rss_mb"] = _r(filt["vmhwm_mb"], 1)
+    out["tiling_peak_rss_mb"] = _r(tiling["vmhwm_mb"], 1)
+    out["worker_import_baseline_rss_mb"] = _r(base["vmhwm_mb"], 1)
     out["_note_rss"] = (
-        "peak RSS (wait4 ru_maxrss of a fresh child; VmHWM agrees: filter "
-        f"{filt['vmhwm_mb']:.0f}, tiling {tiling['vmhwm_mb']:.0f}, baseline "
-        f"{base['vmhwm_mb']:.0f} MB). filter: one BatchFilter over the large band's "
+        "peak RSS = VmHWM of a fresh child (python -m bench.child), read by the child itself "
+        "at the end. filter: one BatchFilter over the large band's "
         f"{filt['tasks']} tasks ({filt['candidates']} candidates, {filt['kept']} kept, "
         f"{filt['seconds']:.1f} s); tiling: open + plan_slide of the whole large slide "
         f"({tiling['candidates']} candidates, coverage map {tiling['coverage_map_shape']}, "
-        f"{tiling['seconds']:.1f} s); baseline: imports only"
+        f"{tiling['seconds']:.1f} s); baseline: the same imports only. (wait4's ru_maxrss is "
+        "not used: Linux carries the parent's RSS at fork into it, "
+        f"{filt['ru_maxrss_mb']:.0f} MB here.)"
     )
 
 
@@ -226,6 +228,7 @@ def run(cfg: Config | None = None, log: Callable[[str], None] = print) -> Result
     cfg.work_dir.mkdir(parents=True, exist_ok=True)
     out: Results = {}
     start = time.perf_counter()
+    load_before = os.getloadavg()[0]
 
     def step(name: str, fn: Callable[[], Any]) -> Any:
         t = time.perf_counter()
@@ -248,7 +251,8 @@ def run(cfg: Config | None = None, log: Callable[[str], None] = print) -> Result
         "(built here, bench/work/, never committed). Tiles are 256 px at 0.5 um/px with the "
         "services' default spec (fast criterion, threshold 0.9, no stain normalization, "
         "64 tiles per shard); throughput counts kept tiles on both sides. "
-        "_seconds_* = wall time of each section."
+        f"1-min load average {load_before:.1f} at the start, {os.getloadavg()[0]:.1f} at the "
+        "end (anything above ~0 means other processes shared the cores)."
     )
     timings = {k: out.pop(k) for k in [k for k in out if k.startswith("_seconds_")]}
     out["_note_sections"] = ", ".join(f"{k[9:]} {v} s" for k, v in timings.items())

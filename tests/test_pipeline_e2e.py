@@ -14,6 +14,7 @@ import pytest
 from kafka import KafkaProducer
 from PIL import Image
 
+from prolifscore.core.broker import free_port
 from prolifscore.core.bus import Bus, encode
 from prolifscore.core.preprocess import iter_kept_tiles, plan_slide
 from prolifscore.core.settings import KafkaSettings, PreprocessSettings, load
@@ -56,9 +57,22 @@ def pipeline(broker, ray_head, tmp_path_factory):
     bus = Bus(k, "test")
     bus.ensure_topics([k.topic_ingest, k.topic_tasks, k.topic_shards, k.topic_status, k.topic_dlq])
     tiling = ServiceProcess("prolifscore.tiling.server", env, tmp / "tiling.log").start()
-    filtering = ServiceProcess("prolifscore.filtering.server", env, tmp / "filtering.log").start()
+    metrics_port = free_port()
+    filtering = ServiceProcess(
+        "prolifscore.filtering.server",
+        {**env, "PROLIF_METRICS_PORT": str(metrics_port)},
+        tmp / "filtering.log",
+    ).start()
     status = Watcher(bus, k.topic_status, pb.SlideStatus, f"watch-{suffix}")
-    yield {"k": k, "bus": bus, "tmp": tmp, "env": env, "status": status}
+    yield {
+        "k": k,
+        "bus": bus,
+        "tmp": tmp,
+        "env": env,
+        "status": status,
+        "tiling": tiling,
+        "metrics": f"http://127.0.0.1:{metrics_port}/metrics",
+    }
     status.close()
     codes = {svc.module: (svc.stop(), svc.tail()) for svc in (tiling, filtering)}
     bus.close()
@@ -217,3 +231,24 @@ def test_ingest_cli_waits_and_summarizes(pipeline):
     rows = {line.split()[0]: line.split() for line in out.stdout.splitlines()[1:]}
     assert rows["cmu-1-small-region"][1] == "filtered" and int(rows["cmu-1-small-region"][3]) > 0
     assert rows["broken"][1] == "failed"
+
+
+def test_health_reflection_and_metrics(pipeline):
+    """Health says SERVING, reflection lists the services, /metrics counts the work done."""
+    import urllib.request
+
+    import grpc
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    with grpc.insecure_channel(pipeline["tiling"].health_address) as channel:
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        req = reflection_pb2.ServerReflectionRequest(list_services="")
+        names = {
+            s.name
+            for r in stub.ServerReflectionInfo(iter([req]))
+            for s in r.list_services_response.service
+        }
+    assert "grpc.health.v1.Health" in names
+    text = urllib.request.urlopen(pipeline["metrics"], timeout=5).read().decode()
+    kept = [line for line in text.splitlines() if line.startswith('prolif_tiles_total{kind="kept"')]
+    assert kept and float(kept[0].split()[-1]) > 0
