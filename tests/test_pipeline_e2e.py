@@ -240,7 +240,7 @@ def test_health_reflection_and_metrics(pipeline):
     import grpc
     from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-    with grpc.insecure_channel(pipeline["tiling"].health_address) as channel:
+    with grpc.insecure_channel(pipeline["tiling"].grpc_address) as channel:
         stub = reflection_pb2_grpc.ServerReflectionStub(channel)
         req = reflection_pb2.ServerReflectionRequest(list_services="")
         names = {

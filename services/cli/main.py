@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from prolifscore.cli import demo, ingest
+from prolifscore.cli import demo, ingest, score
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -14,6 +14,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     ingest.add_parser(sub)
     demo.add_parser(sub)
+    score.add_parser(sub)
     cfg = sub.add_parser("config", help="print every environment variable as a Markdown table")
     cfg.set_defaults(func=print_config)
     args = parser.parse_args(argv)
@@ -23,9 +24,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def all_settings() -> dict[str, type]:
     from prolifscore.filtering.config import FilteringSettings
+    from prolifscore.scoring.config import ScoringSettings
     from prolifscore.tiling.config import TilingSettings
 
-    return {"tiling": TilingSettings, "filtering": FilteringSettings}
+    return {"tiling": TilingSettings, "filtering": FilteringSettings, "scoring": ScoringSettings}
 
 
 def config_rows() -> list[tuple[str, str, str, str]]:

@@ -32,15 +32,15 @@ class ServiceProcess:
         self.module = module
         self.env = env
         self.log_path = log_path
-        self.health_port = free_port()
+        self.grpc_port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
-    def health_address(self) -> str:
-        return f"127.0.0.1:{self.health_port}"
+    def grpc_address(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
 
     def start(self, timeout: float = 90.0) -> ServiceProcess:
-        env = {**os.environ, **self.env, "PROLIF_HEALTH_PORT": str(self.health_port)}
+        env = {**os.environ, **self.env, "PROLIF_GRPC_PORT": str(self.grpc_port)}
         env.setdefault("PROLIF_METRICS_PORT", "0")
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
@@ -55,7 +55,7 @@ class ServiceProcess:
     def wait_serving(self, timeout: float) -> None:
         """Until the gRPC health check says SERVING (the consumer has joined its group)."""
         deadline = time.monotonic() + timeout
-        with grpc.insecure_channel(self.health_address) as channel:
+        with grpc.insecure_channel(self.grpc_address) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             while time.monotonic() < deadline:
                 if not self.alive():

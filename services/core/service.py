@@ -10,6 +10,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
@@ -29,14 +30,28 @@ M = TypeVar("M", bound=Message)
 class ServiceRuntime:
     """Owns the process-level plumbing so a service only writes its `handle` function."""
 
-    def __init__(self, name: str, settings: RuntimeSettings) -> None:
+    def __init__(
+        self,
+        name: str,
+        settings: RuntimeSettings,
+        *,
+        grpc_options: Sequence[tuple[str, Any]] = (),
+        max_workers: int = 4,
+        interceptors: Sequence[grpc.ServerInterceptor] = (),
+    ) -> None:
+        """`grpc_options` (e.g. message size limits) and `interceptors` apply to every service
+        the runtime's server hosts; add servicers to `self.server` before `start()`."""
         self.name = name
         self.settings = settings
         self.stopping = threading.Event()
         self.health = health.HealthServicer()
-        self.server = grpc.server(ThreadPoolExecutor(max_workers=4))
+        self.server = grpc.server(
+            ThreadPoolExecutor(max_workers=max_workers),
+            options=list(grpc_options),
+            interceptors=list(interceptors),
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        self.health_port = 0
+        self.port = 0
         self.metrics_port = 0
         self._extra_services: list[str] = []
 
@@ -48,7 +63,19 @@ class ServiceRuntime:
         names = [*self._extra_services, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name]
         reflection.enable_server_reflection([*names, reflection.SERVICE_NAME], self.server)
         host = self.settings.bind_host
-        self.health_port = self.server.add_insecure_port(f"{host}:{self.settings.health_port}")
+        address = f"{host}:{self.settings.grpc_port}"
+        if self.settings.tls_cert_file or self.settings.tls_key_file:
+            creds = grpc.ssl_server_credentials(
+                [
+                    (
+                        Path(self.settings.tls_key_file).read_bytes(),
+                        Path(self.settings.tls_cert_file).read_bytes(),
+                    )
+                ]
+            )
+            self.port = self.server.add_secure_port(address, creds)
+        else:
+            self.port = self.server.add_insecure_port(address)
         self.server.start()
         httpd, _ = start_http_server(self.settings.metrics_port, addr=host)
         self.metrics_port = httpd.server_port
@@ -56,7 +83,8 @@ class ServiceRuntime:
         log.info(
             "service started",
             extra={
-                "health": f"{host}:{self.health_port}",
+                "grpc": f"{host}:{self.port}",
+                "tls": bool(self.settings.tls_cert_file),
                 "metrics": f"{host}:{self.metrics_port}",
             },
         )

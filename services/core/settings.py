@@ -166,7 +166,11 @@ class RuntimeSettings:
     )
     tiles_root: Path = env("PROLIF_TILES_ROOT", Path("data/tiles"), "Where TFRecord shards go")
     bind_host: str = env("PROLIF_BIND_HOST", "127.0.0.1", "Address gRPC and metrics bind to")
-    health_port: int = env("PROLIF_HEALTH_PORT", 0, "gRPC health/reflection port (0 = any free)")
+    grpc_port: int = env(
+        "PROLIF_GRPC_PORT", 0, "gRPC port: health, reflection and the service's API (0 = any free)"
+    )
+    tls_cert_file: str = env("PROLIF_TLS_CERT_FILE", "", "PEM certificate: serve gRPC over TLS")
+    tls_key_file: str = env("PROLIF_TLS_KEY_FILE", "", "PEM private key for PROLIF_TLS_CERT_FILE")
     metrics_port: int = env("PROLIF_METRICS_PORT", 0, "Prometheus metrics port (0 = any free)")
     ray_address: str = env(
         "PROLIF_RAY_ADDRESS", "", "Ray cluster to join (empty = start a local one on 127.0.0.1)"

@@ -1,0 +1,147 @@
+"""`prolifscore score`: score one slide over gRPC (with a live progress bar), or in-process."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from google.protobuf import json_format
+
+from prolifscore.v1 import scoring_pb2 as spb
+
+_AGG = {
+    "mean": spb.AGGREGATION_MEAN_PROBABILITY,
+    "rounded_mean": spb.AGGREGATION_ROUNDED_MEAN_CLASS,
+}
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("score", help="score a slide (gRPC client, or --local in-process)")
+    p.add_argument("slide", help="slide path (as the server sees it, or a local file)")
+    p.add_argument("--server", default=os.environ.get("PROLIF_SCORING_ADDRESS", "127.0.0.1:50051"))
+    p.add_argument("--heatmap", type=Path, help="write the heatmap PNG here")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--tiles", action="store_true", help="include per-tile predictions")
+    p.add_argument("--aggregation", choices=sorted(_AGG))
+    p.add_argument("--timeout", type=float, default=600.0, help="deadline in seconds")
+    p.add_argument("--token", default=os.environ.get("PROLIF_AUTH_TOKEN", ""), help="bearer token")
+    p.add_argument("--tls-ca", type=Path, help="CA certificate: connect with TLS")
+    p.add_argument("--local", action="store_true", help="score in-process, no services")
+    p.add_argument(
+        "--model-root",
+        type=Path,
+        default=Path(os.environ.get("PROLIF_MODEL_ROOT", "data/models")),
+        help="with --local: the TF Serving model root",
+    )
+    p.set_defaults(func=run)
+
+
+def build_request(args: argparse.Namespace) -> spb.ScoreRequest:
+    path = Path(args.slide)
+    return spb.ScoreRequest(
+        slide_id=path.stem,
+        path=str(path.resolve()) if path.exists() else args.slide,
+        include_heatmap=args.heatmap is not None,
+        include_tiles=args.tiles,
+        aggregation=_AGG.get(args.aggregation or "", 0),
+    )
+
+
+def score_remote(args: argparse.Namespace, request: spb.ScoreRequest) -> spb.SlideScore:
+    import grpc
+    from tqdm import tqdm
+
+    from prolifscore.v1 import scoring_pb2_grpc
+
+    options = [("grpc.max_receive_message_length", 64 * 1024 * 1024)]
+    if args.tls_ca:
+        creds = grpc.ssl_channel_credentials(args.tls_ca.read_bytes())
+        channel = grpc.secure_channel(args.server, creds, options=options)
+    else:
+        channel = grpc.insecure_channel(args.server, options=options)
+    metadata = [("authorization", f"Bearer {args.token}")] if args.token else []
+    with (
+        channel,
+        tqdm(total=0, unit="tile", desc="scoring", file=sys.stderr, dynamic_ncols=True) as bar,
+    ):
+        stub = scoring_pb2_grpc.ScoringServiceStub(channel)
+        for event in stub.StreamScoreSlide(request, timeout=args.timeout, metadata=metadata):
+            if event.HasField("result"):
+                return event.result
+            p = event.progress
+            bar.total = max(bar.total or 0, p.tiles_found)
+            bar.set_postfix(kept=p.tiles_kept, scored=p.tiles_scored)
+            bar.update(p.tiles_read - bar.n)
+    raise RuntimeError("the server closed the stream without a result")
+
+
+def score_local(args: argparse.Namespace, request: spb.ScoreRequest) -> spb.SlideScore:
+    from prolifscore.core.settings import PreprocessSettings, load
+    from prolifscore.scoring.model_client import InProcessModels
+    from prolifscore.scoring.scorer import ScoringOptions, score_slide
+
+    models = InProcessModels(args.model_root)
+    try:
+        return score_slide(
+            request,
+            slide_roots=(str(Path(request.path).resolve().parent),),
+            options=ScoringOptions(preprocess=load(PreprocessSettings)),
+            models=models,
+        )
+    finally:
+        models.close()
+
+
+def summary(result: spb.SlideScore) -> dict[str, object]:
+    return {
+        "slide_id": result.slide_id,
+        "tumor_score": result.tumor_score,
+        "probabilities": [round(p, 4) for p in result.probabilities],
+        "mitotic_score": result.mitotic_score,
+        "mitoses_per_10hpf": result.mitoses_per_10hpf,
+        "tiles_scored": result.tiles_scored,
+        "models": {m.name: m.version for m in result.models},
+    }
+
+
+def describe_error(exc: BaseException) -> str:
+    import grpc
+
+    if isinstance(exc, grpc.RpcError):
+        return f"{exc.code().name}: {exc.details()}"  # type: ignore[attr-defined]
+    return f"{type(exc).__name__}: {exc}"
+
+
+def run(args: argparse.Namespace) -> int:
+    request = build_request(args)
+    try:
+        result = score_local(args, request) if args.local else score_remote(args, request)
+    except Exception as exc:  # grpc.RpcError carries the status the server chose
+        print(f"error: {describe_error(exc)}", file=sys.stderr)
+        return 1
+    if args.heatmap:
+        args.heatmap.write_bytes(result.heatmap_png)
+    if args.json:
+        out = json_format.MessageToDict(result)
+        out.pop("heatmapPng", None)
+        print(json.dumps(out))
+        return 0
+    s = summary(result)
+    probs = ", ".join(f"{p:.3f}" for p in result.probabilities)
+    print(f"slide            {s['slide_id']}")
+    print(f"tumor score      {result.tumor_score}   (p1..p3: {probs})")
+    print(
+        f"mitotic score    {result.mitotic_score}   ({result.mitosis_count} mitoses, "
+        f"{result.mitoses_per_10hpf:g} per 10 HPF in the densest region)"
+    )
+    print(f"tiles scored     {result.tiles_scored}")
+    print("models           " + ", ".join(f"{m.name} v{m.version}" for m in result.models))
+    for w in result.warnings:
+        print(f"warning          {w}")
+    if args.heatmap:
+        print(f"heatmap          {args.heatmap}")
+    print(json.dumps(s))
+    return 0

@@ -1,0 +1,59 @@
+"""Scoring service settings (environment variables, documented defaults)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from prolifscore.core.settings import (
+    KafkaSettings,
+    PreprocessSettings,
+    RuntimeSettings,
+    env,
+    nested,
+)
+
+
+@dataclass(frozen=True)
+class ScoringSettings:
+    kafka: KafkaSettings = nested(KafkaSettings)
+    runtime: RuntimeSettings = nested(RuntimeSettings)
+    preprocess: PreprocessSettings = nested(PreprocessSettings)
+    model_server: str = env(
+        "PROLIF_MODEL_SERVER", "127.0.0.1:8500", "TF Serving (or local model server) gRPC address"
+    )
+    model_retries: int = env(
+        "PROLIF_MODEL_RETRIES", 4, "Retries (exponential backoff) while the model server is down"
+    )
+    tumor_model: str = env("PROLIF_TUMOR_MODEL", "resnet50", "Model name of the tumor-score model")
+    mitosis_model: str = env("PROLIF_MITOSIS_MODEL", "mitosis", "Model name of the mitosis model")
+    predict_batch: int = env("PROLIF_PREDICT_BATCH", 32, "Tiles per Predict request")
+    aggregation: str = env(
+        "PROLIF_AGGREGATION", "mean", "Slide score from tiles: mean (probability) or rounded_mean"
+    )
+    mitosis_threshold: float = env("PROLIF_MITOSIS_THRESHOLD", 0.5, "Mitosis detection threshold")
+    nms_radius_um: float = env(
+        "PROLIF_MITOSIS_NMS_UM", 8.0, "Detections closer than this merge into one mitosis"
+    )
+    hpf_area_mm2: float = env("PROLIF_HPF_AREA_MM2", 0.196, "Area of one high-power field")
+    mitotic_thresholds: tuple[int, ...] = env(
+        "PROLIF_MITOTIC_THRESHOLDS",
+        (7, 14),
+        "Mitoses per 10 HPF: <= first -> score 1, <= second -> 2, else 3",
+    )
+    ray_readers: int = env(
+        "PROLIF_SCORING_RAY_READERS", 2, "Parallel Ray tasks reading tiles (0 = a local thread)"
+    )
+    results_root: Path = env(
+        "PROLIF_RESULTS_ROOT", Path("data/results"), "Kafka batch results (JSON + heatmap PNG)"
+    )
+    kafka_enabled: bool = env("PROLIF_SCORING_KAFKA", True, "Consume prolif.score.requests")
+    topic_requests: str = env(
+        "PROLIF_TOPIC_SCORE_REQUESTS", "prolif.score.requests", "Score requests"
+    )
+    topic_results: str = env("PROLIF_TOPIC_SCORE_RESULTS", "prolif.score.results", "Score results")
+    group_id: str = env("PROLIF_SCORING_GROUP", "prolif-scoring", "Consumer group of batch scoring")
+    auth_token: str = env(
+        "PROLIF_AUTH_TOKEN", "", "Bearer token ScoringService calls must carry (empty = none)"
+    )
+    max_concurrent: int = env("PROLIF_SCORING_CONCURRENCY", 4, "gRPC calls scored at once")

@@ -1,0 +1,166 @@
+"""Talking to the model server through the TensorFlow Serving API (so the production
+`tensorflow/serving` container and the local stand-in are interchangeable), plus an
+in-process variant for `prolifscore score --local`."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Protocol
+
+import grpc
+import numpy as np
+from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
+from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+_NP_TO_DT = {np.dtype(np.uint8): types_pb2.DT_UINT8, np.dtype(np.float32): types_pb2.DT_FLOAT}
+_DT_TO_NP = {
+    types_pb2.DT_FLOAT: np.float32,
+    types_pb2.DT_UINT8: np.uint8,
+    types_pb2.DT_INT64: np.int64,
+}
+_RETRYABLE = (grpc.StatusCode.UNAVAILABLE,)
+
+
+class ModelUnavailable(Exception):
+    """The model server cannot be reached (after retries)."""
+
+
+class ModelError(Exception):
+    """The model server answered with an error (unknown model, bad input, ...)."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class Models(Protocol):
+    def predict(
+        self, model: str, tiles: np.ndarray, output: str, timeout: float | None = None
+    ) -> tuple[np.ndarray, int]:
+        """(output array, model version that produced it)."""
+        ...
+
+    def close(self) -> None: ...
+
+
+def to_tensor_proto(array: np.ndarray) -> tensor_pb2.TensorProto:
+    """Raw bytes in `tensor_content`: no per-element encoding (a batch is megabytes)."""
+    array = np.ascontiguousarray(array)
+    return tensor_pb2.TensorProto(
+        dtype=_NP_TO_DT[array.dtype],
+        tensor_shape=tensor_shape_pb2.TensorShapeProto(
+            dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=d) for d in array.shape]
+        ),
+        tensor_content=array.tobytes(),
+    )
+
+
+def from_tensor_proto(proto: tensor_pb2.TensorProto) -> np.ndarray:
+    dtype = _DT_TO_NP[proto.dtype]
+    shape = [d.size for d in proto.tensor_shape.dim]
+    if proto.tensor_content:
+        return np.frombuffer(proto.tensor_content, dtype).reshape(shape)
+    values = proto.float_val if dtype == np.float32 else proto.int64_val
+    return np.asarray(values, dtype).reshape(shape)
+
+
+class PredictionClient:
+    """PredictionService client with retries and backoff on UNAVAILABLE."""
+
+    def __init__(
+        self,
+        address: str,
+        *,
+        retries: int = 4,
+        backoff_s: float = 0.5,
+        max_message_mb: int = 256,
+    ) -> None:
+        self.address = address
+        self.retries = retries
+        self.backoff_s = backoff_s
+        limit = max_message_mb * 1024 * 1024
+        self._channel = grpc.insecure_channel(
+            address,
+            options=[
+                ("grpc.max_send_message_length", limit),
+                ("grpc.max_receive_message_length", limit),
+            ],
+        )
+        self._stub = prediction_service_pb2_grpc.PredictionServiceStub(self._channel)
+
+    def predict(
+        self, model: str, tiles: np.ndarray, output: str, timeout: float | None = None
+    ) -> tuple[np.ndarray, int]:
+        request = predict_pb2.PredictRequest()
+        request.model_spec.name = model
+        request.model_spec.signature_name = "serving_default"
+        request.inputs["tiles"].CopyFrom(to_tensor_proto(tiles))
+        request.output_filter.append(output)
+        delay = self.backoff_s
+        for attempt in range(self.retries + 1):
+            try:
+                response = self._stub.Predict(request, timeout=timeout)
+                return from_tensor_proto(
+                    response.outputs[output]
+                ), response.model_spec.version.value
+            except grpc.RpcError as exc:
+                code = exc.code()  # type: ignore[attr-defined]
+                if code not in _RETRYABLE:
+                    raise ModelError(code, f"model server {self.address}: {exc.details()}") from exc  # type: ignore[attr-defined]
+                if attempt == self.retries:
+                    raise ModelUnavailable(
+                        f"model server {self.address} unavailable after {self.retries + 1} "
+                        f"attempts: {exc.details()}"  # type: ignore[attr-defined]
+                    ) from exc
+                log.warning(
+                    "model server unavailable, retrying",
+                    extra={"address": self.address, "in_s": delay},
+                )
+                time.sleep(delay)
+                delay = min(delay * 2, 8.0)
+        raise AssertionError("unreachable")
+
+    def close(self) -> None:
+        self._channel.close()
+
+
+class InProcessModels:
+    """Loads the newest version of each model from a TF Serving model root and calls its
+    serving signature directly: the same contract, without any server."""
+
+    def __init__(self, model_root: Path) -> None:
+        self.model_root = Path(model_root)
+        self._loaded: dict[str, tuple[int, object]] = {}
+
+    def _signature(self, model: str) -> tuple[int, object]:
+        if model not in self._loaded:
+            import tensorflow as tf
+
+            versions = sorted(
+                int(p.name)
+                for p in (self.model_root / model).glob("*")
+                if p.name.isdigit() and (p / "saved_model.pb").exists()
+            )
+            if not versions:
+                raise ModelError(
+                    grpc.StatusCode.NOT_FOUND, f"no version of {model} under {self.model_root}"
+                )
+            loaded = tf.saved_model.load(str(self.model_root / model / str(versions[-1])))
+            self._loaded[model] = (versions[-1], loaded.signatures["serving_default"])
+        return self._loaded[model]
+
+    def predict(
+        self, model: str, tiles: np.ndarray, output: str, timeout: float | None = None
+    ) -> tuple[np.ndarray, int]:
+        import tensorflow as tf
+
+        version, fn = self._signature(model)
+        out = fn(tiles=tf.constant(tiles))  # type: ignore[operator]
+        return out[output].numpy(), version
+
+    def close(self) -> None:
+        self._loaded.clear()

@@ -1,0 +1,350 @@
+"""Scoring one slide: tile and filter with the preprocessing library, send batches of uint8
+tiles to the model server while the next batch is being read, aggregate, grade mitoses, draw
+the heatmap. Used by the gRPC API, Kafka batch scoring and `prolifscore score --local` alike."""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from prolifscore.core.preprocess import SpecError, TileSource, plan_slide
+from prolifscore.core.settings import PreprocessSettings
+from prolifscore.core.slide import confine_path, open_slide
+from prolifscore.scoring import heatmap
+from prolifscore.scoring.mitosis import (
+    MitosisGrading,
+    densest_region_count,
+    non_max_suppression,
+    tile_detections,
+)
+from prolifscore.scoring.model_client import Models
+from prolifscore.v1 import pipeline_pb2 as pb
+from prolifscore.v1 import scoring_pb2 as spb
+
+Batch = tuple[list[pb.Tile], np.ndarray]
+
+
+class InvalidRequest(ValueError):
+    pass
+
+
+class Cancelled(Exception):
+    pass
+
+
+class DeadlineExceeded(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class ScoringOptions:
+    preprocess: PreprocessSettings = field(default_factory=PreprocessSettings)
+    tumor_model: str = "resnet50"
+    mitosis_model: str = "mitosis"
+    predict_batch: int = 32
+    aggregation: int = spb.AGGREGATION_MEAN_PROBABILITY
+    grading: MitosisGrading = field(default_factory=MitosisGrading)
+    pipelined: bool = True  # read the next batch while the model server predicts this one
+    ray_readers: int = 0  # > 0: read candidate chunks in that many parallel Ray tasks
+
+
+@dataclass
+class _Progress:
+    found: int = 0
+    read: int = 0
+    kept: int = 0
+    scored: int = 0
+
+    def event(self) -> spb.ScoreProgress:
+        return spb.ScoreProgress(
+            tiles_found=self.found,
+            tiles_read=self.read,
+            tiles_kept=self.kept,
+            tiles_scored=self.scored,
+        )
+
+
+def _read_local(
+    source: TileSource, candidates: list[pb.Tile], batch: int, counts: _Progress
+) -> Iterator[Batch]:
+    tiles: list[pb.Tile] = []
+    pixels: list[np.ndarray] = []
+    for tile in candidates:
+        result = source.process(tile)
+        counts.read += 1
+        if result is not None:
+            tiles.append(tile)
+            pixels.append(result[0])
+            counts.kept += 1
+        if len(tiles) == batch:
+            yield tiles, np.stack(pixels)
+            tiles, pixels = [], []
+    if tiles:
+        yield tiles, np.stack(pixels)
+
+
+def _read_chunk(
+    path: str, spec: bytes, stain: bytes, tiles: list[bytes]
+) -> tuple[list[int], np.ndarray | None]:
+    """Ray task: open the slide once for the chunk, return the kept tiles' indices and pixels."""
+    with open_slide(path) as slide:
+        source = TileSource(slide, pb.ResolvedSpec.FromString(spec), pb.StainFit.FromString(stain))
+        kept, pixels = [], []
+        for i, raw in enumerate(tiles):
+            result = source.process(pb.Tile.FromString(raw))
+            if result is not None:
+                kept.append(i)
+                pixels.append(result[0])
+    return kept, (np.stack(pixels) if pixels else None)
+
+
+def _read_ray(
+    path: Path,
+    plan_spec: pb.ResolvedSpec,
+    stain: pb.StainFit,
+    candidates: list[pb.Tile],
+    batch: int,
+    readers: int,
+    counts: _Progress,
+) -> Iterator[Batch]:
+    import ray
+
+    remote = ray.remote(num_cpus=0.5)(_read_chunk)
+    chunks = [candidates[i : i + batch] for i in range(0, len(candidates), batch)]
+    spec_b, stain_b = plan_spec.SerializeToString(), stain.SerializeToString()
+    pending: dict[object, list[pb.Tile]] = {}
+    next_chunk = 0
+    while next_chunk < len(chunks) or pending:
+        while next_chunk < len(chunks) and len(pending) < 2 * readers:
+            chunk = chunks[next_chunk]
+            ref = remote.remote(str(path), spec_b, stain_b, [t.SerializeToString() for t in chunk])
+            pending[ref] = chunk
+            next_chunk += 1
+        done, _ = ray.wait(list(pending), num_returns=1)
+        chunk = pending.pop(done[0])
+        kept, pixels = ray.get(done[0])
+        counts.read += len(chunk)
+        counts.kept += len(kept)
+        if pixels is not None:
+            yield [chunk[i] for i in kept], pixels
+
+
+class _Prefetch:
+    """Runs a batch iterator in a thread, `depth` batches ahead of the consumer."""
+
+    _END = object()
+
+    def __init__(self, it: Iterator[Batch], depth: int = 2) -> None:
+        self._q: queue.Queue[object] = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(it,), daemon=True)
+        self._thread.start()
+
+    def _run(self, it: Iterator[Batch]) -> None:
+        try:
+            for item in it:
+                while not self._stop.is_set():
+                    try:
+                        self._q.put(item, timeout=0.2)
+                        break
+                    except queue.Full:
+                        continue
+                if self._stop.is_set():
+                    return
+        except BaseException as exc:  # surfaced in the consumer
+            self._q.put(exc)
+            return
+        self._q.put(self._END)
+
+    def __iter__(self) -> Iterator[Batch]:
+        while True:
+            item = self._q.get()
+            if item is self._END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item  # type: ignore[misc]
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
+def score_slide(
+    request: spb.ScoreRequest,
+    *,
+    slide_roots: tuple[str, ...],
+    options: ScoringOptions,
+    models: Models,
+    progress: Callable[[spb.ScoreProgress], None] | None = None,
+    cancelled: Callable[[], bool] = lambda: False,
+    deadline: float | None = None,
+) -> spb.SlideScore:
+    """Raises InvalidRequest, SlideError subclasses, ModelUnavailable/ModelError, Cancelled,
+    DeadlineExceeded; everything else is a bug."""
+    start = time.perf_counter()
+    if not request.path:
+        raise InvalidRequest("path is required")
+    path = confine_path(request.path, slide_roots)
+    slide_id = request.slide_id or path.stem
+    counts = _Progress()
+    notify = progress or (lambda _e: None)
+    timings = spb.ScoreTimings()
+    with open_slide(path) as slide:
+        try:
+            plan = plan_slide(slide, slide_id, request.spec, options.preprocess)
+        except SpecError as exc:
+            raise InvalidRequest(str(exc)) from exc
+        timings.tiling_s = time.perf_counter() - start
+        counts.found = len(plan.candidates)
+        notify(counts.event())
+        if options.ray_readers > 0:
+            reader = _read_ray(
+                path,
+                plan.spec,
+                plan.stain,
+                plan.candidates,
+                options.predict_batch,
+                options.ray_readers,
+                counts,
+            )
+        else:
+            source = TileSource(slide, plan.spec, plan.stain)
+            reader = _read_local(source, plan.candidates, options.predict_batch, counts)
+        batches: Iterator[Batch] = _Prefetch(reader) if options.pipelined else reader  # type: ignore[assignment]
+        tiles: list[pb.Tile] = []
+        probs: list[np.ndarray] = []
+        detections: list[tuple[float, float, float]] = []
+        tile_mitosis_max: list[float] = []
+        versions: dict[str, int] = {}
+        predict_s = 0.0
+        try:
+            for batch_tiles, pixels in batches:
+                if cancelled():
+                    raise Cancelled("client cancelled the request")
+                timeout = None
+                if deadline is not None:
+                    timeout = deadline - time.time()
+                    if timeout <= 0:
+                        raise DeadlineExceeded("deadline exceeded while scoring")
+                t0 = time.perf_counter()
+                p, versions[options.tumor_model] = models.predict(
+                    options.tumor_model, pixels, "probabilities", timeout
+                )
+                probs.append(np.asarray(p, np.float32))
+                if not request.skip_mitosis:
+                    maps, versions[options.mitosis_model] = models.predict(
+                        options.mitosis_model, pixels, "mitosis_map", timeout
+                    )
+                    for tile, m in zip(batch_tiles, maps, strict=True):
+                        tile_mitosis_max.append(float(m.max()) if m.size else 0.0)
+                        detections.extend(
+                            tile_detections(m, tile, plan.spec, options.grading.threshold)
+                        )
+                predict_s += time.perf_counter() - t0
+                tiles.extend(batch_tiles)
+                counts.scored = len(tiles)
+                notify(counts.event())
+        finally:
+            if isinstance(batches, _Prefetch):
+                batches.close()
+    timings.predict_s = predict_s
+    return _assemble(
+        request,
+        slide_id,
+        plan,
+        tiles,
+        probs,
+        detections,
+        tile_mitosis_max,
+        versions,
+        options,
+        timings,
+        start,
+    )
+
+
+def _assemble(
+    request,
+    slide_id,
+    plan,
+    tiles,
+    probs,
+    detections,
+    tile_mitosis_max,
+    versions,
+    options,
+    timings,
+    start,
+) -> spb.SlideScore:  # type: ignore[no-untyped-def]
+    aggregation = request.aggregation or options.aggregation
+    result = spb.SlideScore(
+        request_id=request.request_id or uuid.uuid4().hex,
+        slide_id=slide_id,
+        aggregation=aggregation,
+        tiles_total=len(tiles),
+        tiles_scored=len(tiles),
+        warnings=plan.warnings,
+        spec_hash=plan.spec.spec_hash,
+        models=[spb.ModelVersion(name=n, version=v) for n, v in sorted(versions.items())],
+    )
+    all_probs = np.concatenate(probs) if probs else np.zeros((0, 3), np.float32)
+    if len(all_probs):
+        mean = all_probs.mean(axis=0)
+        result.probabilities.extend((mean / mean.sum()).tolist())
+        if aggregation == spb.AGGREGATION_ROUNDED_MEAN_CLASS:
+            result.tumor_score = int(np.clip(np.round((all_probs.argmax(axis=1) + 1).mean()), 1, 3))
+        else:
+            result.tumor_score = int(mean.argmax()) + 1
+    else:
+        result.warnings.append("no tissue tile was found: no score")
+    mpp0 = plan.geometry.base_mpp
+    if not request.skip_mitosis:
+        radius0 = options.grading.nms_radius_um / mpp0
+        kept = non_max_suppression(detections, radius0)
+        result.mitosis_count = len(kept)
+        result.mitoses.extend(
+            spb.Mitosis(x=round(x), y=round(y), probability=p) for x, y, p in kept
+        )
+        side0 = options.grading.region_side_um() / mpp0
+        densest = densest_region_count([(x, y) for x, y, _ in kept], side0)
+        result.mitoses_per_10hpf = float(densest)
+        result.mitotic_score = options.grading.mitotic_score(densest) if tiles else 0
+    per_tile: dict[tuple[int, int], int] = {}
+    fp, stride = plan.spec.footprint0, plan.spec.stride0
+    for m in result.mitoses:  # the grid cell a detection falls in (first tile, with overlap)
+        key = (int(m.x // stride), int(m.y // stride))
+        per_tile[key] = per_tile.get(key, 0) + 1
+    if request.include_tiles:
+        for i, t in enumerate(tiles):
+            result.tiles.append(
+                spb.TilePrediction(
+                    col=t.col,
+                    row=t.row,
+                    x=t.x,
+                    y=t.y,
+                    probabilities=all_probs[i].tolist(),
+                    mitosis_max=tile_mitosis_max[i] if tile_mitosis_max else 0.0,
+                    mitoses=per_tile.get((t.col, t.row), 0),
+                )
+            )
+    if request.include_heatmap:
+        predicted = (result.tumor_score or 1) - 1
+        result.heatmap_png = heatmap.render(
+            plan.coverage.thumbnail,
+            plan.coverage.downsample,
+            [(t, float(all_probs[i][predicted])) for i, t in enumerate(tiles)],
+            fp,
+            [(m.x, m.y) for m in result.mitoses],
+        )
+    timings.reading_s = max(0.0, time.perf_counter() - start - timings.tiling_s - timings.predict_s)
+    timings.total_s = time.perf_counter() - start
+    result.timings.CopyFrom(timings)
+    return result

@@ -1,0 +1,320 @@
+"""Scoring service: `ScoringService` over gRPC for interactive clients, and Kafka batch scoring
+(prolif.score.requests -> prolif.score.results). Entry point: `prolifscore-scoring`."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+from google.protobuf import json_format
+
+from prolifscore.core import metrics
+from prolifscore.core.bus import Bus
+from prolifscore.core.logs import setup_logging
+from prolifscore.core.raycluster import init_ray
+from prolifscore.core.service import ServiceRuntime, consume_loop
+from prolifscore.core.settings import load
+from prolifscore.core.slide import SlideNotFound, SlidePathDenied, SlideUnreadable
+from prolifscore.core.stain import StainFitError
+from prolifscore.core.tfrecord import write_atomic
+from prolifscore.scoring.config import ScoringSettings
+from prolifscore.scoring.mitosis import MitosisGrading
+from prolifscore.scoring.model_client import ModelError, Models, ModelUnavailable, PredictionClient
+from prolifscore.scoring.scorer import (
+    Cancelled,
+    DeadlineExceeded,
+    InvalidRequest,
+    ScoringOptions,
+    score_slide,
+)
+from prolifscore.v1 import pipeline_pb2 as pb
+from prolifscore.v1 import scoring_pb2 as spb
+from prolifscore.v1 import scoring_pb2_grpc
+
+log = logging.getLogger(__name__)
+NAME = "scoring"
+SERVICE_NAME = spb.DESCRIPTOR.services_by_name["ScoringService"].full_name
+_AGGREGATIONS = {
+    "mean": spb.AGGREGATION_MEAN_PROBABILITY,
+    "rounded_mean": spb.AGGREGATION_ROUNDED_MEAN_CLASS,
+}
+
+# What each failure means to a client: (gRPC code, whether it is the caller's fault).
+ERROR_CODES: list[tuple[type[BaseException], grpc.StatusCode]] = [
+    (InvalidRequest, grpc.StatusCode.INVALID_ARGUMENT),
+    (SlideNotFound, grpc.StatusCode.NOT_FOUND),
+    (SlidePathDenied, grpc.StatusCode.PERMISSION_DENIED),
+    (SlideUnreadable, grpc.StatusCode.FAILED_PRECONDITION),
+    (StainFitError, grpc.StatusCode.FAILED_PRECONDITION),
+    (ModelUnavailable, grpc.StatusCode.UNAVAILABLE),
+    (ModelError, grpc.StatusCode.FAILED_PRECONDITION),
+    (Cancelled, grpc.StatusCode.CANCELLED),
+    (DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED),
+]
+
+
+def status_for(exc: BaseException) -> grpc.StatusCode:
+    for kind, code in ERROR_CODES:
+        if isinstance(exc, kind):
+            return code
+    return grpc.StatusCode.INTERNAL
+
+
+def options_from(settings: ScoringSettings) -> ScoringOptions:
+    if settings.aggregation not in _AGGREGATIONS:
+        raise ValueError(f"PROLIF_AGGREGATION must be one of {sorted(_AGGREGATIONS)}")
+    low, high = settings.mitotic_thresholds
+    return ScoringOptions(
+        preprocess=settings.preprocess,
+        tumor_model=settings.tumor_model,
+        mitosis_model=settings.mitosis_model,
+        predict_batch=settings.predict_batch,
+        aggregation=_AGGREGATIONS[settings.aggregation],
+        grading=MitosisGrading(
+            threshold=settings.mitosis_threshold,
+            nms_radius_um=settings.nms_radius_um,
+            hpf_area_mm2=settings.hpf_area_mm2,
+            score_thresholds=(low, high),
+        ),
+        ray_readers=settings.ray_readers,
+    )
+
+
+class ScoringServicer(scoring_pb2_grpc.ScoringServiceServicer):
+    def __init__(self, settings: ScoringSettings, models: Models) -> None:
+        self.settings = settings
+        self.models = models
+        self.options = options_from(settings)
+        self.roots = tuple(str(r) for r in settings.runtime.slide_roots)
+        self._slots = threading.BoundedSemaphore(settings.max_concurrent)
+
+    def score(
+        self,
+        request: spb.ScoreRequest,
+        progress: Callable[[spb.ScoreProgress], None] | None = None,
+        cancelled: Callable[[], bool] = lambda: False,
+        deadline: float | None = None,
+    ) -> spb.SlideScore:
+        with self._slots, metrics.DURATION.labels(NAME, "slide").time():
+            result = score_slide(
+                request,
+                slide_roots=self.roots,
+                options=self.options,
+                models=self.models,
+                progress=progress,
+                cancelled=cancelled,
+                deadline=deadline,
+            )
+        metrics.SLIDES.labels(NAME, "scored").inc()
+        metrics.TILES.labels(NAME, "scored").inc(result.tiles_scored)
+        return result
+
+    def _fail(self, context: grpc.ServicerContext, exc: BaseException) -> None:
+        code = status_for(exc)
+        metrics.FAILURES.labels(NAME, code.name.lower()).inc()
+        if code == grpc.StatusCode.INTERNAL:
+            log.exception("scoring failed", exc_info=exc)
+        else:
+            log.info("request failed", extra={"code": code.name, "error": str(exc)})
+        context.abort(code, str(exc))
+
+    @staticmethod
+    def _deadline(context: grpc.ServicerContext) -> float | None:
+        remaining = context.time_remaining()
+        return None if remaining is None else time.time() + remaining
+
+    def ScoreSlide(
+        self, request: spb.ScoreRequest, context: grpc.ServicerContext
+    ) -> spb.SlideScore:
+        try:
+            return self.score(
+                request, cancelled=lambda: not context.is_active(), deadline=self._deadline(context)
+            )
+        except Exception as exc:
+            self._fail(context, exc)
+            raise  # unreachable: abort raises
+
+    def StreamScoreSlide(
+        self, request: spb.ScoreRequest, context: grpc.ServicerContext
+    ) -> Iterator[spb.ScoreEvent]:
+        events: queue.Queue[object] = queue.Queue()
+        done = object()
+
+        def work() -> None:
+            try:
+                result = self.score(
+                    request,
+                    progress=lambda p: events.put(spb.ScoreEvent(progress=p)),
+                    cancelled=lambda: not context.is_active(),
+                    deadline=self._deadline(context),
+                )
+                events.put(spb.ScoreEvent(result=result))
+            except Exception as exc:
+                events.put(exc)
+            events.put(done)
+
+        threading.Thread(target=work, daemon=True, name="score-stream").start()
+        while True:
+            item = events.get()
+            if item is done:
+                return
+            if isinstance(item, Exception):
+                self._fail(context, item)
+            yield item  # type: ignore[misc]
+
+
+class BearerTokenInterceptor(grpc.ServerInterceptor):
+    """Requires `authorization: Bearer <token>` on ScoringService calls; health and reflection
+    stay open for probes."""
+
+    def __init__(self, token: str) -> None:
+        self._token = f"Bearer {token}".encode()
+
+        def deny(_request: Any, context: grpc.ServicerContext) -> None:
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token")
+
+        self._deny_unary = grpc.unary_unary_rpc_method_handler(deny)
+        self._deny_stream = grpc.unary_stream_rpc_method_handler(deny)
+
+    def intercept_service(self, continuation, handler_call_details):  # type: ignore[no-untyped-def]
+        method = handler_call_details.method
+        if not method.startswith(f"/{SERVICE_NAME}/"):
+            return continuation(handler_call_details)
+        given = dict(handler_call_details.invocation_metadata or ()).get("authorization", "")
+        if hmac.compare_digest(given.encode(), self._token):
+            return continuation(handler_call_details)
+        return self._deny_stream if method.endswith("/StreamScoreSlide") else self._deny_unary
+
+
+class BatchScorer:
+    """Kafka batch scoring. A result is made durable as a JSON file named by request id
+    before it is published and the offset committed; a redelivered request republishes the
+    stored result instead of scoring again."""
+
+    def __init__(self, settings: ScoringSettings, servicer: ScoringServicer, bus: Bus) -> None:
+        self.settings = settings
+        self.servicer = servicer
+        self.bus = bus
+        self.root = Path(settings.results_root)
+
+    def handle(self, items: list[tuple[Any, spb.ScoreRequest]]) -> None:
+        for record, request in items:
+            if not request.request_id:  # deterministic, so a redelivery maps to the same result
+                request.request_id = f"{record.topic}-{record.partition}-{record.offset}"
+            result = self._stored(request.request_id) or self._score(record, request)
+            self.bus.publish(self.settings.topic_results, request.request_id, result)
+
+    def _stored(self, request_id: str) -> spb.ScoreResult | None:
+        path = self.root / f"{request_id}.json"
+        if not path.exists():
+            return None
+        return json_format.Parse(path.read_text(), spb.ScoreResult())
+
+    def _score(self, record: Any, request: spb.ScoreRequest) -> spb.ScoreResult:
+        out = spb.ScoreResult(request_id=request.request_id, slide_id=request.slide_id)
+        try:
+            request.include_heatmap = True
+            score = self.servicer.score(request)
+            png = self.root / f"{request.request_id}.png"
+            write_atomic(png, score.heatmap_png)
+            score.heatmap_png = b""
+            score.heatmap_path = str(png)
+            out.score.CopyFrom(score)
+            out.slide_id = score.slide_id
+        except Exception as exc:
+            code = status_for(exc)
+            if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL):
+                raise  # not the request's fault: leave it uncommitted, redo it later
+            out.error.code, out.error.message = code.name, str(exc)
+            self._report_failure(record, request, str(exc))
+        write_atomic(
+            self.root / f"{request.request_id}.json",
+            json_format.MessageToJson(out, indent=None).encode(),
+        )
+        return out
+
+    def _report_failure(self, record: Any, request: spb.ScoreRequest, reason: str) -> None:
+        status = pb.SlideStatus(
+            slide_id=request.slide_id or request.path,
+            stage=pb.STAGE_FAILED,
+            service=NAME,
+            reason=reason,
+            path=request.path,
+            run_id=request.request_id,
+        )
+        status.time.GetCurrentTime()
+        self.bus.publish(self.settings.kafka.topic_status, status.slide_id, status)
+        self.bus.dead_letter(record, reason, NAME)
+        metrics.DEAD_LETTERS.labels(NAME).inc()
+
+
+GRPC_OPTIONS = [
+    ("grpc.max_send_message_length", 64 * 1024 * 1024),
+    ("grpc.max_receive_message_length", 16 * 1024 * 1024),
+]
+
+
+def build(
+    settings: ScoringSettings, models: Models | None = None
+) -> tuple[ServiceRuntime, ScoringServicer]:
+    """The runtime with ScoringService registered (not started): shared by main() and tests."""
+    interceptors = [BearerTokenInterceptor(settings.auth_token)] if settings.auth_token else []
+    runtime = ServiceRuntime(
+        NAME,
+        settings.runtime,
+        grpc_options=GRPC_OPTIONS,
+        max_workers=settings.max_concurrent + 4,
+        interceptors=interceptors,
+    )
+    servicer = ScoringServicer(
+        settings, models or PredictionClient(settings.model_server, retries=settings.model_retries)
+    )
+    scoring_pb2_grpc.add_ScoringServiceServicer_to_server(servicer, runtime.server)
+    runtime.add_service(SERVICE_NAME)
+    return runtime, servicer
+
+
+def main() -> None:
+    settings = load(ScoringSettings)
+    setup_logging(NAME, settings.runtime.log_level)
+    if settings.ray_readers:
+        init_ray(settings.runtime.ray_address, settings.runtime.ray_num_cpus)
+    runtime, servicer = build(settings)
+    runtime.start()
+    try:
+        if settings.kafka_enabled:
+            bus = Bus(settings.kafka, NAME)
+            k = settings.kafka
+            bus.ensure_topics(
+                [settings.topic_requests, settings.topic_results, k.topic_status, k.topic_dlq]
+            )
+            try:
+                consume_loop(
+                    runtime,
+                    bus,
+                    [settings.topic_requests],
+                    settings.group_id,
+                    spb.ScoreRequest,
+                    BatchScorer(settings, servicer, bus).handle,
+                )
+            finally:
+                bus.close()
+        else:
+            runtime.handle_signals()
+            runtime.set_serving(True)
+            runtime.stopping.wait()
+    finally:
+        runtime.stop()
+        servicer.models.close()
+        log.info("scoring stopped")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,59 @@
+"""Mitosis grading: peaks, non-maximum suppression across tiles, densest 10-HPF region."""
+
+import numpy as np
+
+from prolifscore.scoring.mitosis import (
+    MitosisGrading,
+    densest_region_count,
+    non_max_suppression,
+    tile_detections,
+)
+from prolifscore.v1 import pipeline_pb2 as pb
+
+
+def test_peaks_map_to_level0_coordinates():
+    spec = pb.ResolvedSpec(tile_size=256, footprint0=512)  # a 40x slide read at 20x
+    m = np.zeros((64, 64), np.float32)  # stride 4 px
+    m[10, 20] = 0.9
+    m[10, 21] = 0.6  # shoulder of the same peak: not a maximum
+    m[50, 5] = 0.4  # below threshold
+    dets = tile_detections(m, pb.Tile(x=1000, y=2000), spec, threshold=0.5)
+    assert dets == [(1000 + 20.5 * 4 * 2, 2000 + 10.5 * 4 * 2, np.float32(0.9))]
+
+
+def test_nms_merges_duplicates_across_tile_borders():
+    dets = [(100.0, 100.0, 0.9), (105.0, 98.0, 0.8), (300.0, 100.0, 0.7), (302.0, 101.0, 0.95)]
+    kept = non_max_suppression(dets, radius0=16)
+    assert sorted(kept) == [(100.0, 100.0, 0.9), (302.0, 101.0, 0.95)]
+
+
+def test_densest_region_counts_the_best_window():
+    rng = np.random.default_rng(1)
+    spread = [tuple(p) for p in rng.uniform(0, 100_000, size=(30, 2))]
+    cluster = [(50_000 + dx, 60_000 + dy) for dx, dy in rng.uniform(0, 2000, size=(12, 2))]
+    assert densest_region_count(spread + cluster, side0=2000) >= 12
+    assert densest_region_count([], 10) == 0
+    # brute force agrees on a small case
+    pts = [tuple(p) for p in rng.uniform(0, 50, size=(25, 2))]
+    brute = max(
+        sum(1 for x, y in pts if ax <= x <= ax + 10 and ay <= y <= ay + 10)
+        for ax, _ in pts
+        for _, ay in pts
+    )
+    assert densest_region_count(pts, 10) == brute
+
+
+def test_grading_thresholds_and_region_size():
+    g = MitosisGrading()
+    assert [g.mitotic_score(c) for c in (0, 7, 8, 14, 15, 40)] == [1, 1, 2, 2, 3, 3]
+    assert abs(g.region_side_um() - 1400.0) < 1.0  # 10 x 0.196 mm^2 ~ (1.4 mm)^2
+
+
+def test_large_point_sets_use_the_grid_and_stay_close():
+    from prolifscore.scoring import mitosis
+
+    rng = np.random.default_rng(2)
+    pts = [tuple(p) for p in rng.uniform(0, 20_000, size=(1400, 2))]
+    exact = densest_region_count(pts, 2000)
+    approx = mitosis._grid_count(np.asarray(pts), 2000)
+    assert 0.75 * exact <= approx <= exact
