@@ -1,7 +1,8 @@
 """Ray scaling: the same tile tasks through an ActorPool of 1 and of 2 BatchFilter actors.
 
-Actors are started and warmed (one task each, slide opened) before the clock starts, so the
-figure is steady-state throughput, not Ray start-up.
+Both actors are started and warmed (one task each, slide opened) before any clock starts, so
+the figure is steady-state throughput, not Ray start-up. Each run renames the slide id, so its
+shards land in a folder of their own.
 """
 
 from __future__ import annotations
@@ -30,51 +31,23 @@ class RayRun:
         return self.kept / self.seconds
 
 
-def _warm_task(task: bytes) -> bytes:
-    """A copy of `task` under another slide id, so warming writes nothing the timed run does."""
-    msg = pb.TileTask.FromString(task)
-    msg.slide_id = f"warmup-{msg.slide_id}"
-    return msg.SerializeToString()
+def renamed(tasks: Sequence[bytes], slide_id: str) -> list[bytes]:
+    """`tasks` under another slide id (shards go to a folder per slide id)."""
+    out = []
+    for task in tasks:
+        msg = pb.TileTask.FromString(task)
+        msg.slide_id = slide_id
+        out.append(msg.SerializeToString())
+    return out
 
 
-def run_pool(tasks: Sequence[bytes], actors: int, slide_root: Path, out_dir: Path) -> RayRun:
-    """Time `tasks` through `actors` warm BatchFilter actors; shards go to `out_dir`
-    (deleted afterwards)."""
-    import ray
-    from ray.util import ActorPool
-
-    shutil.rmtree(out_dir, ignore_errors=True)
-    remote = ray.remote(num_cpus=1)(BatchFilter)
-    handles = [remote.remote(str(out_dir), (str(slide_root),)) for _ in range(actors)]
-    try:
-        warm = _warm_task(tasks[0])
-        for r in ray.get([h.process.remote(warm) for h in handles]):
-            if "error" in r:
-                raise RuntimeError(f"warm-up failed: {r['error']}")
-        pool = ActorPool(handles)
-        start = time.perf_counter()
-        results = list(pool.map_unordered(lambda a, t: a.process.remote(t), tasks))
-        seconds = time.perf_counter() - start
-    finally:
-        for h in handles:
-            ray.kill(h)
-        shutil.rmtree(out_dir, ignore_errors=True)
+def _check(results: Sequence[dict]) -> None:
     errors = [r["error"] for r in results if "error" in r]
     if errors:
         raise RuntimeError(f"{len(errors)} tasks failed, first: {errors[0]}")
-    return RayRun(
-        actors=actors,
-        seconds=seconds,
-        candidates=sum(r["candidates"] for r in results),
-        kept=sum(r["tile_count"] for r in results),
-    )
 
 
-def ray_scaling(
-    tasks: Sequence[bytes], slide_root: Path, work_dir: Path, rounds: int = 1
-) -> tuple[float, list[RayRun]]:
-    """(speedup of 2 actors over 1, every run), best of `rounds` each, in one Ray session
-    with 2 CPUs. Order 2, 1, 1, 2, ... so that neither side always goes first."""
+def _start_ray() -> None:
     # init_ray() without an address joins any Ray instance already running on this machine
     # (ray.init(address=None) looks for one), and then fails on num_cpus. "local" forces a
     # fresh instance of our own.
@@ -87,14 +60,39 @@ def ray_scaling(
             os.environ.pop("RAY_ADDRESS", None)
         else:
             os.environ["RAY_ADDRESS"] = previous
-    import ray  # only now: init_ray sets variables Ray reads at import time
 
+
+def ray_scaling(
+    tasks: Sequence[bytes], slide_root: Path, work_dir: Path, rounds: int = 1
+) -> tuple[float, list[RayRun]]:
+    """(speedup of 2 actors over 1, every run), best of `rounds` each, in one Ray session
+    with 2 CPUs. Order 2, 1, 1, 2, ... so that neither side always goes first."""
+    _start_ray()
+    import ray  # only now: init_ray sets variables Ray reads at import time
+    from ray.util import ActorPool
+
+    out_dir = work_dir / "ray-shards"
+    shutil.rmtree(out_dir, ignore_errors=True)
+    name = pb.TileTask.FromString(tasks[0]).slide_id
     runs: list[RayRun] = []
     try:
+        remote = ray.remote(num_cpus=1)(BatchFilter)
+        handles = [remote.remote(str(out_dir), (str(slide_root),)) for _ in range(2)]
+        warm = renamed(tasks[:1], f"{name}-warmup")[0]
+        _check(ray.get([h.process.remote(warm) for h in handles]))
         for i in range(rounds):
             for n in (2, 1) if i % 2 == 0 else (1, 2):
-                runs.append(run_pool(tasks, n, slide_root, work_dir / f"ray-{n}-actors-{i}"))
+                batch = renamed(tasks, f"{name}-{n}-actors-{i}")
+                pool = ActorPool(handles[:n])
+                start = time.perf_counter()
+                results = list(pool.map_unordered(lambda a, t: a.process.remote(t), batch))
+                seconds = time.perf_counter() - start
+                _check(results)
+                kept = sum(r["tile_count"] for r in results)
+                candidates = sum(r["candidates"] for r in results)
+                runs.append(RayRun(n, seconds, candidates, kept))
     finally:
         ray.shutdown()
+        shutil.rmtree(out_dir, ignore_errors=True)
     best = {n: min(r.seconds for r in runs if r.actors == n) for n in (1, 2)}
     return best[1] / best[2], runs

@@ -28,10 +28,13 @@ SERVICE_MODULES = {
 class ServiceProcess:
     """`python -m <module>` on its own health port, logging to `log_path`."""
 
-    def __init__(self, module: str, env: dict[str, str], log_path: Path) -> None:
+    def __init__(
+        self, module: str, env: dict[str, str], log_path: Path, port_env: str = "PROLIF_GRPC_PORT"
+    ) -> None:
         self.module = module
         self.env = env
         self.log_path = log_path
+        self.port_env = port_env
         self.grpc_port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -40,7 +43,7 @@ class ServiceProcess:
         return f"127.0.0.1:{self.grpc_port}"
 
     def start(self, timeout: float = 90.0) -> ServiceProcess:
-        env = {**os.environ, **self.env, "PROLIF_GRPC_PORT": str(self.grpc_port)}
+        env = {**os.environ, **self.env, self.port_env: str(self.grpc_port)}
         env.setdefault("PROLIF_METRICS_PORT", "0")
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(

@@ -139,11 +139,21 @@ def plan_slide(
     cmap = compute_coverage_map(slide, mask_downsample_for(geometry))
     criterion = FastCriterion(spec.tissue_threshold)
     seed_mode = spec.tissue_mode == pb.TISSUE_MODE_SEED
-    candidates = []
-    for col, row, x, y in geometry.grid():
-        cov = cmap.coverage(x, y, geometry.footprint0)
-        if seed_mode or cov >= criterion.candidate_min:
-            candidates.append(pb.Tile(col=col, row=row, x=x, y=y, coarse_tissue=cov))
+    cols, rows = np.meshgrid(np.arange(geometry.cols), np.arange(geometry.rows))
+    cols, rows = cols.ravel(), rows.ravel()  # row-major grid order
+    xs, ys = cols * geometry.stride0, rows * geometry.stride0
+    cov = cmap.coverages(xs, ys, geometry.footprint0)
+    chosen = np.arange(len(cov)) if seed_mode else np.flatnonzero(cov >= criterion.candidate_min)
+    candidates = [
+        pb.Tile(
+            col=int(cols[i]),
+            row=int(rows[i]),
+            x=int(xs[i]),
+            y=int(ys[i]),
+            coarse_tissue=float(cov[i]),
+        )
+        for i in chosen
+    ]
     if spec.max_tiles and len(candidates) > spec.max_tiles:
         rng = np.random.default_rng(zlib.crc32(slide_id.encode()))
         chosen = np.sort(rng.choice(len(candidates), spec.max_tiles, replace=False))

@@ -18,13 +18,13 @@ LOOPBACK_ENV = {
     "RAY_USAGE_STATS_ENABLED": "0",
     "RAY_AUTH_MODE": "token",
 }
+for _var, _value in LOOPBACK_ENV.items():  # at import, so no earlier `import ray` can miss them
+    os.environ.setdefault(_var, _value)
 
 
 def init_ray(address: str = "", num_cpus: int = 0) -> None:
     """Idempotent. Locally, Ray would bind the machine's non-loopback address; the variable set
     here (before Ray starts) keeps every Ray listener on 127.0.0.1."""
-    for var, value in LOOPBACK_ENV.items():
-        os.environ.setdefault(var, value)
     import ray
 
     if ray.is_initialized():
@@ -35,6 +35,7 @@ def init_ray(address: str = "", num_cpus: int = 0) -> None:
         return
     kwargs = {"num_cpus": num_cpus} if num_cpus > 0 else {}
     ray.init(
+        address="local",  # never silently join another Ray that happens to run on this machine
         include_dashboard=False,
         log_to_driver=False,
         configure_logging=False,

@@ -105,7 +105,7 @@ def write_manifest(
         "kept_tiles": sum(m["tile_count"] for m in markers),
         "filter_seconds": round(sum(m["seconds"] for m in markers), 4),
         "shards": [
-            {k: m[k] for k in ("batch_index", "shard", "tile_count", "size_bytes", "sha256")}
+            {k: m[k] for k in ("batch_index", "shard", "tile_count", "size_bytes", "crc32c")}
             for m in markers
             if m["tile_count"]
         ],

@@ -89,12 +89,12 @@ class Slide:
         if self.backend == "tiffslide":
             arr = self._h.read_region((x, y), level, (width, height), as_array=True)
             return np.ascontiguousarray(arr[..., :3])
-        rgba = np.asarray(self._h.read_region((x, y), level, (width, height)))
-        rgb = rgba[..., :3]
-        alpha = rgba[..., 3]
-        if alpha.min() < 255:
-            rgb = rgb.copy()
-            rgb[alpha == 0] = 255
+        image = self._h.read_region((x, y), level, (width, height))
+        if image.getextrema()[3][0] == 255:  # fully opaque: PIL's RGB conversion, no numpy copy
+            return np.asarray(image.convert("RGB"))
+        rgba = np.asarray(image)
+        rgb = rgba[..., :3].copy()
+        rgb[rgba[..., 3] == 0] = 255
         return rgb
 
     def associated_rgb(self, name: str) -> np.ndarray | None:

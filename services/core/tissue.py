@@ -40,6 +40,7 @@ def od_tissue_mask(rgb: np.ndarray, beta: float = OD_BETA) -> np.ndarray:
 # scattered stained pixels into solid tissue; a low share per block mimics that at low cost.
 # Chosen on the shared slides: Jaccard 0.86 / 0.96 with the seed set before borderline checks.
 BLOCK_TISSUE_MIN = 0.1
+MIN_BLOCK = 4  # source pixels per mask pixel side, at least
 
 
 @dataclass
@@ -56,10 +57,11 @@ class CoverageMap:
     block_min: float = BLOCK_TISSUE_MIN
 
     def __post_init__(self) -> None:
-        tissue = (self.fraction >= self.block_min).astype(np.float64)
-        padded = np.zeros((tissue.shape[0] + 1, tissue.shape[1] + 1), np.float64)
-        padded[1:, 1:] = tissue.cumsum(0).cumsum(1)
-        self._integral = padded
+        h, w = self.fraction.shape
+        integral = np.zeros((h + 1, w + 1), np.int32)  # int32: 4x less than float64 on 50k slides
+        np.cumsum(self.fraction >= self.block_min, axis=0, dtype=np.int32, out=integral[1:, 1:])
+        np.cumsum(integral[1:, 1:], axis=1, out=integral[1:, 1:])
+        self._integral = integral
 
     def coverage(self, x: int, y: int, size0: int) -> float:
         """Share of tissue mask pixels in the level-0 square (x, y, size0), O(1)."""
@@ -75,7 +77,17 @@ class CoverageMap:
         return float(total / ((y1 - y0) * (x1 - x0)))
 
     def coverages(self, xs: np.ndarray, ys: np.ndarray, size0: int) -> np.ndarray:
-        return np.array([self.coverage(int(x), int(y), size0) for x, y in zip(xs, ys, strict=True)])
+        """`coverage` for many squares at once (a 50k slide has ~40k grid tiles)."""
+        h, w = self.fraction.shape
+        ds = self.downsample
+        x0 = np.clip(np.round(xs / ds), 0, w).astype(np.int64)
+        y0 = np.clip(np.round(ys / ds), 0, h).astype(np.int64)
+        x1 = np.minimum(w, np.maximum(x0 + 1, np.round((xs + size0) / ds))).astype(np.int64)
+        y1 = np.minimum(h, np.maximum(y0 + 1, np.round((ys + size0) / ds))).astype(np.int64)
+        s = self._integral
+        total = s[y1, x1] - s[y0, x1] - s[y1, x0] + s[y0, x0]
+        area = np.maximum(1, (y1 - y0) * (x1 - x0))
+        return np.where((x0 >= w) | (y0 >= h), 0.0, total / area)
 
 
 def compute_coverage_map(
@@ -83,16 +95,21 @@ def compute_coverage_map(
 ) -> CoverageMap:
     """Read the coarsest adequate level in horizontal strips and reduce to mask resolution.
 
-    Streaming in strips keeps memory bounded on 50k x 50k slides. When the pyramid has no
-    level near the mask resolution (single-level slides), the scanner's associated thumbnail
-    is used instead: decoding a small JPEG beats decoding the whole slide at full resolution.
+    Each mask pixel is the tissue share of at least MIN_BLOCK x MIN_BLOCK source pixels: read
+    at the mask resolution itself, a block would be one averaged colour, and faint or
+    scattered tissue would vanish from the mask (seen on a real-size pyramid: 56% of the seed's
+    tiles never became candidates). Streaming in strips keeps memory bounded on 50k x 50k
+    slides. When the pyramid has no level near that resolution (single-level slides), the
+    scanner's associated thumbnail is used instead: decoding a small JPEG beats decoding the
+    whole slide at full resolution.
     """
+    source_ds = mask_downsample / MIN_BLOCK
     level = 0
     for i, ds in enumerate(slide.level_downsamples):
-        if ds <= mask_downsample * 1.01 and ds >= slide.level_downsamples[level]:
+        if ds <= source_ds * 1.01 and ds >= slide.level_downsamples[level]:
             level = i
     ds = slide.level_downsamples[level]
-    if ds * 2 <= mask_downsample:
+    if ds * 2 <= source_ds:
         thumb_map = _coverage_from_thumbnail(slide, mask_downsample, ds, beta)
         if thumb_map is not None:
             return thumb_map
@@ -125,7 +142,7 @@ def _coverage_from_thumbnail(
     if thumb is None:
         return None
     ds = slide.dimensions[0] / thumb.shape[1]
-    if not finest_ds < ds <= mask_downsample * 1.01:
+    if not finest_ds < ds <= mask_downsample / MIN_BLOCK * 1.05:
         return None
     k = max(1, round(mask_downsample / ds))
     fraction, sampled = _reduce(thumb, k, beta)

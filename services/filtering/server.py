@@ -68,7 +68,7 @@ class FilteringService:
                     spec_hash=task.spec.spec_hash,
                     size_bytes=result["size_bytes"],
                     run_id=task.run_id,
-                    sha256=result["sha256"],
+                    crc32c=result["crc32c"],
                 ),
             )
         root = self.settings.runtime.tiles_root

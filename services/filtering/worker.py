@@ -106,7 +106,7 @@ class BatchFilter:
                     "tile_count": writer.count,
                     "candidates": len(task.tiles),
                     "size_bytes": writer.size,
-                    "sha256": writer.sha256 if writer.count else "",
+                    "crc32c": writer.crc32c if writer.count else "",
                     "kept": kept,
                     "seconds": round(time.perf_counter() - start, 4),
                 }
