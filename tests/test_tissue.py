@@ -34,6 +34,18 @@ def test_fill_holes_equals_scipy():
         assert (_fill_holes(mask) == ndi.binary_fill_holes(mask)).all()
 
 
+def test_shifted_morphology_equals_scipy():
+    from prolifscore.core.tissue import _disk, _morph
+
+    rng = np.random.default_rng(3)
+    for radius in (2, 10):
+        se = _disk(radius)
+        for _ in range(5):
+            mask = rng.random((96, 80)) > 0.6
+            assert (_morph(mask, radius, True) == ndi.binary_dilation(mask, structure=se)).all()
+            assert (_morph(mask, radius, False) == ndi.binary_erosion(mask, structure=se)).all()
+
+
 def _grid(path):
     slide = open_slide(path)
     g = resolve_geometry(
