@@ -24,10 +24,16 @@ def main(argv: list[str] | None = None) -> int:
 
 def all_settings() -> dict[str, type]:
     from prolifscore.filtering.config import FilteringSettings
+    from prolifscore.modelserver.config import ModelServerSettings
     from prolifscore.scoring.config import ScoringSettings
     from prolifscore.tiling.config import TilingSettings
 
-    return {"tiling": TilingSettings, "filtering": FilteringSettings, "scoring": ScoringSettings}
+    return {
+        "tiling": TilingSettings,
+        "filtering": FilteringSettings,
+        "scoring": ScoringSettings,
+        "modelserver": ModelServerSettings,
+    }
 
 
 def config_rows() -> list[tuple[str, str, str, str]]:

@@ -1,0 +1,373 @@
+"""Scoring over gRPC against the local model server (untrained test models: the numbers are
+meaningless, the machinery is what is checked), Kafka batch scoring, and the score CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import grpc
+import pytest
+
+from prolifscore.core.broker import free_port
+from prolifscore.core.bus import Bus
+from prolifscore.core.embedded import ServiceProcess
+from prolifscore.core.preprocess import iter_kept_tiles, plan_slide
+from prolifscore.core.settings import KafkaSettings, PreprocessSettings, RuntimeSettings, load
+from prolifscore.core.slide import open_slide
+from prolifscore.v1 import pipeline_pb2 as pb
+from prolifscore.v1 import scoring_pb2 as spb
+from prolifscore.v1 import scoring_pb2_grpc
+
+from .harness import Watcher, kafka_env
+from .slides import BROKEN, CMU, SLIDES, TCGA
+
+pytestmark = pytest.mark.slow
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def model_root(tmp_path_factory) -> Path:
+    from prolifscore.core.models import export_untrained
+
+    root = tmp_path_factory.mktemp("models")
+    export_untrained(root, "tumor", input_size=64)
+    export_untrained(root, "mitosis")
+    return root
+
+
+@pytest.fixture(scope="module")
+def stack(broker, ray_head, model_root, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("scoring")
+    suffix = uuid.uuid4().hex[:8]
+    k = load(
+        KafkaSettings,
+        environ={},
+        bootstrap_servers=broker.bootstrap,
+        partitions=2,
+        topic_status=f"score.{suffix}.status",
+        topic_dlq=f"score.{suffix}.dlq",
+        max_poll_interval_ms=8000,
+        session_timeout_ms=6000,
+    )
+    topics = {"requests": f"score.{suffix}.requests", "results": f"score.{suffix}.results"}
+    models = ServiceProcess(
+        "prolifscore.modelserver.server",
+        {"PROLIF_MODEL_ROOT": str(model_root)},
+        tmp / "modelserver.log",
+        port_env="PROLIF_MODEL_SERVER_PORT",
+    ).start(timeout=120)
+    env = {
+        **kafka_env(k),
+        "PROLIF_RAY_ADDRESS": ray_head.address,
+        "PROLIF_SLIDE_ROOTS": str(SLIDES),
+        "PROLIF_RESULTS_ROOT": str(tmp / "results"),
+        "PROLIF_MODEL_SERVER": models.grpc_address,
+        "PROLIF_TOPIC_SCORE_REQUESTS": topics["requests"],
+        "PROLIF_TOPIC_SCORE_RESULTS": topics["results"],
+        "PROLIF_PREDICT_BATCH": "8",
+    }
+    scoring = ServiceProcess("prolifscore.scoring.server", env, tmp / "scoring.log").start(
+        timeout=120
+    )
+    channel = grpc.insecure_channel(scoring.grpc_address)
+    bus = Bus(k, "test")
+    yield {
+        "stub": scoring_pb2_grpc.ScoringServiceStub(channel),
+        "k": k,
+        "topics": topics,
+        "bus": bus,
+        "tmp": tmp,
+        "address": scoring.grpc_address,
+        "models": models,
+    }
+    channel.close()
+    bus.close()
+    codes = {p.module: (p.stop(), p.tail()) for p in (scoring, models)}
+    for module, (code, tail) in codes.items():
+        assert code == 0, f"{module} did not stop cleanly:\n{tail}"
+
+
+def library_count(path: Path) -> int:
+    with open_slide(path) as slide:
+        plan = plan_slide(slide, path.stem, pb.TilingSpec(), load(PreprocessSettings, environ={}))
+        return sum(1 for _ in iter_kept_tiles(slide, plan))
+
+
+@pytest.mark.parametrize("path", [CMU, TCGA])
+def test_stream_score_slide_over_grpc(stack, path):
+    req = spb.ScoreRequest(path=str(path), include_heatmap=True, include_tiles=True)
+    events = list(stack["stub"].StreamScoreSlide(req, timeout=120))
+    progress = [e.progress for e in events if e.HasField("progress")]
+    result = events[-1].result
+    assert events[-1].HasField("result") and progress
+    assert [p.tiles_scored for p in progress] == sorted(p.tiles_scored for p in progress)
+    assert result.slide_id == path.stem and result.tumor_score in (1, 2, 3)
+    assert abs(sum(result.probabilities) - 1.0) < 1e-5 and len(result.probabilities) == 3
+    assert result.tiles_total == result.tiles_scored == library_count(path) > 0
+    assert len(result.tiles) == result.tiles_total
+    assert all(abs(sum(t.probabilities) - 1) < 1e-4 for t in result.tiles)
+    assert result.heatmap_png.startswith(PNG)
+    assert {m.name for m in result.models} == {"resnet50", "mitosis"}
+    assert result.mitotic_score in (1, 2, 3) and result.mitosis_count == len(result.mitoses)
+    assert progress[-1].tiles_scored == result.tiles_scored
+
+
+def test_unary_and_seed_aggregation(stack):
+    mean = stack["stub"].ScoreSlide(spb.ScoreRequest(path=str(CMU), skip_mitosis=True), timeout=120)
+    seed = stack["stub"].ScoreSlide(
+        spb.ScoreRequest(
+            path=str(CMU), aggregation=spb.AGGREGATION_ROUNDED_MEAN_CLASS, skip_mitosis=True
+        ),
+        timeout=120,
+    )
+    assert mean.aggregation == spb.AGGREGATION_MEAN_PROBABILITY
+    assert seed.aggregation == spb.AGGREGATION_ROUNDED_MEAN_CLASS
+    assert list(mean.probabilities) == pytest.approx(list(seed.probabilities))
+    assert mean.mitotic_score == 0 and [m.name for m in mean.models] == ["resnet50"]
+
+
+@pytest.mark.parametrize(
+    "request_fields,code,text",
+    [
+        ({}, grpc.StatusCode.INVALID_ARGUMENT, "path is required"),
+        ({"path": str(SLIDES / "missing.svs")}, grpc.StatusCode.NOT_FOUND, "does not exist"),
+        ({"path": "/etc/hostname"}, grpc.StatusCode.PERMISSION_DENIED, "outside"),
+        ({"path": str(BROKEN)}, grpc.StatusCode.FAILED_PRECONDITION, "broken.svs"),
+        (
+            {"path": str(CMU), "spec": pb.TilingSpec(tissue_threshold=2)},
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "tissue_threshold",
+        ),
+    ],
+)
+def test_bad_requests_get_their_status_and_service_goes_on(stack, request_fields, code, text):
+    with pytest.raises(grpc.RpcError) as err:
+        stack["stub"].ScoreSlide(spb.ScoreRequest(**request_fields), timeout=60)
+    assert err.value.code() == code and text in err.value.details()
+    ok = stack["stub"].ScoreSlide(spb.ScoreRequest(path=str(CMU), skip_mitosis=True), timeout=120)
+    assert ok.tiles_scored > 0
+
+
+def test_deadline_is_honoured(stack):
+    with pytest.raises(grpc.RpcError) as err:
+        stack["stub"].ScoreSlide(spb.ScoreRequest(path=str(TCGA)), timeout=0.3)
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+def test_kafka_batch_scoring_with_a_bad_slide_and_garbage(stack):
+    bus, topics = stack["bus"], stack["topics"]
+    bus.ensure_topics(list(topics.values()))
+    requests = {
+        "r-cmu": spb.ScoreRequest(request_id="r-cmu", path=str(CMU), skip_mitosis=True),
+        "r-broken": spb.ScoreRequest(request_id="r-broken", path=str(BROKEN)),
+        "r-tcga": spb.ScoreRequest(request_id="r-tcga", path=str(TCGA)),
+    }
+    bus.publish(topics["requests"], "r-cmu", requests["r-cmu"])
+    bus.publish_bytes(topics["requests"], "junk", b"\x08\xff\xff not protobuf")
+    bus.publish(topics["requests"], "r-broken", requests["r-broken"])
+    bus.publish(topics["requests"], "r-tcga", requests["r-tcga"], content_type="application/json")
+    bus.flush()
+    results = Watcher(bus, topics["results"], spb.ScoreResult, f"res-{uuid.uuid4().hex[:6]}")
+    got = results.wait_for(lambda items: {i.request_id for i in items if i} >= set(requests), 240)
+    by_id = {r.request_id: r for r in got if r}
+    assert by_id["r-cmu"].score.tiles_scored > 0 and by_id["r-tcga"].score.mitotic_score in (
+        1,
+        2,
+        3,
+    )
+    assert by_id["r-broken"].error.code == "FAILED_PRECONDITION"
+    assert Path(by_id["r-tcga"].score.heatmap_path).read_bytes().startswith(PNG)
+    # redelivery of the same request id republishes the stored result, not a new scoring
+    bus.publish(topics["requests"], "r-cmu", requests["r-cmu"])
+    bus.flush()
+    again = results.wait_for(
+        lambda items: sum(1 for i in items if i and i.request_id == "r-cmu") >= 2, 120
+    )
+    first, second = [r for r in again if r and r.request_id == "r-cmu"][:2]
+    assert first == second
+    results.close()
+    dlq = Watcher(bus, stack["k"].topic_dlq, pb.DeadLetter, f"dlq-{uuid.uuid4().hex[:6]}")
+    letters = dlq.wait_for(lambda items: len(items) >= 2, 60)
+    dlq.close()
+    assert {d.key for d in letters} >= {b"junk", b"r-broken"}
+
+
+def test_score_cli_remote_and_local(stack, model_root, tmp_path):
+    heat = tmp_path / "heat.png"
+    env = {**os.environ}
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "prolifscore.cli.main",
+            "score",
+            str(CMU),
+            "--server",
+            stack["address"],
+            "--json",
+            "--heatmap",
+            str(heat),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env=env,
+    )
+    assert out.returncode == 0, out.stderr
+    remote = json.loads(out.stdout.strip().splitlines()[-1])
+    assert remote["tumorScore"] in (1, 2, 3) and heat.read_bytes().startswith(PNG)
+    local = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "prolifscore.cli.main",
+            "score",
+            str(CMU),
+            "--local",
+            "--model-root",
+            str(model_root),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert local.returncode == 0, local.stderr
+    summary = json.loads(local.stdout.strip().splitlines()[-1])
+    # same models, same tiles: the in-process route gives the gRPC route's answer
+    assert summary["probabilities"] == pytest.approx(
+        [round(p, 4) for p in remote["probabilities"]], abs=2e-4
+    )
+    bad = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "prolifscore.cli.main",
+            "score",
+            str(BROKEN),
+            "--server",
+            stack["address"],
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert bad.returncode == 1 and "FAILED_PRECONDITION" in bad.stderr
+
+
+# -- in-process servicer: unreachable model server, bearer token, TLS -----------------------
+
+
+def _inprocess(tmp_path, **overrides):
+    from prolifscore.scoring.config import ScoringSettings
+    from prolifscore.scoring.server import build
+
+    runtime = load(
+        RuntimeSettings,
+        environ={},
+        slide_roots=(SLIDES,),
+        grpc_port=0,
+        **overrides.pop("runtime", {}),
+    )
+    settings = load(
+        ScoringSettings,
+        environ={},
+        runtime=runtime,
+        ray_readers=0,
+        kafka_enabled=False,
+        **overrides,
+    )
+    rt, servicer = build(settings)
+    rt.start()
+    rt.set_serving(True)
+    return rt, servicer
+
+
+def test_unreachable_model_server_is_unavailable_naming_it(tmp_path):
+    port = free_port()
+    rt, _ = _inprocess(tmp_path, model_server=f"127.0.0.1:{port}", model_retries=1)
+    try:
+        channel = grpc.insecure_channel(f"127.0.0.1:{rt.port}")
+        with channel, pytest.raises(grpc.RpcError) as err:
+            scoring_pb2_grpc.ScoringServiceStub(channel).ScoreSlide(
+                spb.ScoreRequest(path=str(CMU)), timeout=60
+            )
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert f"127.0.0.1:{port}" in err.value.details()
+    finally:
+        rt.stop()
+
+
+def test_bearer_token_and_tls(stack, tmp_path):
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=DNS:localhost,IP:127.0.0.1",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    rt, _ = _inprocess(
+        tmp_path,
+        auth_token="s3cret",
+        model_server=stack["models"].grpc_address,
+        runtime={"tls_cert_file": str(cert), "tls_key_file": str(key)},
+    )
+    try:
+        creds = grpc.ssl_channel_credentials(cert.read_bytes())
+        with grpc.secure_channel(f"localhost:{rt.port}", creds) as ch:
+            stub = scoring_pb2_grpc.ScoringServiceStub(ch)
+            req = spb.ScoreRequest(path=str(CMU), skip_mitosis=True)
+            with pytest.raises(grpc.RpcError) as err:
+                stub.ScoreSlide(req, timeout=60)
+            assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            ok = stub.ScoreSlide(req, timeout=120, metadata=[("authorization", "Bearer s3cret")])
+            assert ok.tiles_scored > 0
+        plain = grpc.insecure_channel(f"127.0.0.1:{rt.port}")
+        with plain, pytest.raises(grpc.RpcError):  # TLS is required
+            scoring_pb2_grpc.ScoringServiceStub(plain).ScoreSlide(req, timeout=10)
+    finally:
+        rt.stop()
+
+
+def test_cancellation_stops_the_work(model_root):
+    from prolifscore.scoring.model_client import InProcessModels
+    from prolifscore.scoring.scorer import Cancelled, ScoringOptions, score_slide
+
+    calls = {"n": 0}
+
+    def cancelled() -> bool:
+        calls["n"] += 1
+        return calls["n"] > 1
+
+    models = InProcessModels(model_root)
+    with pytest.raises(Cancelled):
+        score_slide(
+            spb.ScoreRequest(path=str(TCGA)),
+            slide_roots=(str(SLIDES),),
+            options=ScoringOptions(predict_batch=4),
+            models=models,
+            cancelled=cancelled,
+        )
+    assert calls["n"] == 2  # stopped at the second batch, not after all of them
