@@ -19,6 +19,11 @@ class ScoringSettings:
     kafka: KafkaSettings = nested(KafkaSettings)
     runtime: RuntimeSettings = nested(RuntimeSettings)
     preprocess: PreprocessSettings = nested(PreprocessSettings)
+    port: int = env(
+        "PROLIF_SCORING_PORT",
+        50051,
+        "ScoringService gRPC port (+ health, reflection; 0 = any free)",
+    )
     model_server: str = env(
         "PROLIF_MODEL_SERVER", "127.0.0.1:8500", "TF Serving (or local model server) gRPC address"
     )
