@@ -9,7 +9,7 @@ PROTO_SRC := $(wildcard protos/prolifscore/v1/*.proto)
 PROTO_OUT := services/v1
 PROTO_STAMP := $(PROTO_OUT)/.generated
 
-.PHONY: setup protos demo test lint bench lock clean
+.PHONY: setup protos demo test lint bench validate lock clean
 
 setup: $(STAMP) $(PROTO_STAMP)
 
@@ -45,6 +45,10 @@ lint: setup
 
 bench: setup
 	$(PY) -m bench.run
+
+# Not part of CI (minutes on 2 cores): does training learn? Writes bench/validate.json.
+validate: setup
+	$(PY) -m bench.validate
 
 # Re-pin after editing requirements/*.in (needs the registry).
 lock:

@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from prolifscore.cli import demo, ingest, score
+from prolifscore.cli import demo, ingest, score, train
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -15,6 +15,7 @@ def main(argv: list[str] | None = None) -> int:
     ingest.add_parser(sub)
     demo.add_parser(sub)
     score.add_parser(sub)
+    train.add_parsers(sub)
     cfg = sub.add_parser("config", help="print every environment variable as a Markdown table")
     cfg.set_defaults(func=print_config)
     args = parser.parse_args(argv)
@@ -27,12 +28,14 @@ def all_settings() -> dict[str, type]:
     from prolifscore.modelserver.config import ModelServerSettings
     from prolifscore.scoring.config import ScoringSettings
     from prolifscore.tiling.config import TilingSettings
+    from prolifscore.training.config import TrainingSettings
 
     return {
         "tiling": TilingSettings,
         "filtering": FilteringSettings,
         "scoring": ScoringSettings,
         "modelserver": ModelServerSettings,
+        "training": TrainingSettings,
     }
 
 

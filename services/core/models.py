@@ -369,6 +369,7 @@ def export_model(
             meta["export_s"] = round(time.perf_counter() - started, 3)
             (tmp / "assets.extra").mkdir(exist_ok=True)
             (tmp / METADATA_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
+            write_warmup_requests(tmp / WARMUP_FILE, name)
             try:
                 # rename() fails on an existing non-empty folder: a racing exporter loses and
                 # takes the next number instead of overwriting.
@@ -383,6 +384,28 @@ def export_model(
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+WARMUP_FILE = "assets.extra/tf_serving_warmup_requests"
+WARMUP_TILE = 256
+
+
+def write_warmup_requests(path: Path, name: str, batch: int = 2) -> None:
+    """TF Serving replays these PredictionLog records when it loads a version, so the first
+    real request does not pay for graph tracing and memory allocation."""
+    import numpy as np
+    from tensorflow_serving.apis import predict_pb2, prediction_log_pb2
+
+    from prolifscore.core.tfrecord import frame
+    from prolifscore.scoring.model_client import to_tensor_proto
+
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = name
+    request.model_spec.signature_name = SIGNATURE
+    tiles = np.full((batch, WARMUP_TILE, WARMUP_TILE, 3), 200, np.uint8)
+    request.inputs[INPUT].CopyFrom(to_tensor_proto(tiles))
+    log = prediction_log_pb2.PredictionLog(predict_log=prediction_log_pb2.PredictLog(request=request))
+    path.write_bytes(frame(log.SerializeToString()))
 
 
 def export_untrained(

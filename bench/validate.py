@@ -1,0 +1,145 @@
+"""`make validate`: does the machinery learn? A check on synthetic data built from real tissue
+(planted mitosis-like figures at score-defining densities), NOT a TUPAC16 result.
+
+1. Mitosis detector: synthetic auxiliary set -> train -> held-out F1 (TUPAC rule).
+2. Synthetic slides -> the real tiling and filtering services (embedded broker, Ray) -> shards
+   -> tumor-score model -> quadratic weighted kappa on the held-out validation slides.
+3. Mitosis-count route: the scoring library with the trained detector on the held-out slides
+   -> mitotic score -> kappa against the slide labels.
+Writes bench/validate.json (mitosis_f1, tumor_model_kappa, mitosis_route_kappa).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+OUT = Path(__file__).with_name("validate.json")
+
+
+def preprocess_with_services(slide_dir: Path, labels: Path, out: Path) -> dict[str, Any]:
+    """Ingest every slide with its labels through the embedded runtime, as a user would."""
+    import argparse as ap
+
+    from prolifscore.cli.ingest import build_messages, follow
+    from prolifscore.core.bus import Bus
+    from prolifscore.core.embedded import EmbeddedStack
+    from prolifscore.core.settings import KafkaSettings, load
+
+    env = {"PROLIF_SLIDE_ROOTS": str(slide_dir), "PROLIF_TILES_ROOT": str(out / "tiles")}
+    args = ap.Namespace(
+        paths=sorted(slide_dir.glob("*.tiff")),
+        labels=labels,
+        tissue_mode=None,
+        stain=None,
+        max_tiles=None,
+    )
+    with EmbeddedStack(out / "run", env=env) as stack:
+        settings = load(KafkaSettings, bootstrap_servers=stack.env["PROLIF_KAFKA_BOOTSTRAP"])
+        bus = Bus(settings, "validate")
+        try:
+            msgs = build_messages(args, "validate")
+            for m in msgs:
+                bus.publish(settings.topic_ingest, m.slide_id, m)
+            bus.flush()
+            progress = follow(bus, settings, "validate", [m.slide_id for m in msgs], 900)
+        finally:
+            bus.close()
+    failed = {s: p.reason for s, p in progress.items() if p.stage != "filtered"}
+    if failed:
+        raise RuntimeError(f"preprocessing failed: {failed}")
+    splits = {m.slide_id: m.split for m in msgs}
+    return {
+        "tiles_root": out / "tiles",
+        "splits": splits,
+        "kept": sum(p.kept for p in progress.values()),
+    }
+
+
+def mitosis_route(slide_dir: Path, model_root: Path, slide_ids: list[str]) -> dict[str, Any]:
+    from prolifscore.core.settings import PreprocessSettings
+    from prolifscore.scoring.model_client import InProcessModels
+    from prolifscore.scoring.scorer import ScoringOptions, score_slide
+    from prolifscore.training.evaluation import quadratic_weighted_kappa
+    from prolifscore.v1 import scoring_pb2 as spb
+
+    truth = {
+        r["slide_id"]: int(r["tumor_score"])
+        for r in csv.DictReader((slide_dir / "ground_truth.csv").read_text().splitlines())
+    }
+    models = InProcessModels(model_root)
+    rows = []
+    for slide_id in slide_ids:
+        result = score_slide(
+            spb.ScoreRequest(path=str(slide_dir / f"{slide_id}.tiff")),
+            slide_roots=(str(slide_dir),),
+            options=ScoringOptions(preprocess=PreprocessSettings()),
+            models=models,
+        )
+        rows.append(
+            (truth[slide_id], result.mitotic_score, result.tumor_score, result.mitosis_count)
+        )
+    models.close()
+    y = [r[0] for r in rows]
+    return {
+        "mitosis_route_kappa": quadratic_weighted_kappa(y, [r[1] for r in rows]),
+        "tumor_model_scoring_kappa": quadratic_weighted_kappa(y, [r[2] for r in rows]),
+        "mitosis_route_slides": len(rows),
+        "mitosis_route_rows": [list(r) for r in rows],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--work", type=Path, default=Path("bench/work/validate"))
+    parser.add_argument("--slides", type=int, default=24)
+    args = parser.parse_args(argv)
+    from prolifscore.core.raycluster import init_ray
+    from prolifscore.training.mitosis import validate_mitosis
+    from prolifscore.training.synthetic import make_synthetic_slides
+    from prolifscore.training.tumor import validate_tumor
+    from prolifscore.v1 import pipeline_pb2 as pb
+
+    started = time.perf_counter()
+    shutil.rmtree(args.work, ignore_errors=True)
+    models = args.work / "models"
+    results: dict[str, Any] = {
+        "_note": "machinery check on synthetic data from real tissue; not a TUPAC16 result"
+    }
+    mit = validate_mitosis(args.work, model_root=models)
+    results.update({"mitosis_f1": mit["mitosis_f1"], "mitosis_detail": mit})
+    print(f"mitosis detector: F1 {mit['mitosis_f1']:.3f}", flush=True)
+    slide_dir = make_synthetic_slides(args.work / "slides", slides=args.slides, seed=1)
+    pre = preprocess_with_services(slide_dir, slide_dir / "ground_truth.csv", args.work)
+    print(
+        f"preprocessed {len(pre['splits'])} slides through the services: {pre['kept']} tiles",
+        flush=True,
+    )
+    init_ray(num_cpus=2)
+    tumor = validate_tumor(pre["tiles_root"], args.work / "runs", model_root=models)
+    results.update({"tumor_model_kappa": tumor["tumor_model_kappa"], "tumor_detail": tumor})
+    print(f"tumor model: kappa {tumor['tumor_model_kappa']:.3f}", flush=True)
+    held_out = sorted(s for s, split in pre["splits"].items() if split == pb.SPLIT_VALIDATION)
+    route = mitosis_route(slide_dir, models, held_out)
+    results.update(route)
+    print(f"mitosis route: kappa {route['mitosis_route_kappa']:.3f}", flush=True)
+    results["seconds"] = round(time.perf_counter() - started, 1)
+    OUT.write_text(json.dumps(results, indent=2, default=str))
+    print(
+        json.dumps(
+            {
+                k: results[k]
+                for k in ("mitosis_f1", "tumor_model_kappa", "mitosis_route_kappa", "seconds")
+            }
+        )
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,70 @@
+"""`prolifscore train` and `prolifscore evaluate`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import uuid
+from pathlib import Path
+
+from google.protobuf import json_format
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("train", help="train and export a model (a Job / RayJob in Kubernetes)")
+    p.add_argument("model", choices=["resnet50", "mitosis"])
+    p.add_argument("--dataset", required=True, help="tiles root (resnet50) or mitosis data folder")
+    p.add_argument("--workers", type=int, default=0, help="Ray Train workers (default: settings)")
+    p.add_argument(
+        "--epochs", type=int, default=0, help="resnet50: fine-tuning epochs; mitosis: epochs"
+    )
+    p.add_argument("--input-size", type=int, default=0, help="resnet50 input size (default 224)")
+    p.add_argument("--weights", default="", help="resnet50 start weights: path, none or imagenet")
+    p.add_argument("--run-id", default="", help="run folder name (reuse it to resume)")
+    p.set_defaults(func=run_train)
+    e = sub.add_parser("evaluate", help="TUPAC16 metrics of predictions against ground truth")
+    e.add_argument("--predictions", type=Path, required=True)
+    e.add_argument("--ground-truth", type=Path, required=True)
+    e.set_defaults(func=run_evaluate)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from prolifscore.core.logs import setup_logging
+    from prolifscore.core.raycluster import init_ray
+    from prolifscore.core.settings import load
+    from prolifscore.training.config import TrainingSettings
+    from prolifscore.training.runner import TrainingFailed, run_training
+    from prolifscore.v1 import training_pb2 as tpb
+
+    settings = load(TrainingSettings)
+    setup_logging("train", settings.runtime.log_level)
+    request = tpb.TrainRequest(
+        request_id=args.run_id or f"{args.model}-{uuid.uuid4().hex[:8]}",
+        model=args.model,
+        dataset=str(Path(args.dataset).resolve()),
+        workers=args.workers,
+        epochs=args.epochs,
+        input_size=args.input_size,
+        weights=args.weights,
+    )
+    init_ray(settings.runtime.ray_address, settings.runtime.ray_num_cpus)
+    try:
+        published = run_training(request, settings)
+    except TrainingFailed as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(json_format.MessageToDict(published)))
+    return 0
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    from prolifscore.training.evaluation import evaluate_predictions
+
+    try:
+        result = evaluate_predictions(args.predictions, args.ground_truth)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(result, default=float))
+    return 0

@@ -1,0 +1,29 @@
+"""Training service settings (environment variables, documented defaults)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from prolifscore.core.settings import KafkaSettings, RuntimeSettings, env, nested
+
+
+@dataclass(frozen=True)
+class TrainingSettings:
+    kafka: KafkaSettings = nested(KafkaSettings)
+    runtime: RuntimeSettings = nested(RuntimeSettings)
+    model_root: Path = env(
+        "PROLIF_MODEL_ROOT", Path("data/models"), "Model root: <model>/<version>/saved_model.pb"
+    )
+    runs_root: Path = env(
+        "PROLIF_RUNS_ROOT", Path("data/runs"), "Training runs: checkpoints, TensorBoard logs"
+    )
+    workers: int = env("PROLIF_TRAIN_WORKERS", 1, "Ray Train workers per run")
+    weights: str = env(
+        "PROLIF_TRAIN_WEIGHTS", "none", "ResNet50 start weights: a file path, none or imagenet"
+    )
+    topic_requests: str = env(
+        "PROLIF_TOPIC_TRAIN_REQUESTS", "prolif.train.requests", "Runs to start"
+    )
+    topic_models: str = env("PROLIF_TOPIC_MODELS", "prolif.models", "Published model versions")
+    group_id: str = env("PROLIF_TRAINING_GROUP", "prolif-training", "Consumer group of training")

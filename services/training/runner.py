@@ -1,0 +1,91 @@
+"""One training run from a `TrainRequest`: the code path shared by `prolifscore train` and the
+training service, so both validate, train, export and describe a run the same way."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from prolifscore.core.models import MITOSIS_MODEL, TUMOR_MODEL, WeightsError
+from prolifscore.training.config import TrainingSettings
+from prolifscore.v1 import training_pb2 as tpb
+
+
+class TrainingFailed(Exception):
+    """The request cannot train (bad data set, weights, options) or the run failed; nothing
+    was exported."""
+
+
+def _numbers(metrics: dict[str, Any]) -> dict[str, float]:
+    return {
+        k: float(v)
+        for k, v in metrics.items()
+        if isinstance(v, (int, float)) and not isinstance(v, bool)
+    }
+
+
+def run_training(request: tpb.TrainRequest, settings: TrainingSettings) -> tpb.ModelPublished:
+    from prolifscore.training.dataset import DatasetError, find_shards
+    from prolifscore.training.mitosis import DatasetError as MitosisDatasetError
+    from prolifscore.training.mitosis import MitosisTrainConfig, train_mitosis
+    from prolifscore.training.tumor import TrainingError, TumorTrainConfig, train_tumor
+
+    if not request.dataset:
+        raise TrainingFailed("dataset is required")
+    run_dir = Path(settings.runs_root) / (request.request_id or request.model)
+    model_root = Path(settings.model_root)
+    try:
+        if request.model == TUMOR_MODEL:
+            config = TumorTrainConfig(
+                input_size=request.input_size or 224,
+                weights=request.weights or settings.weights,
+                workers=request.workers or settings.workers,
+                **({"finetune_epochs": request.epochs} if request.epochs else {}),
+            )
+            result = train_tumor(
+                config,
+                find_shards(request.dataset),
+                model_root,
+                run_dir,
+                ray_address=settings.runtime.ray_address,
+            )
+            path, metrics, fingerprint = (
+                result.export_path,
+                result.metrics,
+                result.dataset_fingerprint,
+            )
+        elif request.model == MITOSIS_MODEL:
+            mconfig = MitosisTrainConfig(**({"epochs": request.epochs} if request.epochs else {}))
+            mresult = train_mitosis(mconfig, request.dataset, model_root)
+            path, metrics, fingerprint = mresult.export_dir, mresult.metrics, mresult.fingerprint
+        else:
+            raise TrainingFailed(
+                f"model must be {TUMOR_MODEL!r} or {MITOSIS_MODEL!r}, got {request.model!r}"
+            )
+    except (
+        DatasetError,
+        MitosisDatasetError,
+        WeightsError,
+        TrainingError,
+        ValueError,
+        FileNotFoundError,
+    ) as exc:
+        raise TrainingFailed(f"{type(exc).__name__}: {exc}") from exc
+    if path is None:
+        raise TrainingFailed("the run finished without an export")
+    published = tpb.ModelPublished(
+        model=request.model,
+        version=int(Path(path).name),
+        path=str(path),
+        metrics=_numbers(metrics),
+        dataset_fingerprint=fingerprint,
+        trained=True,
+        request_id=request.request_id,
+    )
+    published.time.GetCurrentTime()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "summary.json").write_text(
+        json.dumps({"path": str(path), "metrics": metrics}, default=str, indent=2)
+    )
+    return published

@@ -1,0 +1,100 @@
+"""Training service: starts a run per `prolif.train.requests` message and announces each new
+model version on `prolif.models`. Entry point: `prolifscore-training`.
+
+A run takes minutes to hours, so this consumer takes one request per poll and tolerates long
+gaps between polls; a redelivered request finds its run's result on disk and republishes it
+instead of training again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Any
+
+from google.protobuf import json_format
+
+from prolifscore.core import metrics
+from prolifscore.core.bus import Bus
+from prolifscore.core.logs import setup_logging
+from prolifscore.core.raycluster import init_ray
+from prolifscore.core.service import ServiceRuntime, consume_loop
+from prolifscore.core.settings import load
+from prolifscore.core.tfrecord import write_atomic
+from prolifscore.training.config import TrainingSettings
+from prolifscore.training.runner import TrainingFailed, run_training
+from prolifscore.v1 import training_pb2 as tpb
+
+log = logging.getLogger(__name__)
+NAME = "training"
+LONG_POLL_MS = 6 * 3600 * 1000
+
+
+class TrainingService:
+    def __init__(self, settings: TrainingSettings, bus: Bus) -> None:
+        self.settings = settings
+        self.bus = bus
+
+    def result_path(self, request_id: str) -> Path:
+        return Path(self.settings.runs_root) / request_id / "published.json"
+
+    def handle(self, items: list[tuple[Any, tpb.TrainRequest]]) -> None:
+        for record, request in items:
+            if not request.request_id:
+                request.request_id = f"{record.topic}-{record.partition}-{record.offset}"
+            path = self.result_path(request.request_id)
+            if path.exists():
+                published = json_format.Parse(path.read_text(), tpb.ModelPublished())
+            else:
+                try:
+                    with metrics.DURATION.labels(NAME, "run").time():
+                        published = run_training(request, self.settings)
+                    metrics.SLIDES.labels(NAME, "trained").inc()
+                except TrainingFailed as exc:
+                    log.warning(
+                        "training failed",
+                        extra={"request_id": request.request_id, "error": str(exc)},
+                    )
+                    published = tpb.ModelPublished(
+                        model=request.model, request_id=request.request_id, error=str(exc)
+                    )
+                    published.time.GetCurrentTime()
+                    self.bus.dead_letter(record, str(exc), NAME)
+                    metrics.FAILURES.labels(NAME, "run").inc()
+                write_atomic(path, json_format.MessageToJson(published).encode())
+            self.bus.publish(self.settings.topic_models, published.model, published)
+
+
+def main() -> None:
+    settings = load(TrainingSettings)
+    kafka = settings.kafka
+    settings = dataclasses.replace(
+        settings,
+        kafka=dataclasses.replace(
+            kafka,
+            max_poll_records=1,
+            max_poll_interval_ms=max(kafka.max_poll_interval_ms, LONG_POLL_MS),
+        ),
+    )
+    setup_logging(NAME, settings.runtime.log_level)
+    runtime = ServiceRuntime(NAME, settings.runtime).start()
+    init_ray(settings.runtime.ray_address, settings.runtime.ray_num_cpus)
+    bus = Bus(settings.kafka, NAME)
+    bus.ensure_topics([settings.topic_requests, settings.topic_models, settings.kafka.topic_dlq])
+    try:
+        consume_loop(
+            runtime,
+            bus,
+            [settings.topic_requests],
+            settings.group_id,
+            tpb.TrainRequest,
+            TrainingService(settings, bus).handle,
+        )
+    finally:
+        bus.close()
+        runtime.stop()
+
+
+if __name__ == "__main__":
+    main()
