@@ -46,6 +46,12 @@ lint: setup
 bench: setup
 	$(PY) -m bench.run
 
+# Offline Kubernetes checks: render k8s/ overlays and the Helm chart, validate them against the
+# pinned Kubernetes schemas (kubernetes-validate --strict) and check policy and code consistency.
+.PHONY: k8s-validate
+k8s-validate: setup
+	$(PY) -m pytest -q tests/test_k8s.py
+
 # Not part of CI (minutes on 2 cores): does training learn? Writes bench/validate.json.
 validate: setup
 	$(PY) -m bench.validate
