@@ -1019,7 +1019,8 @@ def test_ports_bind_host_and_grace(render: Render) -> None:
         assert env["PROLIF_BIND_HOST"] == "0.0.0.0", (
             "127.0.0.1 would be unreachable from the Service"
         )
-        assert int(env["PROLIF_GRPC_PORT"] or 0) == ports["grpc"], component
+        port_var = "PROLIF_SCORING_PORT" if component == "scoring" else "PROLIF_GRPC_PORT"
+        assert int(env[port_var] or 0) == ports["grpc"], component
         assert int(env["PROLIF_METRICS_PORT"] or 0) == ports["metrics"], component
         if component == "scoring":
             assert int(env["PROLIF_SCORING_PORT"] or 0) == ports["grpc"]

@@ -71,9 +71,9 @@ def stack(broker, ray_head, model_root, tmp_path_factory):
         "PROLIF_TOPIC_SCORE_RESULTS": topics["results"],
         "PROLIF_PREDICT_BATCH": "8",
     }
-    scoring = ServiceProcess("prolifscore.scoring.server", env, tmp / "scoring.log").start(
-        timeout=120
-    )
+    scoring = ServiceProcess(
+        "prolifscore.scoring.server", env, tmp / "scoring.log", port_env="PROLIF_SCORING_PORT"
+    ).start(timeout=120)
     channel = grpc.insecure_channel(scoring.grpc_address)
     bus = Bus(k, "test")
     yield {
@@ -272,13 +272,13 @@ def _inprocess(tmp_path, **overrides):
         RuntimeSettings,
         environ={},
         slide_roots=(SLIDES,),
-        grpc_port=0,
         **overrides.pop("runtime", {}),
     )
     settings = load(
         ScoringSettings,
         environ={},
         runtime=runtime,
+        port=0,
         ray_readers=0,
         kafka_enabled=False,
         **overrides,

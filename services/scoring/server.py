@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hmac
 import logging
 import queue
@@ -268,7 +269,7 @@ def build(
     interceptors = [BearerTokenInterceptor(settings.auth_token)] if settings.auth_token else []
     runtime = ServiceRuntime(
         NAME,
-        settings.runtime,
+        dataclasses.replace(settings.runtime, grpc_port=settings.port),
         grpc_options=GRPC_OPTIONS,
         max_workers=settings.max_concurrent + 4,
         interceptors=interceptors,
