@@ -22,6 +22,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     p.add_argument("--input-size", type=int, default=0, help="resnet50 input size (default 224)")
     p.add_argument("--weights", default="", help="resnet50 start weights: path, none or imagenet")
     p.add_argument("--run-id", default="", help="run folder name (reuse it to resume)")
+    p.add_argument("--profile", choices=["quick"], help="quick: a minutes-long machinery run")
     p.set_defaults(func=run_train)
     e = sub.add_parser("evaluate", help="TUPAC16 metrics of predictions against ground truth")
     e.add_argument("--predictions", type=Path, required=True)
@@ -47,6 +48,7 @@ def run_train(args: argparse.Namespace) -> int:
         epochs=args.epochs,
         input_size=args.input_size,
         weights=args.weights,
+        profile=args.profile or "",
     )
     init_ray(settings.runtime.ray_address, settings.runtime.ray_num_cpus)
     try:

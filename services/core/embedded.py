@@ -19,10 +19,15 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prolifscore.core.broker import EmbeddedBroker, free_port
 from prolifscore.core.raycluster import RayHead
 
+# name -> (module, environment variable naming its gRPC port), in start-up order.
 SERVICE_MODULES = {
-    "tiling": "prolifscore.tiling.server",
-    "filtering": "prolifscore.filtering.server",
+    "modelserver": ("prolifscore.modelserver.server", "PROLIF_MODEL_SERVER_PORT"),
+    "tiling": ("prolifscore.tiling.server", "PROLIF_GRPC_PORT"),
+    "filtering": ("prolifscore.filtering.server", "PROLIF_GRPC_PORT"),
+    "training": ("prolifscore.training.server", "PROLIF_GRPC_PORT"),
+    "scoring": ("prolifscore.scoring.server", "PROLIF_SCORING_PORT"),
 }
+ALL_SERVICES = tuple(SERVICE_MODULES)
 
 
 class ServiceProcess:
@@ -99,7 +104,10 @@ class ServiceProcess:
 
 @dataclass
 class EmbeddedStack:
-    """Everything `make demo` needs, started in dependency order and stopped in reverse."""
+    """Everything `make demo` needs, started in dependency order and stopped in reverse.
+
+    Services get one environment: the caller's `env` plus the broker, Ray and model server
+    addresses chosen here (all on 127.0.0.1, free ports)."""
 
     run_dir: Path
     env: dict[str, str] = field(default_factory=dict)
@@ -119,9 +127,18 @@ class EmbeddedStack:
                 "PROLIF_KAFKA_BOOTSTRAP": self.broker.bootstrap,
                 "PROLIF_RAY_ADDRESS": self.ray.address,
             }
-            for name in self.services:
-                proc = ServiceProcess(SERVICE_MODULES[name], self.env, self.run_dir / f"{name}.log")
-                self.processes[name] = proc.start()
+            procs = {}
+            for name in SERVICE_MODULES:
+                if name in self.services:
+                    module, port_env = SERVICE_MODULES[name]
+                    procs[name] = ServiceProcess(
+                        module, self.env, self.run_dir / f"{name}.log", port_env
+                    )
+            if "modelserver" in procs:  # clients must know its address before they start
+                self.env["PROLIF_MODEL_SERVER"] = procs["modelserver"].grpc_address
+            for name, proc in procs.items():
+                proc.env = self.env
+                self.processes[name] = proc.start(timeout=180)
         except BaseException:
             self.stop()
             raise

@@ -404,7 +404,9 @@ def write_warmup_requests(path: Path, name: str, batch: int = 2) -> None:
     request.model_spec.signature_name = SIGNATURE
     tiles = np.full((batch, WARMUP_TILE, WARMUP_TILE, 3), 200, np.uint8)
     request.inputs[INPUT].CopyFrom(to_tensor_proto(tiles))
-    log = prediction_log_pb2.PredictionLog(predict_log=prediction_log_pb2.PredictLog(request=request))
+    log = prediction_log_pb2.PredictionLog(
+        predict_log=prediction_log_pb2.PredictLog(request=request)
+    )
     path.write_bytes(frame(log.SerializeToString()))
 
 

@@ -11,6 +11,18 @@ from prolifscore.core.models import MITOSIS_MODEL, TUMOR_MODEL, WeightsError
 from prolifscore.training.config import TrainingSettings
 from prolifscore.v1 import training_pb2 as tpb
 
+# The "quick" profile: what `make demo` trains (minutes on 2 cores; the machinery, not accuracy).
+QUICK_TUMOR: dict[str, Any] = {
+    "head_epochs": 0,
+    "finetune_epochs": 3,
+    "unfreeze": "all",
+    "steps_per_epoch": 30,
+    "early_stopping_patience": 0,
+    "restore_best": False,
+    "max_eval_tiles_per_slide": 16,
+}
+QUICK_MITOSIS: dict[str, Any] = {"epochs": 3, "hard_negative_rounds": 0}
+
 
 class TrainingFailed(Exception):
     """The request cannot train (bad data set, weights, options) or the run failed; nothing
@@ -36,11 +48,15 @@ def run_training(request: tpb.TrainRequest, settings: TrainingSettings) -> tpb.M
     run_dir = Path(settings.runs_root) / (request.request_id or request.model)
     model_root = Path(settings.model_root)
     try:
+        if request.profile not in ("", "quick"):
+            raise TrainingFailed(f"profile must be empty or 'quick', got {request.profile!r}")
+        quick = request.profile == "quick"
         if request.model == TUMOR_MODEL:
             config = TumorTrainConfig(
-                input_size=request.input_size or 224,
+                input_size=request.input_size or (64 if quick else 224),
                 weights=request.weights or settings.weights,
                 workers=request.workers or settings.workers,
+                **(QUICK_TUMOR if quick else {}),
                 **({"finetune_epochs": request.epochs} if request.epochs else {}),
             )
             result = train_tumor(
@@ -56,7 +72,10 @@ def run_training(request: tpb.TrainRequest, settings: TrainingSettings) -> tpb.M
                 result.dataset_fingerprint,
             )
         elif request.model == MITOSIS_MODEL:
-            mconfig = MitosisTrainConfig(**({"epochs": request.epochs} if request.epochs else {}))
+            mconfig = MitosisTrainConfig(
+                **(QUICK_MITOSIS if quick else {}),
+                **({"epochs": request.epochs} if request.epochs else {}),
+            )
             mresult = train_mitosis(mconfig, request.dataset, model_root)
             path, metrics, fingerprint = mresult.export_dir, mresult.metrics, mresult.fingerprint
         else:
