@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from prolifscore.cli import demo, ingest, score, train
+from prolifscore.cli import demo, ingest, score, train, up
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -16,6 +16,7 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_parser(sub)
     score.add_parser(sub)
     train.add_parsers(sub)
+    up.add_parsers(sub)
     cfg = sub.add_parser("config", help="print every environment variable as a Markdown table")
     cfg.set_defaults(func=print_config)
     args = parser.parse_args(argv)
