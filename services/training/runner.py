@@ -37,8 +37,20 @@ def _numbers(metrics: dict[str, Any]) -> dict[str, float]:
     }
 
 
-def run_training(request: tpb.TrainRequest, settings: TrainingSettings) -> tpb.ModelPublished:
+def labelled_shards(dataset: str) -> list[Any]:
+    """The labelled slides of a tiles root: a root shared with unlabelled slides (ingested
+    for scoring) is normal, so those are left out rather than failing the run."""
     from prolifscore.training.dataset import DatasetError, find_shards
+
+    shards = find_shards(dataset, require_labels=False)
+    labelled = [s for s in shards if s.tumor_score is not None]
+    if shards and not labelled:
+        raise DatasetError(f"no slide in {dataset} has a tumor score: nothing to train on")
+    return labelled or shards
+
+
+def run_training(request: tpb.TrainRequest, settings: TrainingSettings) -> tpb.ModelPublished:
+    from prolifscore.training.dataset import DatasetError
     from prolifscore.training.mitosis import DatasetError as MitosisDatasetError
     from prolifscore.training.mitosis import MitosisTrainConfig, train_mitosis
     from prolifscore.training.tumor import TrainingError, TumorTrainConfig, train_tumor
@@ -61,7 +73,7 @@ def run_training(request: tpb.TrainRequest, settings: TrainingSettings) -> tpb.M
             )
             result = train_tumor(
                 config,
-                find_shards(request.dataset),
+                labelled_shards(request.dataset),
                 model_root,
                 run_dir,
                 ray_address=settings.runtime.ray_address,
