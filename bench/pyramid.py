@@ -23,15 +23,10 @@ from pathlib import Path
 
 import imagecodecs
 import numpy as np
-import tifffile
-from PIL import Image
 
-from prolifscore.core.settings import PreprocessSettings, load
-from prolifscore.core.slide import open_slide
-from prolifscore.core.tiler import resolve_geometry
-from prolifscore.core.tissue import od_tissue_mask
+from prolifscore.core.pyramid import TILE, real_tiles, reduce2, write_pyramid
+from prolifscore.core.pyramid import level_sides as _level_sides
 
-TILE = 256
 FORMAT_VERSION = 1
 
 # Tissue pieces and holes: (centre x, centre y, radius x, radius y, phase), in slide widths.
@@ -83,10 +78,7 @@ class PyramidInfo:
 
 
 def level_sides(spec: PyramidSpec) -> list[int]:
-    sides = [spec.side]
-    while sides[-1] >= spec.smallest_side:
-        sides.append(math.ceil(sides[-1] / 2))
-    return sides
+    return _level_sides(spec.side, spec.smallest_side)
 
 
 def _inside(u: np.ndarray, v: np.ndarray, shapes: Sequence[tuple[float, ...]]) -> np.ndarray:
@@ -103,12 +95,6 @@ def _inside(u: np.ndarray, v: np.ndarray, shapes: Sequence[tuple[float, ...]]) -
 def tissue_at(u: np.ndarray, v: np.ndarray) -> np.ndarray:
     """The tissue region at normalized slide coordinates (u, v in [0, 1])."""
     return _inside(u, v, PIECES) & ~_inside(u, v, HOLES)
-
-
-def _reduce2(a: np.ndarray) -> np.ndarray:
-    """2x2 box mean, rounded."""
-    s = a[0::2, 0::2].astype(np.uint16) + a[1::2, 0::2] + a[0::2, 1::2] + a[1::2, 1::2]
-    return ((s + 2) // 4).astype(np.uint8)
 
 
 class _Bank:
@@ -131,43 +117,11 @@ class _Bank:
         stored = imagecodecs.jpeg_decode(data)  # reduce what readers will see
         reductions = []
         for _ in range(1, self.levels):
-            stored = _reduce2(stored)
+            stored = reduce2(stored)
             reductions.append(stored)
         self.jpeg.append(data)
         self.small.append(reductions)
         return len(self.jpeg) - 1
-
-
-def real_tiles(slides: Sequence[Path], stride: int = TILE // 2) -> tuple[list, list]:
-    """(tissue tiles, background tiles): 256 px at the pipeline's target resolution, cut every
-    `stride` px from the level the pipeline itself reads."""
-    defaults = load(PreprocessSettings, environ={})
-    tissue: list[np.ndarray] = []
-    background: list[np.ndarray] = []
-    for path in slides:
-        with open_slide(path) as slide:
-            g = resolve_geometry(
-                slide.dimensions,
-                slide.level_downsamples,
-                slide.base_mpp(),
-                target_mpp=defaults.target_mpp,
-                tile_size=TILE,
-                assumed_mpp=defaults.default_mpp,
-            )
-            w, h = slide.level_dimensions[g.level]
-            level = slide.read(0, 0, g.level, w, h)
-        if g.read_size != TILE:
-            w, h = round(w * TILE / g.read_size), round(h * TILE / g.read_size)
-            level = np.asarray(Image.fromarray(level).resize((w, h), Image.Resampling.BOX))
-        for y in range(0, h - TILE + 1, stride):
-            for x in range(0, w - TILE + 1, stride):
-                tile = level[y : y + TILE, x : x + TILE]
-                share = float(od_tissue_mask(tile).mean())
-                if share >= 0.5:
-                    tissue.append(np.ascontiguousarray(tile))
-                elif share <= 0.005:
-                    background.append(np.ascontiguousarray(tile))
-    return tissue, background
 
 
 def _orientations(tile: np.ndarray) -> list[np.ndarray]:
@@ -235,29 +189,13 @@ def _level_tiles(ids: np.ndarray, bank: _Bank, level: int) -> Iterator[np.ndarra
 
 def _write(path: Path, spec: PyramidSpec, ids: np.ndarray, bank: _Bank) -> list[int]:
     sides = level_sides(spec)
-    with tifffile.TiffWriter(path, bigtiff=True) as tif:
-        for level, side in enumerate(sides):
-            tiles: Iterator[bytes] | Iterator[np.ndarray]
-            if level == 0:
-                tiles = (bank.jpeg[i] for i in ids.ravel())
-            else:
-                tiles = _level_tiles(ids, bank, level)
-            res = 1e4 / (spec.mpp * 2**level)  # pixels per cm
-            tif.write(
-                tiles,
-                shape=(side, side, 3),
-                dtype=np.uint8,
-                tile=(TILE, TILE),
-                photometric="rgb",
-                compression="jpeg",
-                compressionargs={"level": spec.quality},
-                resolution=(res, res),
-                resolutionunit="CENTIMETER",
-                subfiletype=1 if level else 0,
-                metadata=None,
-                maxworkers=2,
-                buffersize=16 << 20,  # tifffile buffers ~256 MB of raw tiles by default
-            )
+
+    def tiles(level: int) -> Iterator[bytes] | Iterator[np.ndarray]:
+        if level == 0:
+            return (bank.jpeg[i] for i in ids.ravel())
+        return _level_tiles(ids, bank, level)
+
+    write_pyramid(path, [(s, s) for s in sides], tiles, mpp=spec.mpp, quality=spec.quality)
     return sides
 
 

@@ -1,18 +1,23 @@
-"""`make bench`: preprocessing throughput, criterion speed/agreement, Ray scaling, memory.
+"""`make bench`: preprocessing throughput, criterion speed/agreement, Ray scaling, memory,
+scoring (gRPC end to end vs bare decode + in-process model call, pipelined reading).
 
 Writes bench/results.json (metric name -> number, plus `_note*` strings) and prints a table.
 Ratios are measured within one run (both sides alternately, best of several): this machine is
 small and noisy, so absolute tiles/s are context, not targets.
+
+`python -m bench.run --only scoring` (or `--only ratio,ray`, ...) runs some sections (with what
+they need) and merges their entries into the existing results.json.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import pickle
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +34,7 @@ from bench.pipeline import (
 )
 from bench.pyramid import PyramidInfo, PyramidSpec, build_pyramid
 from bench.rayrun import ray_scaling
+from bench.scoring import ScoringConfig, bench_scoring
 from prolifscore.v1 import pipeline_pb2 as pb
 
 RESULTS = Path(__file__).resolve().parent / "results.json"
@@ -37,7 +43,11 @@ TARGETS = {
     "fast_vs_seed_jaccard": ">= 0.8",
     "ray_2_vs_1_worker_speedup": ">= 1.7",
     "filter_worker_peak_rss_mb": "< 2048",
+    "scoring_vs_direct_model_ratio": "<= 1.15",
 }
+SECTIONS = ("pyramid", "ratio", "breakdown", "fast_vs_seed", "rss", "ray", "scoring")
+NEEDS = {"ratio": ("pyramid",), "breakdown": ("ratio",), "fast_vs_seed": ("ratio",)}
+NEEDS |= {"rss": ("ratio",), "ray": ("ratio",)}
 SEED = pb.TilingSpec(tissue_mode=pb.TISSUE_MODE_SEED)
 
 
@@ -56,6 +66,7 @@ class Config:
     work_dir: Path = WORK_DIR
     slides: tuple[tuple[str, Path], ...] = (("cmu", CMU), ("tcga", TCGA))
     pyramid_sources: tuple[Path, ...] = (CMU, TCGA)
+    scoring: ScoringConfig | None = field(default_factory=ScoringConfig)  # None: skipped
 
 
 Results = dict[str, Any]
@@ -226,15 +237,42 @@ def bench_ray(cfg: Config, large: Path, work: Workload, out: Results) -> None:
     )
 
 
-def run(cfg: Config | None = None, log: Callable[[str], None] = print) -> Results:
-    """Every benchmark in order; returns the results mapping."""
+def selected(only: Collection[str] | None) -> set[str]:
+    """The sections to run: `only` (None: all) plus the sections they need."""
+    if only is None:
+        return set(SECTIONS)
+    unknown = set(only) - set(SECTIONS)
+    if unknown:
+        raise ValueError(f"unknown section(s) {sorted(unknown)}; sections: {', '.join(SECTIONS)}")
+    todo: set[str] = set()
+    stack = list(only)
+    while stack:
+        name = stack.pop()
+        if name not in todo:
+            todo.add(name)
+            stack.extend(NEEDS.get(name, ()))
+    return todo
+
+
+def run(
+    cfg: Config | None = None,
+    log: Callable[[str], None] = print,
+    only: Collection[str] | None = None,
+) -> Results:
+    """The benchmarks in order (all, or the sections in `only` and what they need); returns
+    the results mapping."""
     cfg = cfg or Config()
     cfg.work_dir.mkdir(parents=True, exist_ok=True)
+    todo = selected(only)
+    if cfg.scoring is None:
+        todo.discard("scoring")
     out: Results = {}
     start = time.perf_counter()
     load_before = os.getloadavg()[0]
 
     def step(name: str, fn: Callable[[], Any]) -> Any:
+        if name not in todo:
+            return None
         t = time.perf_counter()
         log(f"[bench] {name} ...")
         value = fn()
@@ -242,16 +280,20 @@ def run(cfg: Config | None = None, log: Callable[[str], None] = print) -> Result
         return value
 
     info = step("pyramid", lambda: bench_pyramid(cfg, out))
-    large = info.path
+    large = info.path if info is not None else None
     work = step("ratio", lambda: bench_ratio(cfg, large, out))
     step("breakdown", lambda: bench_breakdown(cfg, work, out))
     step("fast_vs_seed", lambda: bench_fast_vs_seed(cfg, work, out))
     step("rss", lambda: bench_rss(cfg, large, work, out))  # before Ray: keep children few
     step("ray", lambda: bench_ray(cfg, large, work, out))
+    if cfg.scoring is not None:
+        scoring = cfg.scoring
+        step("scoring", lambda: bench_scoring(scoring, out, log))
     out["bench_seconds"] = _r(time.perf_counter() - start, 1)
     out["_note"] = (
         f"machine: {os.cpu_count()} cores (noisy; compare ratios, not absolute rates). "
-        f"slides: {', '.join(p.name for _, p in cfg.slides)} (real) and {large.name} "
+        f"slides: {', '.join(p.name for _, p in cfg.slides)} (real) and "
+        f"{large.name if large else 'large-slide.tiff'} "
         "(built here, bench/work/, never committed). Tiles are 256 px at 0.5 um/px with the "
         "services' default spec (fast criterion, threshold 0.9, no stain normalization, "
         "64 tiles per shard); throughput counts kept tiles on both sides. "
@@ -274,8 +316,31 @@ def table(results: Results) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    results = run()
+def merge(previous: Results, partial: Results) -> Results:
+    """A partial run's entries over the previous results: the full run's bench_seconds, _note
+    and _note_sections stay; the partial run's own go to `*_partial` keys."""
+    merged = dict(previous)
+    own = {"bench_seconds", "_note", "_note_sections"}
+    merged.update({k: v for k, v in partial.items() if k not in own})
+    merged["bench_seconds_partial"] = partial["bench_seconds"]
+    merged["_note_partial"] = (
+        f"sections rerun alone ({partial['_note_sections']}), merged into the previous "
+        f"results. {partial['_note']}"
+    )
+    return merged
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "--only",
+        help=f"comma-separated sections to run (and what they need): {','.join(SECTIONS)}",
+    )
+    args = parser.parse_args(argv)
+    only = [s.strip() for s in args.only.split(",") if s.strip()] if args.only else None
+    results = run(only=only)
+    if only is not None and RESULTS.exists():
+        results = merge(json.loads(RESULTS.read_text()), results)
     RESULTS.write_text(json.dumps(results, indent=2) + "\n")
     print(table(results))
     print(f"\nwrote {RESULTS}")

@@ -371,3 +371,30 @@ def test_cancellation_stops_the_work(model_root):
             cancelled=cancelled,
         )
     assert calls["n"] == 2  # stopped at the second batch, not after all of them
+
+
+def test_ray_readers_give_the_thread_readers_result(model_root, ray_head):
+    """Large slides read their tiles in parallel Ray tasks; the result must not change."""
+    from prolifscore.core.raycluster import init_ray
+    from prolifscore.scoring.model_client import InProcessModels
+    from prolifscore.scoring.scorer import ScoringOptions, score_slide
+
+    init_ray(ray_head.address)
+    models = InProcessModels(model_root)
+    request = spb.ScoreRequest(path=str(CMU), include_tiles=True)
+    results = [
+        score_slide(
+            request,
+            slide_roots=(str(SLIDES),),
+            models=models,
+            options=ScoringOptions(predict_batch=2, ray_readers=readers),
+        )
+        for readers in (0, 2)  # 25 candidates >= 4 batches x 2 tiles x 2 readers: Ray is used
+    ]
+    thread, ray_read = results
+    assert thread.tiles_scored == ray_read.tiles_scored > 0
+    key = lambda t: (t.col, t.row)  # noqa: E731
+    assert [key(t) for t in sorted(thread.tiles, key=key)] == [
+        key(t) for t in sorted(ray_read.tiles, key=key)
+    ]
+    assert list(thread.probabilities) == pytest.approx(list(ray_read.probabilities), abs=1e-5)

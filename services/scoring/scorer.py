@@ -11,6 +11,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -24,11 +25,16 @@ from prolifscore.scoring.mitosis import (
     non_max_suppression,
     tile_detections,
 )
-from prolifscore.scoring.model_client import Models
 from prolifscore.v1 import pipeline_pb2 as pb
 from prolifscore.v1 import scoring_pb2 as spb
 
+if TYPE_CHECKING:  # not at run time: Ray workers import this module to read tiles, and
+    # model_client pulls in TensorFlow (5-7 s and ~600 MB per worker).
+    from prolifscore.scoring.model_client import Models
+
 Batch = tuple[list[pb.Tile], np.ndarray]
+# Ray readers pay off only with several batches per reader; below this, a local thread wins.
+RAY_MIN_BATCHES_PER_READER = 4
 
 
 class InvalidRequest(ValueError):
@@ -116,13 +122,13 @@ def _read_ray(
 ) -> Iterator[Batch]:
     import ray
 
-    remote = ray.remote(num_cpus=0.5)(_read_chunk)
+    remote = ray.remote(num_cpus=1)(_read_chunk)
     chunks = [candidates[i : i + batch] for i in range(0, len(candidates), batch)]
     spec_b, stain_b = plan_spec.SerializeToString(), stain.SerializeToString()
     pending: dict[object, list[pb.Tile]] = {}
     next_chunk = 0
     while next_chunk < len(chunks) or pending:
-        while next_chunk < len(chunks) and len(pending) < 2 * readers:
+        while next_chunk < len(chunks) and len(pending) < readers:
             chunk = chunks[next_chunk]
             ref = remote.remote(str(path), spec_b, stain_b, [t.SerializeToString() for t in chunk])
             pending[ref] = chunk
@@ -205,7 +211,10 @@ def score_slide(
         timings.tiling_s = time.perf_counter() - start
         counts.found = len(plan.candidates)
         notify(counts.event())
-        if options.ray_readers > 0:
+        ray_worthwhile = len(plan.candidates) >= (
+            RAY_MIN_BATCHES_PER_READER * options.predict_batch * options.ray_readers
+        )
+        if options.ray_readers > 0 and ray_worthwhile:
             reader = _read_ray(
                 path,
                 plan.spec,
