@@ -19,6 +19,11 @@ class TrainingSettings:
         "PROLIF_RUNS_ROOT", Path("data/runs"), "Training runs: checkpoints, TensorBoard logs"
     )
     workers: int = env("PROLIF_TRAIN_WORKERS", 1, "Ray Train workers per run")
+    cpus_per_worker: int = env(
+        "PROLIF_TRAIN_CPUS_PER_WORKER",
+        1,
+        "Ray CPUs each training worker reserves (the cluster is shared with the services)",
+    )
     weights: str = env(
         "PROLIF_TRAIN_WEIGHTS", "none", "ResNet50 start weights: a file path, none or imagenet"
     )

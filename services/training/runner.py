@@ -68,6 +68,7 @@ def run_training(request: tpb.TrainRequest, settings: TrainingSettings) -> tpb.M
                 input_size=request.input_size or (64 if quick else 224),
                 weights=request.weights or settings.weights,
                 workers=request.workers or settings.workers,
+                cpus_per_worker=settings.cpus_per_worker,
                 **(QUICK_TUMOR if quick else {}),
                 **({"finetune_epochs": request.epochs} if request.epochs else {}),
             )
