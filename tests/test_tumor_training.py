@@ -1,0 +1,261 @@
+"""Tumor-model training through Ray: learning, crash/resume, export, and bad inputs.
+
+The slow tests train a real ResNet50 at 32 px (random init) on tiny synthetic slides whose
+class shows in colour and nucleus density, so a few steps reach perfect slide scores when the
+labels are right and clearly fail when they are scrambled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from prolifscore.core.models import WeightsError, read_metadata
+from prolifscore.core.tfrecord import parse_tile_example, read_records
+from prolifscore.training.dataset import DatasetError, ShardRef, find_shards
+from prolifscore.training.evaluation import slide_metrics, slide_scores
+from prolifscore.training.tumor import (
+    STATE_FILE,
+    TrainingError,
+    TumorTrainConfig,
+    _ActorSession,
+    evaluate_tiles,
+    latest_checkpoint,
+    ray_train_available,
+    train_tumor,
+)
+from tests.test_training_dataset import write_slide
+
+SIZE = 32
+# Above chance (kappa 0, slide accuracy 1/3) by a wide margin; a run with the train labels
+# rotated (1->2->3->1) scores about -0.5, one that learns nothing 0.
+MIN_KAPPA = 0.6
+MIN_SLIDE_ACCURACY = 0.65
+
+
+def make_dataset(root: Path, *, rotate_train_labels: bool = False, corrupt: int = 0) -> Path:
+    """9 train slides (3 per class, 12 tiles), 6 validation slides (2 per class, 6 tiles)."""
+    k = 0
+    for score in (1, 2, 3):
+        label = score % 3 + 1 if rotate_train_labels else score
+        for i in range(3):
+            write_slide(
+                root, f"tr-{score}-{i}", label, "train", 12, size=SIZE, seed=k, shards=2,
+                look=score,
+            )  # fmt: skip
+            k += 1
+        for i in range(2):
+            write_slide(
+                root, f"va-{score}-{i}", score, "validation", 6, size=SIZE, seed=100 + k,
+                molecular=score + 0.3 * i,
+            )  # fmt: skip
+            k += 1
+    for shard in sorted(root.glob("tr-*/*.tfrecord"))[:corrupt]:
+        data = bytearray(shard.read_bytes())
+        data[40] ^= 0x55
+        shard.write_bytes(bytes(data))
+    return root
+
+
+def small_config(**overrides: object) -> TumorTrainConfig:
+    base = TumorTrainConfig(
+        input_size=SIZE,
+        batch_size=16,
+        steps_per_epoch=6,
+        head_epochs=2,
+        finetune_epochs=0,
+        early_stopping_patience=0,
+        max_eval_tiles_per_slide=None,
+        eval_batch_size=32,
+        run_name="t",
+    )
+    return dataclasses.replace(base, **overrides)  # type: ignore[arg-type]
+
+
+def validation_tiles(shards: list[ShardRef]) -> tuple[np.ndarray, list[str]]:
+    tiles, ids = [], []
+    for s in shards:
+        if s.split != "validation":
+            continue
+        for record in read_records(s.path):
+            ex = parse_tile_example(record)
+            tiles.append(ex["image"])
+            ids.append(s.slide_id)
+    return np.stack(tiles), ids
+
+
+@pytest.mark.slow
+def test_learns_resumes_after_a_crash_and_exports(tmp_path: Path) -> None:
+    import tensorflow as tf
+
+    shards = find_shards(make_dataset(tmp_path / "tiles", corrupt=1))
+    models, run = tmp_path / "models", tmp_path / "run"
+
+    # Epoch 1 completes and is checkpointed, then the worker dies: nothing is exported.
+    with pytest.raises(TrainingError, match="injected failure"):
+        train_tumor(small_config(fail_after_epoch=1), shards, models, run)
+    assert not (models / "resnet50").exists() or not any((models / "resnet50").iterdir())
+    first = latest_checkpoint(run / "checkpoints" / "t")
+    assert first is not None
+    after_crash = json.loads((first / STATE_FILE).read_text())
+    assert after_crash["epoch"] == 1 and not after_crash["finished"]
+
+    # The same run resumes at epoch 2 (not from scratch) and finishes.
+    result = train_tumor(small_config(), shards, models, run)
+    assert result.resumed_from_epoch == 1
+    assert result.backend == ("ray_train" if ray_train_available()[0] else "ray_actor")
+    assert [h["epoch"] for h in result.history] == [1, 2]
+    # Epoch 1 was not trained again: its metrics are the ones reported before the crash.
+    assert result.history[0] == after_crash["history"][0]
+    final = json.loads((result.checkpoint / STATE_FILE).read_text())
+    assert [r["start_epoch"] for r in final["runs"]] == [0, 1]
+    assert len(result.skipped_shards) == 1 and "checksum" in result.skipped_shards[0]["reason"]
+
+    # It learnt: slide-level figures far above chance on the held-out slides.
+    m = result.metrics
+    assert m["val_slides"] == 6
+    assert m["val_slide_kappa"] >= MIN_KAPPA, result.history
+    assert m["val_slide_accuracy"] >= MIN_SLIDE_ACCURACY, result.history
+    assert len(m["val_tile_confusion"]) == 3 and sum(map(sum, m["val_slide_confusion"])) == 6
+    assert list((run / "tensorboard" / "validation").glob("events.out.tfevents.*"))
+
+    # The export: marked trained, carries the run's facts, and its serving signature (uint8
+    # tiles in, probabilities out) reproduces the slide scores training reported.
+    assert result.export_path is not None
+    meta = read_metadata(result.export_path)
+    assert meta["trained"] is True and meta["dataset_fingerprint"] == result.dataset_fingerprint
+    assert meta["metrics"]["epoch"] == result.best_epoch and meta["input_size"] == SIZE
+    assert len(meta["skipped_shards"]) == 1
+    serve = tf.saved_model.load(str(result.export_path)).signatures["serving_default"]
+    tiles, ids = validation_tiles(shards)
+    probs = serve(tiles=tf.constant(tiles))["probabilities"].numpy()
+    assert probs.shape == (len(tiles), 3)
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-4)
+    truth = {s.slide_id: s.tumor_score for s in shards if s.tumor_score}
+    served = slide_metrics(slide_scores(probs, ids), truth)  # type: ignore[arg-type]
+    assert served["accuracy"] == pytest.approx(m["val_slide_accuracy"])
+
+    # A finished run is not silently retrained or re-exported.
+    with pytest.raises(TrainingError, match="already finished"):
+        train_tumor(small_config(), shards, models, run)
+
+
+@pytest.mark.slow
+def test_scrambled_labels_do_not_reach_the_bar(tmp_path: Path) -> None:
+    """The control: same data and pipeline, train labels rotated 1->2->3->1. If this passed the
+    bar, the learning check above would prove nothing. Runs through `validate_tumor` (the
+    `make validate` entry point), reduced to one head-only epoch, on the Ray-actor backend
+    (the learning check above runs on Ray Train's TensorflowTrainer where it imports)."""
+    from prolifscore.training.tumor import validate_tumor
+
+    root = make_dataset(tmp_path / "tiles", rotate_train_labels=True)
+    figures = validate_tumor(
+        root, tmp_path / "run", input_size=SIZE, steps_per_epoch=6, head_epochs=1,
+        finetune_epochs=0, eval_batch_size=32, backend="ray_actor",
+    )  # fmt: skip
+    assert figures["tumor_model_slides"] == 6 and figures["tumor_model_tiles"] == 36
+    assert figures["tumor_model_export"] is None
+    kappa = figures["tumor_model_kappa"]
+    assert kappa < MIN_KAPPA - 0.3 or np.isnan(kappa), figures
+    assert figures["tumor_model_slide_accuracy"] < MIN_SLIDE_ACCURACY, figures
+    assert len(figures["tumor_model_slide_cutpoints"]) == 2
+    assert figures["tumor_model_backend"] == "ray_actor"  # the fallback without Ray Train
+
+
+# --------------------------------------------------------------------------------------------
+# Fast checks: failures before training, phases, checkpoints, metrics.
+
+
+def test_wrong_weights_fail_before_training(tmp_path: Path) -> None:
+    import keras
+
+    shards = find_shards(make_dataset(tmp_path / "tiles"))
+    other = keras.Sequential([keras.Input((8,)), keras.layers.Dense(3)])
+    bad = tmp_path / "other_model.weights.h5"
+    other.save_weights(str(bad))
+    with pytest.raises(WeightsError, match="does not fit"):
+        train_tumor(small_config(weights=str(bad)), shards, tmp_path / "m", tmp_path / "run")
+    with pytest.raises(WeightsError, match="does not exist"):
+        train_tumor(small_config(weights="/no/such.h5"), shards, tmp_path / "m", tmp_path / "run")
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    assert not (tmp_path / "m").exists()
+
+
+def test_unusable_data_fails_before_training(tmp_path: Path) -> None:
+    shards = find_shards(make_dataset(tmp_path / "tiles"))
+    for s in shards:
+        if s.split == "validation":
+            Path(s.path).write_bytes(b"\0" * 64)
+    with pytest.raises(DatasetError, match="after skipping 6 bad shards"):
+        train_tumor(small_config(), shards, tmp_path / "m", tmp_path / "run")
+    with pytest.raises(DatasetError, match="no 'validation'"):
+        train_tumor(
+            small_config(), [s for s in shards if s.split == "train"], None, tmp_path / "run"
+        )
+    with pytest.raises(ValueError, match="input_size"):
+        train_tumor(small_config(input_size=16), shards, None, tmp_path / "run")
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_finetune_phase_trains_the_last_block_and_head() -> None:
+    from prolifscore.core.models import build_tumor_model
+    from prolifscore.training.tumor import _configure_phase
+
+    model = build_tumor_model(SIZE, "none")
+    config = small_config(freeze_batchnorm=True)  # default: only when starting from weights
+    _configure_phase(model, "head", config)
+    assert {v.path.split("/")[0] for v in model.trainable_variables} == {"tumor_score"}
+    assert type(model.optimizer).__name__ == "Adam"
+    _configure_phase(model, "finetune", config)
+    names = [v.path for v in model.trainable_variables]
+    assert all("conv5_" in n or n.startswith("tumor_score") for n in names)
+    assert any("conv5_block3_3_conv" in n for n in names)
+    assert not any("_bn/" in n for n in names)  # BatchNorm stays in inference mode
+    assert type(model.optimizer).__name__ == "SGD"
+    assert float(model.optimizer.momentum) == pytest.approx(0.9)
+    _configure_phase(model, "finetune", small_config(unfreeze="all"))  # random init: BN trains
+    names = [v.path for v in model.trainable_variables]
+    assert any("conv1_conv" in n for n in names) and any("_bn/" in n for n in names)
+
+
+def test_checkpoint_bookkeeping(tmp_path: Path) -> None:
+    session = _ActorSession(tmp_path / "store", num_to_keep=2)
+    for epoch in (1, 2, 3):
+        d = tmp_path / f"c{epoch}"
+        d.mkdir()
+        (d / STATE_FILE).write_text(json.dumps({"epoch": epoch}))
+        session.report({"epoch": epoch}, d)
+    kept = sorted(p.name for p in (tmp_path / "store").glob("checkpoint_*"))
+    assert kept == ["checkpoint_000002", "checkpoint_000003"]
+    assert latest_checkpoint(tmp_path / "store") == tmp_path / "store" / "checkpoint_000003"
+    with session.get_checkpoint() as ckpt:
+        assert ckpt == tmp_path / "store" / "checkpoint_000003"
+    assert latest_checkpoint(tmp_path / "nothing") is None
+
+
+def test_config_round_trip() -> None:
+    config = small_config(class_weights={1: 1.0, 3: 2.5})
+    again = TumorTrainConfig.from_dict(json.loads(json.dumps(config.to_dict())))
+    assert again == config and again.epochs == 2 and again.phase(1) == "head"
+    seed = TumorTrainConfig()
+    assert (seed.input_size, seed.head_epochs, seed.head_lr) == (224, 4, 1e-3)
+    assert (seed.finetune_lr, seed.finetune_momentum, seed.unfreeze) == (1e-4, 0.9, "conv5")
+
+
+def test_epoch_metrics() -> None:
+    probs = np.array([[0.8, 0.1, 0.1], [0.6, 0.3, 0.1], [0.1, 0.2, 0.7], [0.2, 0.5, 0.3]])
+    pred = {
+        "probs": probs,
+        "labels": np.array([0, 0, 2, 2]),
+        "slide_ids": np.array(["a", "a", "b", "b"]),
+        "molecular": np.full(4, np.nan),
+    }
+    m = evaluate_tiles(pred, {"a": 1, "b": 3}, {"a": 0.1, "b": 0.9})
+    assert m["val_tile_accuracy"] == 0.75
+    assert m["val_tile_confusion"] == [[2, 0, 0], [0, 0, 0], [0, 1, 1]]
+    assert m["val_slide_accuracy"] == 1.0 and m["val_slides"] == 2
+    assert m["val_loss"] == pytest.approx(-np.mean(np.log([0.8, 0.6, 0.7, 0.3])))
