@@ -17,6 +17,7 @@ import grpc
 from google.protobuf.message import Message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from kafka.errors import KafkaError
 from prometheus_client import start_http_server
 
 from prolifscore.core import metrics
@@ -169,7 +170,13 @@ def consume_loop(
                 time.sleep(backoff)
                 backoff = min(backoff * 2, 10.0)
                 continue
-            consumer.commit(records)
+            try:
+                consumer.commit(records)
+            except KafkaError as exc:  # e.g. evicted after a slow batch: the group rebalances,
+                # the new owner redoes these records (effects are idempotent); keep serving.
+                log.warning(
+                    "offset commit failed; the batch will be redone", extra={"error": str(exc)}
+                )
             backoff = 0.5
     finally:
         runtime.set_serving(False)
