@@ -7,9 +7,12 @@ halved). Cases, not regions, are split into training and held-out sets.
 
 Training runs on 64 px patches through `mitosis_patch_model` (the detector's central map
 cells): positives centred on each mitosis and shifted by up to half a map cell (so the nearest
-cell learns to fire), negatives from tissue away from mitoses, half of them at dark blobs
+cell learns to fire), negatives from tissue away from mitoses, most of them at dark blobs
 (nuclei: the informative negatives), regions without mitoses included; then hard-negative
 rounds add the detector's own false positives. Patches are re-drawn every epoch.
+
+The exported model is `padded_detector`: the detector with its input mirrored by 32 px and
+the map cropped back, since a detector trained on patch centres fires along image borders.
 
 Detection on a region is what scoring does on a tile: the fully convolutional detector's map,
 local maxima above a threshold, non-maximum suppression. The threshold is chosen on the
@@ -264,23 +267,28 @@ def read_mitosis_dataset(
 
 @dataclass(frozen=True)
 class MitosisTrainConfig:
-    """Detector training settings; sizes in pixels at `mpp` unless named in um."""
+    """Detector training settings; sizes in pixels at `mpp` unless named in um.
 
-    epochs: int = 6
+    Defaults are the settings measured on the synthetic benchmark (`validate_mitosis`): held-out
+    F1 ~0.88 in ~5 minutes on 2 loaded cores. Real TUPAC16 data is harder; expect to need more
+    epochs and `width=16` (the architecture's default) there.
+    """
+
+    epochs: int = 6  # before the first hard-negative round
     batch_size: int = 64
-    learning_rate: float = 2e-3  # Adam, cosine-decayed over all epochs (hard rounds included)
+    learning_rate: float = 4e-3  # Adam, cosine-decayed over all epochs (hard rounds included)
     final_lr_fraction: float = 0.05
-    width: int = 16  # detector width (build_mitosis_model)
-    positive_copies: int = 8  # shifted/rotated copies per mitosis per epoch
+    width: int = 8  # build_mitosis_model width; 8 trains ~2x faster than 16 on CPU
+    positive_copies: int = 4  # shifted/rotated copies per mitosis per epoch
     max_shift_px: float = 4.0  # half a map cell: the nearest cell must fire
-    negatives_per_region: int = 48  # per epoch
-    dark_negative_share: float = 0.5  # of those at dark blobs (nuclei), the rest anywhere
-    positive_share: float = 0.5  # positives' share of the loss weight (they are rare)
-    hard_negative_rounds: int = 1
+    negatives_per_region: int = 16  # per epoch, regions without mitoses included
+    dark_negative_share: float = 0.75  # of those at dark blobs (nuclei), the rest anywhere
+    positive_share: float = 0.3  # positives' share of the loss weight
+    hard_negative_rounds: int = 2
     hard_negative_epochs: int = 3  # epochs after each mining round
     hard_negative_threshold: float = 0.3  # detections above this that match nothing are mined
-    hard_negatives_per_region: int = 8  # at most, the most confident first
-    hard_negative_copies: int = 2
+    hard_negatives_per_region: int = 12  # per round, at most, the most confident first
+    hard_negative_copies: int = 1
     # Keras' default 0.99 leaves the inference statistics mostly at their initial values
     # after a few hundred steps: the patch loss falls while full-region maps stay flat.
     bn_momentum: float = 0.9
@@ -425,7 +433,7 @@ def detection_maps(
         for k in range(0, len(idx), batch):
             chunk = idx[k : k + batch]
             x = preprocess_mitosis(np.stack([images[i] for i in chunk]))
-            out = np.asarray(detector(x, training=False))[..., 0]
+            out = np.asarray(detector.predict_on_batch(x))[..., 0]  # compiled: ~1.5x eager
             for i, m in zip(chunk, out, strict=True):
                 maps[i] = m
     return [m for m in maps if m is not None]
@@ -750,36 +758,43 @@ def train_mitosis(
 # --------------------------------------------------------------------------------------------
 # `make validate`.
 
-# Sized on this 2-core machine (see validate_mitosis): ~200 training and ~40 held-out mitoses.
+# Sized on the shared 2-core machine: ~160 training mitoses, ~30 in the held-out cases and ~90
+# in the test cases; measured held-out F1 0.88 in ~290 s at a load average of 5-7.
 VALIDATE_DATA: dict[str, Any] = {"cases": 20, "regions_per_case": 4, "region_size": 512, "seed": 7}
-VALIDATE_CONFIG = MitosisTrainConfig(
-    epochs=6,
-    learning_rate=4e-3,
-    width=8,
-    positive_copies=4,
-    negatives_per_region=16,
-    dark_negative_share=0.75,
-    positive_share=0.3,
-    hard_negative_rounds=2,
-    hard_negative_epochs=3,
-    hard_negatives_per_region=12,
-    hard_negative_copies=1,
-    eval_every_epoch=False,
-)
+VALIDATE_TEST_CASES = 10
+VALIDATE_CONFIG = MitosisTrainConfig(eval_every_epoch=False)
+
+
+def evaluate_detector(
+    detector: keras.Model,
+    regions: Sequence[Region],
+    threshold: float,
+    config: MitosisTrainConfig,
+) -> Counts:
+    """TUPAC counts of `detector` (a `padded_detector`) on `regions` at `threshold`."""
+    maps = detection_maps(detector, [r.image for r in regions])
+    return evaluate_regions(
+        [detections_from_map(m, threshold, config.nms_radius_px) for m in maps],
+        [r.centroids for r in regions],
+        config.match_radius_px,
+    )
 
 
 def validate_mitosis(
     work_dir: Path | str,
     *,
     data: dict[str, Any] | None = None,
+    test_cases: int = VALIDATE_TEST_CASES,
     config: MitosisTrainConfig | None = None,
     model_root: Path | str | None = None,
 ) -> dict[str, Any]:
     """`make validate`'s detector check: generate the synthetic auxiliary set in `work_dir`,
-    train, and return the held-out figures (target: `mitosis_f1` >= 0.8).
+    train, and return held-out figures (target: `mitosis_f1` >= 0.8).
 
-    A machinery check on synthetic data, not a TUPAC16 result. Timings depend on the load of
-    the machine, so the 1-minute load average at the start and end is reported with them.
+    Held out = the split's held-out cases plus a fresh test set of `test_cases` cases (another
+    seed: new tissue crops and figures), counts summed: ~40 held-out mitoses alone would put
+    F1 within +-0.07. A machinery check on synthetic data, not a TUPAC16 result. Timings
+    depend on the machine's load, so the 1-minute load average is reported with them.
     """
     import os
 
@@ -789,18 +804,32 @@ def validate_mitosis(
     started = time.perf_counter()
     spec = {**VALIDATE_DATA, **(data or {})}
     data_dir = make_mitosis_dataset(Path(work_dir) / "mitosis-data", **spec)
+    test_spec = {**spec, "cases": test_cases, "seed": int(spec["seed"]) + 1000}
+    test_dir = make_mitosis_dataset(Path(work_dir) / "mitosis-test", **test_spec)
     generated = time.perf_counter() - started
-    result = train_mitosis(config or VALIDATE_CONFIG, data_dir, model_root)
+    cfg = config or VALIDATE_CONFIG
+    result = train_mitosis(cfg, data_dir, model_root)
+    test = read_mitosis_dataset(test_dir, target_mpp=cfg.mpp)
+    test_counts = evaluate_detector(result.detector, test.regions, result.threshold, cfg)
+    split_counts = Counts(result.metrics["tp"], result.metrics["fp"], result.metrics["fn"])
+    total = split_counts + test_counts
     return {
-        "mitosis_f1": result.metrics["f1"],
-        "precision": result.metrics["precision"],
-        "recall": result.metrics["recall"],
+        "mitosis_f1": round(total.f1, 4),
+        "precision": round(total.precision, 4),
+        "recall": round(total.recall, 4),
         "threshold": result.threshold,
-        "held_out_regions": result.metrics["regions"],
-        "held_out_mitoses": result.metrics["mitoses"],
+        "held_out_mitoses": total.tp + total.fn,
+        "held_out_regions": result.metrics["regions"] + len(test.regions),
+        "held_out_cases": {**result.metrics, "cases": result.split["held_out"]},
+        "test_set": {
+            **test_counts.summary(),
+            "regions": len(test.regions),
+            "seed": test_spec["seed"],
+        },
         "darkness_baseline_f1": result.baseline["f1"],
         "train_f1": result.train_metrics["f1"],
         "data": spec,
+        "config": asdict(cfg),
         "generate_seconds": round(generated, 2),
         "train_seconds": result.seconds,
         "timings": result.timings,
