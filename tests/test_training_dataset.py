@@ -151,8 +151,16 @@ def small_root(tmp_path: Path) -> Path:
 def test_find_shards_reads_manifests(small_root: Path) -> None:
     shards = find_shards(small_root)
     assert {s.slide_id for s in shards} == {
-        "tr-1a", "tr-1b", "tr-2a", "tr-2b", "tr-3a", "tr-3b", "va-1", "va-2", "va-3"
-    }  # fmt: skip
+        "tr-1a",
+        "tr-1b",
+        "tr-2a",
+        "tr-2b",
+        "tr-3a",
+        "tr-3b",
+        "va-1",
+        "va-2",
+        "va-3",
+    }
     assert sum(s.tile_count for s in shards) == 2 + 30 + 3 + 12 + 25 + 1 + 12
     va2 = next(s for s in shards if s.slide_id == "va-2")
     assert (va2.split, va2.tumor_score, va2.molecular_score) == ("validation", 2, 0.2)

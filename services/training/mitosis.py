@@ -293,6 +293,8 @@ class MitosisTrainConfig:
     # after a few hundred steps: the patch loss falls while full-region maps stay flat.
     bn_momentum: float = 0.9
     colour_jitter: float = 0.06  # per-channel gain range (stain variation)
+    jpeg_probability: float = 0.5  # of a JPEG (4:2:0) round trip per patch
+    jpeg_quality_range: tuple[int, int] = (70, 95)
     val_fraction: float = 0.2
     seed: int = 0
     threshold: float | None = None  # None: the best F1 on the training cases
@@ -319,13 +321,27 @@ def _cut(region: Region, row: float, col: float) -> np.ndarray:
     ]
 
 
-def _augment(patch: np.ndarray, rng: np.random.Generator, jitter: float) -> np.ndarray:
-    """Random flip/rot90 (the 8 symmetries: centre stays the centre) and per-channel gain."""
+def _augment(patch: np.ndarray, rng: np.random.Generator, config: MitosisTrainConfig) -> np.ndarray:
+    """Random flip/rot90 (the 8 symmetries: centre stays the centre), per-channel gain, and
+    sometimes a JPEG round trip (slides are scanned at various qualities)."""
     k = int(rng.integers(8))
     out = np.rot90(patch[:, ::-1] if k >= 4 else patch, k % 4)
-    if jitter > 0:
-        gain = rng.uniform(1 - jitter, 1 + jitter, 3).astype(np.float32)
+    if config.colour_jitter > 0:
+        j = config.colour_jitter
+        gain = rng.uniform(1 - j, 1 + j, 3).astype(np.float32)
         out = np.clip(out.astype(np.float32) * gain, 0, 255).astype(np.uint8)
+    if rng.random() < config.jpeg_probability:
+        import imagecodecs
+
+        lo, hi = config.jpeg_quality_range
+        data = imagecodecs.jpeg_encode(
+            np.ascontiguousarray(out),
+            level=int(rng.integers(lo, hi + 1)),
+            subsampling=(2, 2),
+            colorspace="RGB",
+            outcolorspace="YCBCR",
+        )
+        out = imagecodecs.jpeg_decode(data)
     return out
 
 
@@ -355,7 +371,7 @@ def sample_patches(
         for r, c in region.centroids:
             for _ in range(config.positive_copies):
                 dr, dc = rng.uniform(-s, s, 2)
-                patches.append(_augment(_cut(region, r + dr, c + dc), rng, config.colour_jitter))
+                patches.append(_augment(_cut(region, r + dr, c + dc), rng, config))
                 labels.append(1.0)
         tissue, dark = region.negative_candidates(exclude)
         n_dark = min(len(dark), round(config.negatives_per_region * config.dark_negative_share))
@@ -365,15 +381,13 @@ def sample_patches(
                 tissue[rng.integers(len(tissue), size=config.negatives_per_region - n_dark)]
             )
         for r, c in np.concatenate(picks) if picks else ():
-            patches.append(_augment(_cut(region, r, c), rng, config.colour_jitter))
+            patches.append(_augment(_cut(region, r, c), rng, config))
             labels.append(0.0)
     for h in hard:
         for _ in range(config.hard_negative_copies):
             dr, dc = rng.uniform(-2, 2, 2)
             region = regions[h.region]
-            patches.append(
-                _augment(_cut(region, h.row + dr, h.col + dc), rng, config.colour_jitter)
-            )
+            patches.append(_augment(_cut(region, h.row + dr, h.col + dc), rng, config))
             labels.append(0.0)
     x = np.stack(patches)
     y = np.asarray(labels, np.float32)

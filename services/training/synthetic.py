@@ -4,7 +4,7 @@ No TUPAC16 data can be downloaded here, so training is proven on real H&E tissue
 slides, read at 0.5 um/px = 20x) with mitosis-like figures planted where we know them:
 
 - a mitosis figure is a dark, compact, irregular chromatin clump (prophase/metaphase clump,
-  metaphase plate, anaphase pair of plates, telophase pair of clumps), 12-24 px = 6-12 um
+  metaphase plate, anaphase pair of plates, telophase pair of clumps), 14-24 px = 7-12 um
   across, near-black blue-purple with granular texture, rough edges, slight blur and often a
   pale cytoplasm halo;
 - "mimics" are planted too and never labelled: smooth, round, smaller and less dark nuclei
@@ -110,7 +110,7 @@ def _figure_blobs(rng: np.random.Generator, size: float) -> list[tuple[float, ..
     elif kind == "anaphase":
         gap = rng.uniform(0.25, 0.4) * size
         for sign in (-1, 1):
-            plate(sign * gap / 2, 0.0, half * rng.uniform(0.7, 0.9), rng.uniform(1.8, 2.8))
+            plate(sign * gap / 2, 0.0, half * rng.uniform(0.7, 0.9), rng.uniform(2.2, 3.2))
     else:
         gap = rng.uniform(0.3, 0.45) * size
         for sign in (-1, 1):
@@ -122,7 +122,7 @@ def _figure_blobs(rng: np.random.Generator, size: float) -> list[tuple[float, ..
 
 def _mitosis_alpha(rng: np.random.Generator, window: int) -> np.ndarray:
     """Soft mask [window, window] of one irregular figure centred in the window."""
-    size = rng.uniform(12.0, 24.0)
+    size = rng.uniform(14.0, 24.0)
     yy, xx = np.mgrid[0:window, 0:window].astype(np.float32) - (window - 1) / 2
     field = np.full((window, window), -np.inf, np.float32)
     for cy, cx, ry, rx, a in _figure_blobs(rng, size):
@@ -164,14 +164,25 @@ def _textured(rng: np.random.Generator, base: np.ndarray, window: int, grain: fl
 _CELL = 4  # planting masks are computed on 4 x 4 px cells: whole slides in milliseconds
 
 
-def _planting_cells(tile: np.ndarray) -> np.ndarray:
-    """Cells where a figure may sit: mostly tissue (OD mask), small gaps closed, and about
-    8 px inside the tissue (not on a fibre's edge)."""
+# Figures go where they can be seen: tissue whose local brightness (mean RGB over ~24 px) is
+# at least this. Figures are ~20-40; the darkest cmu stroma and keratin (~70-100, 28% of its
+# tissue, 4% of the TCGA slide's) would hide them, and an annotator would not mark them there.
+MIN_BACKGROUND = 110.0
+
+
+def _planting_cells(tile: np.ndarray, min_background: float = 0.0) -> np.ndarray:
+    """Cells where a figure may sit: mostly tissue (OD mask), small gaps closed, about 8 px
+    inside the tissue (not on a fibre's edge), and locally at least `min_background` bright."""
     h, w = (tile.shape[0] // _CELL) * _CELL, (tile.shape[1] // _CELL) * _CELL
     share = od_tissue_mask(tile[:h, :w]).reshape(h // _CELL, _CELL, w // _CELL, _CELL)
     cells = share.mean(axis=(1, 3)) >= 0.5
     cells = ndi.binary_closing(cells, iterations=1)
-    return ndi.binary_erosion(cells, iterations=2, border_value=0)
+    cells = ndi.binary_erosion(cells, iterations=2, border_value=0)
+    if min_background > 0:
+        gray = tile[:h, :w].astype(np.float32).mean(axis=2)
+        local = gray.reshape(h // _CELL, _CELL, w // _CELL, _CELL).mean(axis=(1, 3))
+        cells &= ndi.uniform_filter(local, size=24 // _CELL) >= min_background
+    return cells
 
 
 def _positions(
@@ -228,7 +239,7 @@ def plant_mitoses(
     """
     window = 40
     spots = _positions(
-        _planting_cells(tile),
+        _planting_cells(tile, MIN_BACKGROUND),
         count,
         rng,
         shape=tile.shape,
@@ -247,7 +258,7 @@ def plant_mitoses(
             ring = np.clip(ndi.gaussian_filter(alpha, 4.0) * 2.2, 0, 1) * rng.uniform(0.25, 0.5)
             halo = np.array([rng.uniform(215, 240), rng.uniform(190, 215), 230.0], np.float32)
             _composite(out, top, left, ring, halo)
-        base = np.array([rng.uniform(15, 45), rng.uniform(5, 25), rng.uniform(30, 70)], np.float32)
+        base = np.array([rng.uniform(10, 40), rng.uniform(4, 22), rng.uniform(25, 60)], np.float32)
         _composite(out, top, left, alpha, _textured(rng, base, window, 0.18))
         weight = alpha.sum()
         centroids.append(
@@ -364,6 +375,26 @@ def _sample_crop(
 # Mitosis detector data set (TUPAC16 auxiliary layout).
 
 
+def scanner_jpeg(image: np.ndarray, quality: int = 90) -> np.ndarray:
+    """The image after a JPEG (YCbCr 4:2:0) round trip, as a scanner stores tiles.
+
+    Figures planted into decoded tissue have full-resolution chroma edges that no scanned
+    image has; a detector trained on them learns that cue and then fires on hundreds of
+    nuclei once the same tissue is JPEG-compressed (measured: 5 -> 663 false positives on
+    40 regions). Compressing after planting gives figures and tissue the same history.
+    """
+    import imagecodecs
+
+    data = imagecodecs.jpeg_encode(
+        np.ascontiguousarray(image),
+        level=quality,
+        subsampling=(2, 2),
+        colorspace="RGB",
+        outcolorspace="YCBCR",
+    )
+    return np.asarray(imagecodecs.jpeg_decode(data))
+
+
 def _write_centroids(path: Path, centroids: Sequence[tuple[float, float]]) -> None:
     """TUPAC16 auxiliary CSV: one `row,col` line per mitosis, integer pixels, no header."""
     with path.open("w", newline="") as f:
@@ -383,13 +414,16 @@ def make_mitosis_dataset(
     empty_fraction: float = 0.25,
     mitoses_per_region: tuple[int, int] = (1, 6),
     mimics_per_mm2: float = MIMICS_PER_MM2,
+    jpeg_quality: int | None = 90,
     source_dir: Path | None = None,
 ) -> Path:
     """Write `<case>/<region>.tif` (RGB TIFF) + `<case>/<region>.csv` (`row,col` centroids;
     no CSV for a region without mitoses, as in TUPAC16) and `dataset.json`; returns out_dir.
 
     A share `empty_fraction` of regions gets no mitosis (but mimics and real dark nuclei),
-    so negatives from mitosis-free tissue are part of the data. Deterministic for a seed.
+    so negatives from mitosis-free tissue are part of the data. Regions go through
+    `scanner_jpeg` at `jpeg_quality` (None: not) before being stored losslessly, as the
+    challenge's regions were cut from JPEG-compressed scans. Deterministic for a seed.
     Only `mpp=0.5` tissue is available (the sources are 20x); other values only label the data.
     """
     if cases < 1 or regions_per_case < 1 or region_size < 128:
@@ -412,6 +446,8 @@ def make_mitosis_dataset(
             n = 0 if rng.random() < empty_fraction else int(rng.integers(lo, hi + 1))
             image, centroids = plant_mitoses(image, n, rng)
             image = plant_mimics(image, int(rng.poisson(mimic_count)), rng, avoid=centroids)
+            if jpeg_quality:
+                image = scanner_jpeg(image, jpeg_quality)
             name = f"{region:02d}"
             tifffile.imwrite(case_dir / f"{name}.tif", image, photometric="rgb", compression="zlib")
             csv_path = case_dir / f"{name}.csv"
@@ -433,6 +469,7 @@ def make_mitosis_dataset(
         "mitoses": total,
         "region_size": region_size,
         "mimics_per_mm2": mimics_per_mm2,
+        "jpeg_quality": jpeg_quality,
         "sources": list(DEFAULT_SOURCES),
     }
     (out / "dataset.json").write_text(json.dumps(meta, indent=2))
