@@ -43,8 +43,10 @@ lint: setup
 	$(VENV)/bin/ruff check services tests bench
 	$(VENV)/bin/ruff format --check services tests bench
 
+# Writes bench/results.json, then the README's benchmark table (tests/test_readme.py checks it).
 bench: setup
 	$(PY) -m bench.run
+	$(PY) -m bench.table --write-readme
 
 # Offline Kubernetes checks: render k8s/ overlays and the Helm chart, validate them against the
 # pinned Kubernetes schemas (kubernetes-validate --strict) and check policy and code consistency.
