@@ -14,9 +14,9 @@ from prolifscore.v1 import training_pb2 as tpb
 # The "quick" profile: what `make demo` trains (minutes on 2 cores; the machinery, not accuracy).
 QUICK_TUMOR: dict[str, Any] = {
     "head_epochs": 0,
-    "finetune_epochs": 3,
+    "finetune_epochs": 2,
     "unfreeze": "all",
-    "steps_per_epoch": 30,
+    "steps_per_epoch": 12,
     "early_stopping_patience": 0,
     "restore_best": False,
     "max_eval_tiles_per_slide": 16,
@@ -69,8 +69,10 @@ def run_training(request: tpb.TrainRequest, settings: TrainingSettings) -> tpb.M
                 weights=request.weights or settings.weights,
                 workers=request.workers or settings.workers,
                 cpus_per_worker=settings.cpus_per_worker,
-                **(QUICK_TUMOR if quick else {}),
-                **({"finetune_epochs": request.epochs} if request.epochs else {}),
+                **{
+                    **(QUICK_TUMOR if quick else {}),
+                    **({"finetune_epochs": request.epochs} if request.epochs else {}),
+                },
             )
             result = train_tumor(
                 config,
@@ -86,8 +88,10 @@ def run_training(request: tpb.TrainRequest, settings: TrainingSettings) -> tpb.M
             )
         elif request.model == MITOSIS_MODEL:
             mconfig = MitosisTrainConfig(
-                **(QUICK_MITOSIS if quick else {}),
-                **({"epochs": request.epochs} if request.epochs else {}),
+                **{
+                    **(QUICK_MITOSIS if quick else {}),
+                    **({"epochs": request.epochs} if request.epochs else {}),
+                }
             )
             mresult = train_mitosis(mconfig, request.dataset, model_root)
             path, metrics, fingerprint = mresult.export_dir, mresult.metrics, mresult.fingerprint

@@ -51,16 +51,23 @@ class TrainingService:
                     with metrics.DURATION.labels(NAME, "run").time():
                         published = run_training(request, self.settings)
                     metrics.SLIDES.labels(NAME, "trained").inc()
-                except TrainingFailed as exc:
-                    log.warning(
-                        "training failed",
-                        extra={"request_id": request.request_id, "error": str(exc)},
-                    )
+                except Exception as exc:
+                    # Reported and dead-lettered, never retried in a loop: a run that failed
+                    # once (bad request, bug, lost worker) is resubmitted under a new id.
+                    if isinstance(exc, TrainingFailed):
+                        error = str(exc)
+                        log.warning(
+                            "training failed",
+                            extra={"request_id": request.request_id, "error": error},
+                        )
+                    else:
+                        error = f"internal error: {type(exc).__name__}: {exc}"
+                        log.exception("training crashed", extra={"request_id": request.request_id})
                     published = tpb.ModelPublished(
-                        model=request.model, request_id=request.request_id, error=str(exc)
+                        model=request.model, request_id=request.request_id, error=error
                     )
                     published.time.GetCurrentTime()
-                    self.bus.dead_letter(record, str(exc), NAME)
+                    self.bus.dead_letter(record, error, NAME)
                     metrics.FAILURES.labels(NAME, "run").inc()
                 write_atomic(path, json_format.MessageToJson(published).encode())
             self.bus.publish(self.settings.topic_models, published.model, published)
