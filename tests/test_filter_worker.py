@@ -50,7 +50,7 @@ def test_each_slide_is_opened_once_per_worker(tmp_path):
 def test_failure_half_way_leaves_no_partial_shard(tmp_path, monkeypatch):
     task = _tasks(batch_size=16)[0]
     calls = {"n": 0}
-    real = preprocess.TileSource.process
+    real = preprocess.TileSource.read  # runs in the worker's reader thread
 
     def flaky(self, tile):
         calls["n"] += 1
@@ -58,7 +58,7 @@ def test_failure_half_way_leaves_no_partial_shard(tmp_path, monkeypatch):
             raise OSError("disk read error in the middle of a batch")
         return real(self, tile)
 
-    monkeypatch.setattr(preprocess.TileSource, "process", flaky)
+    monkeypatch.setattr(preprocess.TileSource, "read", flaky)
     worker = BatchFilter(str(tmp_path), (str(SLIDES),))
     result = worker.process(task.SerializeToString())
     assert "disk read error" in result["error"]

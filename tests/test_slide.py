@@ -1,5 +1,6 @@
 """Opening slides, the tiffslide fallback, path confinement and readable errors."""
 
+import numpy as np
 import pytest
 
 from prolifscore.core.slide import (
@@ -50,3 +51,26 @@ def test_symlink_out_of_root_denied(tmp_path):
     (root / "escape.svs").symlink_to(CMU)
     with pytest.raises(SlidePathDenied):
         confine_path(root / "escape.svs", [root])
+
+
+def _public_read(slide, x, y, level, w, h):
+    """RGB through openslide-python's public read_region (PIL), as Slide.read once did."""
+    image = slide._h.read_region((x, y), level, (w, h))
+    rgba = np.asarray(image)
+    rgb = rgba[..., :3].copy()
+    rgb[rgba[..., 3] == 0] = 255
+    return rgb
+
+
+@pytest.mark.parametrize("path", [CMU, TCGA], ids=["cmu", "tcga"])
+def test_fast_read_equals_public_read_region(path):
+    """Slide.read decodes into a numpy buffer (no PIL image); the pixels are the same, also
+    where the region leaves the slide (transparent -> white) and on a coarse level."""
+    with open_slide(path) as s:
+        assert s.backend == "openslide"
+        w, h = s.dimensions
+        regions = [(x, y, 0, 256, 256) for x in range(0, w - 256, 331) for y in (0, h // 2)]
+        regions += [(w - 100, h - 100, 0, 256, 256), (-50, -30, 0, 300, 200)]
+        regions.append((0, 0, s.level_count - 1, *s.level_dimensions[-1]))
+        for region in regions:
+            assert np.array_equal(s.read(*region), _public_read(s, *region)), region

@@ -12,7 +12,9 @@ from prolifscore.core.tfrecord import (
     parse_tile_example,
     read_records,
     tile_example,
+    tile_example_parts,
 )
+from prolifscore.v1 import tf_example_pb2 as tfx
 
 
 def _example(i: int) -> bytes:
@@ -105,3 +107,53 @@ def test_tensorflow_reads_our_shards(tmp_path):
         env={"TF_CPP_MIN_LOG_LEVEL": "3", "PATH": "/usr/bin:/bin"},
     ).stdout.split("\n")
     assert out[:2] == ["0 s1 0 0.25", "1 s1 1 0.25"]
+
+
+def _protobuf_example(tile: np.ndarray, **meta) -> tfx.Example:
+    """The same Example built with the protobuf runtime (the encoder tile_example replaced)."""
+
+    def b(v):
+        return tfx.Feature(bytes_list=tfx.BytesList(value=[v]))
+
+    def i(v):
+        return tfx.Feature(int64_list=tfx.Int64List(value=[v]))
+
+    def f(v):
+        return tfx.Feature(float_list=tfx.FloatList(value=[v]))
+
+    h, w, c = tile.shape
+    feats = {"image": b(tile.tobytes()), "height": i(h), "width": i(w), "channels": i(c)}
+    feats |= {k: b(meta[k].encode()) for k in ("slide_id", "split", "spec_hash")}
+    feats |= {k: i(meta[k]) for k in ("col", "row", "x", "y", "level", "tumor_score")}
+    feats |= {k: f(meta[k]) for k in ("molecular_score", "tissue")}
+    return tfx.Example(features=tfx.Features(feature=feats))
+
+
+@pytest.mark.parametrize(
+    "shape,score,molecular,slide_id",
+    [
+        ((256, 256, 3), -1, 1.5, "large"),
+        ((8, 8, 3), 3, -0.25, "s1"),
+        ((300, 200, 3), 2**40, 0.0, "ü" * 90),
+    ],
+)
+def test_hand_encoded_example_is_the_protobuf_example(tmp_path, shape, score, molecular, slide_id):
+    tile = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
+    meta = dict(
+        slide_id=slide_id, col=1234, row=2**31 + 5, x=-7, y=0, level=2, tumor_score=score,
+        molecular_score=molecular, split="validation", spec_hash="abc123", tissue=0.9371,
+    )  # fmt: skip
+    parts = tile_example_parts(tile, **meta)
+    data = tile_example(tile, **meta)
+    expected = _protobuf_example(tile, **meta)
+    assert data == b"".join(parts) and len(data) == expected.ByteSize()
+    assert tfx.Example.FromString(data) == expected
+    nan = tfx.Example.FromString(tile_example(tile, **{**meta, "molecular_score": float("nan")}))
+    assert np.isnan(nan.features.feature["molecular_score"].float_list.value[0])
+    whole, pieces = tmp_path / "whole.tfrecord", tmp_path / "pieces.tfrecord"
+    for path, record in ((whole, data), (pieces, parts)):
+        with AtomicShardWriter(path) as w:
+            w.write(record)
+            w.commit()
+    assert whole.read_bytes() == pieces.read_bytes()
+    assert list(read_records(pieces)) == [data]

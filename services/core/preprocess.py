@@ -10,8 +10,11 @@ from __future__ import annotations
 import hashlib
 import json
 import zlib
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Executor, Future, wait
 from dataclasses import dataclass, field
+from itertools import islice
 
 import numpy as np
 from PIL import Image
@@ -173,6 +176,7 @@ def plan_slide(
 
 
 STAIN_FIT_TILES = 16
+READ_AHEAD = 4  # tiles decoded ahead of the tissue test and shard writing (~200 KiB each)
 
 
 def fit_stain(slide: Slide, spec: pb.ResolvedSpec, candidates: list[pb.Tile]) -> pb.StainFit:
@@ -217,11 +221,37 @@ class TileSource:
 
     def process(self, tile: pb.Tile) -> tuple[np.ndarray, float] | None:
         """(pixels as stored, tissue fraction) of a kept tile, else None."""
-        rgb = self.read(tile)
+        return self.finish(tile, self.read(tile))
+
+    def finish(self, tile: pb.Tile, rgb: np.ndarray) -> tuple[np.ndarray, float] | None:
+        """`process` after the read: tissue test and stain normalization of `rgb`."""
         keep, fraction = self.keep(tile, rgb)
         if not keep:
             return None
         return (self.normalize(rgb) if self.normalize else rgb), fraction
+
+    def read_ahead(
+        self, tiles: Sequence[pb.Tile], reader: Executor, depth: int = READ_AHEAD
+    ) -> Iterator[tuple[pb.Tile, np.ndarray]]:
+        """(tile, `read(tile)`) in order, the reads done by `reader` (one thread) up to
+        `depth` tiles ahead of the consumer. OpenSlide decodes without the GIL, so the
+        caller's tissue test, encoding and writing overlap the next tiles' decoding. A read's
+        exception is raised here, at its tile. On exit (also early) no read is left running."""
+        pending: deque[tuple[pb.Tile, Future[np.ndarray]]] = deque()
+        todo = iter(tiles)
+        try:
+            for tile in islice(todo, depth):
+                pending.append((tile, reader.submit(self.read, tile)))
+            while pending:
+                tile, future = pending.popleft()
+                nxt = next(todo, None)
+                if nxt is not None:
+                    pending.append((nxt, reader.submit(self.read, nxt)))
+                yield tile, future.result()
+        finally:
+            for _, future in pending:
+                future.cancel()
+            wait([f for _, f in pending])
 
 
 def _normalizer(kind: int, fit: pb.StainFit):  # type: ignore[no-untyped-def]

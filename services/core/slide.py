@@ -6,7 +6,10 @@ becomes a `SlideError` subclass whose message is safe to show a user (status eve
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import os
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -89,6 +92,9 @@ class Slide:
         if self.backend == "tiffslide":
             arr = self._h.read_region((x, y), level, (width, height), as_array=True)
             return np.ascontiguousarray(arr[..., :3])
+        fast = _openslide_fast_read()
+        if fast is not None and width > 0 and height > 0:
+            return fast(self._h, x, y, level, width, height)
         image = self._h.read_region((x, y), level, (width, height))
         if image.getextrema()[3][0] == 255:  # fully opaque: PIL's RGB conversion, no numpy copy
             return np.asarray(image.convert("RGB"))
@@ -115,6 +121,47 @@ class Slide:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+@functools.cache
+def _openslide_fast_read() -> Any:
+    """`openslide_read_region` straight into a numpy buffer, or None where that is not possible.
+
+    OpenSlide returns premultiplied ARGB (native-endian uint32: B, G, R, A bytes on
+    little-endian machines). Where every pixel is opaque, premultiplied and straight colour
+    are the same, so RGB is three channel copies: no PIL image, no `tobytes`, no RGBA->RGB
+    conversion (together ~1.5 ms of a 256 px tile, about half of the decode itself). Otherwise
+    OpenSlide's own `argb2rgba` un-premultiplies, as `OpenSlide.read_region` does, and
+    transparent pixels become white: the same pixels as the public path, bit for bit.
+    The ctypes call releases the GIL, so a reader thread overlaps decoding with other work.
+    """
+    if sys.byteorder != "little":
+        return None
+    try:
+        from openslide import _convert, lowlevel
+
+        c_read = lowlevel._read_region  # private; checked here, public path otherwise
+    except (ImportError, AttributeError):
+        return None
+    pointer = ctypes.POINTER(ctypes.c_uint32)
+
+    def read(handle: Any, x: int, y: int, level: int, width: int, height: int) -> np.ndarray:
+        buf = np.empty((height, width), np.uint32)
+        c_read(handle._osr, buf.ctypes.data_as(pointer), x, y, level, width, height)
+        bgra = buf.view(np.uint8).reshape(height, width, 4)
+        if bgra[..., 3].min() == 255:
+            rgb = np.empty((height, width, 3), np.uint8)
+            rgb[..., 0] = bgra[..., 2]
+            rgb[..., 1] = bgra[..., 1]
+            rgb[..., 2] = bgra[..., 0]
+            return rgb
+        _convert.argb2rgba(buf)  # in place: R, G, B, A bytes, un-premultiplied
+        rgba = buf.view(np.uint8).reshape(height, width, 4)
+        rgb = rgba[..., :3].copy()
+        rgb[rgba[..., 3] == 0] = 255
+        return rgb
+
+    return read
 
 
 def _positive_float(value: Any) -> float | None:

@@ -7,10 +7,12 @@ the wire-compatible copy in protos/prolifscore/v1/tf_example.proto.
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import os
 import struct
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
@@ -27,9 +29,25 @@ class CorruptRecord(ValueError):
     pass
 
 
-def _masked_crc(data: bytes) -> int:
-    crc = google_crc32c.value(data)
+def _mask(crc: int) -> int:
     return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+def _masked_crc(data: bytes) -> int:
+    return _mask(google_crc32c.value(data))
+
+
+def _write_all(f: BinaryIO, pieces: Sequence[bytes]) -> None:
+    """os.writev of all pieces, resuming after a short write."""
+    views = [memoryview(p) for p in pieces if p]
+    fd = f.fileno()
+    while views:
+        done = os.writev(fd, views)
+        while views and done >= len(views[0]):
+            done -= len(views[0])
+            views.pop(0)
+        if views and done:
+            views[0] = views[0][done:]
 
 
 def frame(data: bytes) -> bytes:
@@ -59,6 +77,31 @@ def read_records(path: str | os.PathLike[str], verify: bool = True) -> Iterator[
             yield data
 
 
+WRITEBACK_BYTES = 1 << 20
+
+
+def _writeback_starter() -> Callable[[int, int, int], None]:
+    """Linux sync_file_range(SYNC_FILE_RANGE_WRITE): start writing a file range to disk
+    without waiting, so that the shard's fsync at commit finds most pages already written
+    instead of writing the whole shard then (~30 ms per 12 MiB shard here). A no-op where
+    unavailable; durability never depends on it."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.sync_file_range
+    except (OSError, AttributeError):
+        return lambda fd, offset, nbytes: None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+
+    def start(fd: int, offset: int, nbytes: int) -> None:
+        fn(fd, offset, nbytes, 2)  # SYNC_FILE_RANGE_WRITE; errors: fsync still follows
+
+    return start
+
+
+_start_writeback = _writeback_starter()
+
+
 class AtomicShardWriter:
     """Stream records into a temp file next to `path`; `commit()` fsyncs and renames it into
     place, so a shard is either complete or absent. Re-writing the same path replaces it."""
@@ -67,17 +110,31 @@ class AtomicShardWriter:
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
         self._tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-        self._f: BinaryIO = open(self._tmp, "wb")  # noqa: SIM115 - closed in commit/abort
+        # Unbuffered: each record goes out in one writev of its pieces.
+        self._f: BinaryIO = open(self._tmp, "wb", buffering=0)  # noqa: SIM115 - closed in commit/abort
         self._crc = google_crc32c.Checksum()
         self.count = 0
         self.size = 0
+        self._flushed = 0  # bytes handed to early writeback
 
-    def write(self, record: bytes) -> None:
-        framed = frame(record)
-        self._f.write(framed)
-        self._crc.update(framed)
+    def write(self, record: bytes | Sequence[bytes]) -> None:
+        """Append one record: its bytes, or its bytes in pieces (`tile_example_parts`), which
+        are framed and written without joining them (no copy of the pixels)."""
+        parts = (record,) if isinstance(record, bytes) else tuple(record)
+        length = sum(len(p) for p in parts)
+        header = _LEN.pack(length)
+        crc = 0
+        for p in parts:
+            crc = google_crc32c.extend(crc, p)
+        pieces = (header + _CRC.pack(_masked_crc(header)), *parts, _CRC.pack(_mask(crc)))
+        for p in pieces:
+            self._crc.update(p)
+        _write_all(self._f, pieces)
         self.count += 1
-        self.size += len(framed)
+        self.size += length + 16
+        if self.size - self._flushed >= WRITEBACK_BYTES:
+            _start_writeback(self._f.fileno(), self._flushed, self.size - self._flushed)
+            self._flushed = self.size
 
     @property
     def crc32c(self) -> str:
@@ -85,7 +142,8 @@ class AtomicShardWriter:
         return self._crc.hexdigest().decode()
 
     def commit(self) -> None:
-        self._f.flush()
+        """Durable, then visible: fsync the data, rename, fsync the folder. (Early writeback
+        in `write` only means less is left for this fsync to wait for.)"""
         os.fsync(self._f.fileno())
         self._f.close()
         os.replace(self._tmp, self.path)
@@ -124,16 +182,107 @@ def write_atomic(path: Path, data: bytes) -> None:
     fsync_dir(path.parent)
 
 
-def _bytes(*values: bytes) -> tfx.Feature:
-    return tfx.Feature(bytes_list=tfx.BytesList(value=list(values)))
+_ONE_BYTE = [bytes((i,)) for i in range(128)]
 
 
-def _ints(*values: int) -> tfx.Feature:
-    return tfx.Feature(int64_list=tfx.Int64List(value=list(values)))
+def _varint(n: int) -> bytes:
+    if 0 <= n < 128:
+        return _ONE_BYTE[n]
+    n &= 0xFFFFFFFFFFFFFFFF  # int64 as protobuf writes it: negatives in 10 bytes
+    out = bytearray()
+    while n > 0x7F:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
 
 
-def _floats(*values: float) -> tfx.Feature:
-    return tfx.Feature(float_list=tfx.FloatList(value=list(values)))
+def _field(tag: int, length: int) -> bytes:
+    """Key and length prefix of a length-delimited field (wire type 2) number `tag`."""
+    return _varint(tag << 3 | 2) + _varint(length)
+
+
+@functools.lru_cache(maxsize=256)
+def _entry(key: str, kind: int, n: int) -> tuple[bytes, int]:
+    """Head of one `Features.feature` map entry whose list payload is `n` bytes long (the
+    payload itself not included), and the entry's total size. Depends on the key, the kind
+    and the payload's length only, hence cached: the same few heads serve every tile.
+
+    Entry {1: key, 2: Feature {kind: List {1: payload}}}; kind 1 bytes_list, 2 float_list,
+    3 int64_list.
+    """
+    k = key.encode()
+    lst = _field(1, n)
+    feat = _field(kind, len(lst) + n)
+    body = b"\n" + _varint(len(k)) + k + _field(2, len(feat) + len(lst) + n) + feat + lst
+    head = _field(1, len(body) + n)  # Features.feature = 1
+    return head + body, len(head) + len(body) + n
+
+
+def _small(key: str, kind: int, payload: bytes) -> bytes:
+    return _entry(key, kind, len(payload))[0] + payload
+
+
+def _int(key: str, value: int) -> bytes:
+    return _small(key, 3, _varint(value))
+
+
+def _float(key: str, value: float) -> bytes:
+    return _small(key, 2, _F32.pack(value))
+
+
+def _str(key: str, value: str) -> bytes:
+    return _small(key, 1, value.encode())
+
+
+_F32 = struct.Struct("<f")
+
+
+def tile_example_parts(
+    tile: np.ndarray,
+    *,
+    slide_id: str,
+    col: int,
+    row: int,
+    x: int,
+    y: int,
+    level: int,
+    tumor_score: int,
+    molecular_score: float,
+    split: str,
+    spec_hash: str,
+    tissue: float,
+) -> tuple[bytes, bytes, bytes]:
+    """`tile_example` as (head, pixels, tail): concatenated, the serialized Example.
+
+    Encoded by hand (the wire format of tf.train.Example, one value per feature, packed
+    numbers, as protobuf writes them): the protobuf runtime copies the pixels twice and costs
+    ~1 ms per 256 px tile in Python; here the pixels are copied once (`tobytes`) and the
+    shard writer frames and writes the pieces without joining them.
+    """
+    h, w, c = tile.shape
+    pixels = np.ascontiguousarray(tile, dtype=np.uint8).tobytes()
+    image_head, image_size = _entry("image", 1, len(pixels))
+    tail = b"".join(
+        (
+            _int("height", h),
+            _int("width", w),
+            _int("channels", c),
+            _str("slide_id", slide_id),
+            _int("col", col),
+            _int("row", row),
+            _int("x", x),
+            _int("y", y),
+            _int("level", level),
+            _int("tumor_score", tumor_score),
+            _float("molecular_score", molecular_score),
+            _str("split", split),
+            _str("spec_hash", spec_hash),
+            _float("tissue", tissue),
+        )
+    )
+    head = _field(1, image_size + len(tail)) + image_head  # Example.features = 1
+    return head, pixels, tail
 
 
 def tile_example(
@@ -154,25 +303,22 @@ def tile_example(
     """One tile as a serialized tf.train.Example. Unknown labels: tumor_score -1,
     molecular_score NaN. `image` holds raw uint8 HWC bytes (no codec: 8x smaller than the
     seed's float64 vectors and nothing to decode at training time)."""
-    h, w, c = tile.shape
-    feats = {
-        "image": _bytes(np.ascontiguousarray(tile, dtype=np.uint8).tobytes()),
-        "height": _ints(h),
-        "width": _ints(w),
-        "channels": _ints(c),
-        "slide_id": _bytes(slide_id.encode()),
-        "col": _ints(col),
-        "row": _ints(row),
-        "x": _ints(x),
-        "y": _ints(y),
-        "level": _ints(level),
-        "tumor_score": _ints(tumor_score),
-        "molecular_score": _floats(molecular_score),
-        "split": _bytes(split.encode()),
-        "spec_hash": _bytes(spec_hash.encode()),
-        "tissue": _floats(tissue),
-    }
-    return tfx.Example(features=tfx.Features(feature=feats)).SerializeToString()
+    return b"".join(
+        tile_example_parts(
+            tile,
+            slide_id=slide_id,
+            col=col,
+            row=row,
+            x=x,
+            y=y,
+            level=level,
+            tumor_score=tumor_score,
+            molecular_score=molecular_score,
+            split=split,
+            spec_hash=spec_hash,
+            tissue=tissue,
+        )
+    )
 
 
 def parse_tile_example(data: bytes) -> dict[str, object]:

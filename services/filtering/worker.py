@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
 from prolifscore.core.preprocess import TileSource
 from prolifscore.core.shards import shard_path, write_marker
 from prolifscore.core.slide import Slide, SlideError, confine_path, open_slide
-from prolifscore.core.tfrecord import AtomicShardWriter, tile_example
+from prolifscore.core.tfrecord import AtomicShardWriter, tile_example_parts
 from prolifscore.v1 import pipeline_pb2 as pb
 
 SPLIT_NAMES = {pb.SPLIT_TRAIN: "train", pb.SPLIT_VALIDATION: "validation"}
@@ -25,6 +27,13 @@ class BatchFilter:
         self._slides: OrderedDict[str, Slide] = OrderedDict()
         self._sources: OrderedDict[tuple[str, str], TileSource] = OrderedDict()
         self.opens = 0  # for tests: slides opened by this worker
+        self._reader: ThreadPoolExecutor | None = None  # decodes tiles ahead (1 thread)
+
+    @property
+    def reader(self) -> ThreadPoolExecutor:
+        if self._reader is None:
+            self._reader = ThreadPoolExecutor(1, thread_name_prefix="tile-reader")
+        return self._reader
 
     def _source(self, task: pb.TileTask) -> TileSource:
         key = (task.path, task.spec.spec_hash)
@@ -75,14 +84,17 @@ class BatchFilter:
             )
             split = SPLIT_NAMES.get(task.split, "train")
             kept: list[list[int]] = []
-            with AtomicShardWriter(path) as writer:
-                for tile in task.tiles:
-                    result = source.process(tile)
+            with (
+                AtomicShardWriter(path) as writer,
+                closing(source.read_ahead(task.tiles, self.reader)) as tiles,
+            ):
+                for tile, rgb in tiles:
+                    result = source.finish(tile, rgb)
                     if result is None:
                         continue
                     pixels, fraction = result
                     writer.write(
-                        tile_example(
+                        tile_example_parts(
                             pixels,
                             slide_id=task.slide_id,
                             col=tile.col,
