@@ -38,6 +38,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     )
     p.add_argument("--out", type=Path, default=Path("demo-output"), help="output folder")
     p.add_argument("--synthetic-slides", type=int, default=12, help="labelled synthetic slides")
+    p.add_argument("--synthetic-size", type=int, default=2048, help="synthetic slide side (px)")
+    p.add_argument("--mitosis-cases", type=int, default=6, help="synthetic mitosis cases")
+    p.add_argument("--mitosis-regions", type=int, default=6, help="regions per mitosis case")
+    p.add_argument(
+        "--input-size", type=int, default=0, help="tumor model input (0: the quick profile's)"
+    )
+    p.add_argument("--epochs", type=int, default=0, help="training epochs (0: the quick profile's)")
     p.add_argument("--score", default="cmu-1-small-region", help="real slide (id) to score")
     p.add_argument("--timeout", type=float, default=900.0)
     p.set_defaults(func=run)
@@ -114,8 +121,15 @@ def run(args: argparse.Namespace) -> int:
     shutil.rmtree(out, ignore_errors=True)
     real = args.slides.resolve()
     _step("making a labelled synthetic set from real tissue (planted mitoses)")
-    synthetic = make_synthetic_slides(out / "synthetic", slides=args.synthetic_slides, seed=7)
-    mitosis_data = make_mitosis_dataset(out / "mitosis-data", cases=6, regions_per_case=6, seed=7)
+    synthetic = make_synthetic_slides(
+        out / "synthetic", slides=args.synthetic_slides, size_px=args.synthetic_size, seed=7
+    )
+    mitosis_data = make_mitosis_dataset(
+        out / "mitosis-data",
+        cases=args.mitosis_cases,
+        regions_per_case=args.mitosis_regions,
+        seed=7,
+    )
     env = {
         "PROLIF_SLIDE_ROOTS": f"{real},{synthetic}",
         "PROLIF_TILES_ROOT": str(out / "tiles"),
@@ -158,7 +172,12 @@ def run(args: argparse.Namespace) -> int:
             _step("training both models (quick profile) through the training service")
             for model, dataset in (("mitosis", mitosis_data), ("resnet50", out / "tiles")):
                 req = tpb.TrainRequest(
-                    request_id=f"demo-{model}", model=model, dataset=str(dataset), profile="quick"
+                    request_id=f"demo-{model}",
+                    model=model,
+                    dataset=str(dataset),
+                    profile="quick",
+                    epochs=args.epochs,
+                    input_size=args.input_size if model == "resnet50" else 0,
                 )
                 bus.publish("prolif.train.requests", req.request_id, req)
             bus.flush()

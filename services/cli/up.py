@@ -73,15 +73,34 @@ def run_down(args: argparse.Namespace) -> int:
     if state is None:
         print("nothing running", file=sys.stderr)
         return 0
-    os.kill(state["pid"], signal.SIGTERM)
-    for _ in range(240):
-        try:
-            os.kill(state["pid"], 0)
-        except ProcessLookupError:
-            return 0
+    pid = state["pid"]
+    if not _alive(pid):
+        print(f"stack {pid} is gone (crashed?); removing its state file", file=sys.stderr)
+        (args.run_dir / STATE).unlink(missing_ok=True)
+        return 1
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 300  # services get a grace period each, then Ray, the broker
+    while time.monotonic() < deadline:
+        if not (args.run_dir / STATE).exists() or not _alive(pid):
+            return 0  # `up` removes the state file once everything it started has stopped
         time.sleep(0.5)
-    print(f"stack {state['pid']} still running", file=sys.stderr)
+    print(f"stack {pid} still running", file=sys.stderr)
     return 1
+
+
+def _alive(pid: int) -> bool:
+    """Whether `pid` runs: a zombie (exited, not yet reaped by its parent) does not."""
+    if not Path("/proc/self").exists():  # not Linux: no zombie check
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def run_status(args: argparse.Namespace) -> int:

@@ -47,14 +47,18 @@ class ServiceProcess:
     def grpc_address(self) -> str:
         return f"127.0.0.1:{self.grpc_port}"
 
-    def start(self, timeout: float = 90.0) -> ServiceProcess:
+    def launch(self) -> ServiceProcess:
+        """Start the process without waiting: several services start side by side."""
         env = {**os.environ, **self.env, self.port_env: str(self.grpc_port)}
         env.setdefault("PROLIF_METRICS_PORT", "0")
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", self.module], env=env, stdout=log, stderr=subprocess.STDOUT
             )
-        self.wait_serving(timeout)
+        return self
+
+    def start(self, timeout: float = 90.0) -> ServiceProcess:
+        self.launch().wait_serving(timeout)
         return self
 
     def alive(self) -> bool:
@@ -136,9 +140,13 @@ class EmbeddedStack:
                     )
             if "modelserver" in procs:  # clients must know its address before they start
                 self.env["PROLIF_MODEL_SERVER"] = procs["modelserver"].grpc_address
+            # Side by side: each waits on its own imports and group join (seconds each), and
+            # clients of the model server retry until it serves.
             for name, proc in procs.items():
                 proc.env = self.env
-                self.processes[name] = proc.start(timeout=180)
+                self.processes[name] = proc.launch()
+            for proc in procs.values():
+                proc.wait_serving(timeout=180)
         except BaseException:
             self.stop()
             raise
