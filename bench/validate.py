@@ -107,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--input-size", type=int, default=64, help="tumor model input (px)")
     parser.add_argument("--steps", type=int, default=40, help="tumor model steps per epoch")
     parser.add_argument("--epochs", type=int, default=4, help="tumor model epochs")
+    parser.add_argument("--lr", type=float, default=3e-4, help="tumor model Adam learning rate")
     parser.add_argument(
         "--parts", default="mitosis,tumor", help="comma list of mitosis, tumor (route needs both)"
     )
@@ -148,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         input_size=args.input_size,
         steps_per_epoch=args.steps,
         epochs=args.epochs,
+        finetune_lr=args.lr,
     )
     results.update({"tumor_model_kappa": tumor["tumor_model_kappa"], "tumor_detail": tumor})
     print(f"tumor model: kappa {tumor['tumor_model_kappa']:.3f}", flush=True)

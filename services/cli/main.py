@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+
+# TensorFlow's C++ start-up chatter (CUDA probing, CPU features) is not for CLI users; services
+# keep it in their logs. Before anything imports TensorFlow.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from prolifscore.cli import demo, ingest, score, train, up
 
