@@ -470,3 +470,12 @@ def test_evaluate_predictions_formats(tmp_path: Path) -> None:
     with pytest.raises(EvaluationError, match="does not exist"):
         evaluate_predictions(tmp_path / "none.csv", gt_ids)
     json.dumps(r)  # the CLI prints it
+
+
+def test_relative_roots_give_absolute_shard_paths(
+    small_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ray Train workers run in their own directory: a relative path would not be found."""
+    monkeypatch.chdir(small_root.parent)
+    shards = find_shards(small_root.name)
+    assert shards and all(Path(s.path).is_absolute() and Path(s.path).is_file() for s in shards)

@@ -105,7 +105,7 @@ def find_shards(
     Raises `DatasetError` for a missing or empty data set, labels outside 1-3, unlabelled slides
     (when `require_labels`) and listed shards that are missing on disk.
     """
-    root = Path(dataset_dir)
+    root = Path(dataset_dir).resolve()  # Ray Train workers run in another directory
     if not root.is_dir():
         raise DatasetError(f"data set directory {root} does not exist")
     manifests = sorted(root.rglob("*.manifest.json"))
