@@ -114,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=OUT, help="figures file")
     args = parser.parse_args(argv)
     parts = set(args.parts.split(","))
+    args.work = args.work.resolve()  # slide roots and Ray workers need absolute paths
     from prolifscore.core.raycluster import init_ray
     from prolifscore.training.mitosis import validate_mitosis
     from prolifscore.training.synthetic import make_synthetic_slides
