@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -81,7 +83,11 @@ class RayHead:
         if self.num_cpus:
             cmd.append(f"--num-cpus={self.num_cpus}")
         out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
-        self.proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
+        # Its own process group: every Ray process of this head can be ended together (Ctrl-C
+        # in a terminal reaches the caller, which stops the head).
+        self.proc = subprocess.Popen(
+            cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -96,11 +102,33 @@ class RayHead:
         raise TimeoutError(f"ray head on {self.address} not ready after {timeout}s")
 
     def stop(self, timeout: float = 30.0) -> None:
-        """SIGTERM to `ray start --block` stops every process it started."""
-        if self.proc and self.proc.poll() is None:
+        """SIGTERM to `ray start --block` drains the node and stops what it started; Ray's
+        per-node agents (dashboard, runtime-env) can outlive it by tens of seconds, so the
+        rest of its process group is then ended too."""
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
             self.proc.terminate()
             try:
                 self.proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        end_process_group(self.proc.pid)
+
+
+def end_process_group(pgid: int, grace: float = 5.0) -> None:
+    """SIGTERM to every process left in group `pgid`, SIGKILL after `grace` seconds."""
+    try:
+        os.killpg(pgid, signal.SIGTERM)
+    except ProcessLookupError:
+        return  # the group is empty
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        time.sleep(0.2)
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return
+    with contextlib.suppress(ProcessLookupError):  # gone meanwhile
+        os.killpg(pgid, signal.SIGKILL)  # also reached by unreaped zombies: harmless
