@@ -61,8 +61,18 @@ def preprocess_with_services(slide_dir: Path, labels: Path, out: Path) -> dict[s
     }
 
 
+def detector_threshold(model_root: Path) -> float:
+    """The operating point training chose for the newest mitosis version (its metadata), which
+    scoring must use: the service default (`PROLIF_MITOSIS_THRESHOLD`) is not that point."""
+    versions = [p for p in (model_root / "mitosis").iterdir() if p.name.isdigit()]
+    newest = max(versions, key=lambda p: int(p.name))
+    meta = json.loads((newest / "assets.extra" / "prolifscore.json").read_text())
+    return float(meta["threshold"])
+
+
 def mitosis_route(slide_dir: Path, model_root: Path, slide_ids: list[str]) -> dict[str, Any]:
     from prolifscore.core.settings import PreprocessSettings
+    from prolifscore.scoring.mitosis import MitosisGrading
     from prolifscore.scoring.model_client import InProcessModels
     from prolifscore.scoring.scorer import ScoringOptions, score_slide
     from prolifscore.training.evaluation import quadratic_weighted_kappa
@@ -73,12 +83,16 @@ def mitosis_route(slide_dir: Path, model_root: Path, slide_ids: list[str]) -> di
         for r in csv.DictReader((slide_dir / "ground_truth.csv").read_text().splitlines())
     }
     models = InProcessModels(model_root)
+    threshold = detector_threshold(model_root)
+    options = ScoringOptions(
+        preprocess=PreprocessSettings(), grading=MitosisGrading(threshold=threshold)
+    )
     rows = []
     for slide_id in slide_ids:
         result = score_slide(
             spb.ScoreRequest(path=str(slide_dir / f"{slide_id}.tiff")),
             slide_roots=(str(slide_dir),),
-            options=ScoringOptions(preprocess=PreprocessSettings()),
+            options=options,
             models=models,
         )
         rows.append(
@@ -90,6 +104,7 @@ def mitosis_route(slide_dir: Path, model_root: Path, slide_ids: list[str]) -> di
         "mitosis_route_kappa": quadratic_weighted_kappa(y, [r[1] for r in rows]),
         "tumor_model_scoring_kappa": quadratic_weighted_kappa(y, [r[2] for r in rows]),
         "mitosis_route_slides": len(rows),
+        "mitosis_route_threshold": threshold,
         "mitosis_route_rows": [list(r) for r in rows],
     }
 
