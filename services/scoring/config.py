@@ -36,7 +36,12 @@ class ScoringSettings:
     aggregation: str = env(
         "PROLIF_AGGREGATION", "mean", "Slide score from tiles: mean (probability) or rounded_mean"
     )
-    mitosis_threshold: float = env("PROLIF_MITOSIS_THRESHOLD", 0.5, "Mitosis detection threshold")
+    mitosis_threshold: float = env(
+        "PROLIF_MITOSIS_THRESHOLD",
+        0.5,
+        "Mitosis detection threshold; set it to the served detector's `threshold` (its export "
+        "metadata, chosen on the training cases)",
+    )
     nms_radius_um: float = env(
         "PROLIF_MITOSIS_NMS_UM", 8.0, "Detections closer than this merge into one mitosis"
     )
