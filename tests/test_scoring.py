@@ -195,6 +195,13 @@ def test_kafka_batch_scoring_with_a_bad_slide_and_garbage(stack):
     letters = dlq.wait_for(lambda items: len(items) >= 2, 60)
     dlq.close()
     assert {d.key for d in letters} >= {b"junk", b"r-broken"}
+    # the bad slide's failure is also a status record, with the reader's reason
+    status = Watcher(bus, stack["k"].topic_status, pb.SlideStatus, f"st-{uuid.uuid4().hex[:6]}")
+    events = status.wait_for(lambda items: any(i and i.run_id == "r-broken" for i in items), 60)
+    status.close()
+    failed = next(s for s in events if s and s.run_id == "r-broken")
+    assert failed.stage == pb.STAGE_FAILED and failed.service == "scoring"
+    assert failed.path == str(BROKEN) and "broken.svs" in failed.reason
 
 
 def test_score_cli_remote_and_local(stack, model_root, tmp_path):

@@ -101,9 +101,13 @@ class PredictionClient:
         request.inputs["tiles"].CopyFrom(to_tensor_proto(tiles))
         request.output_filter.append(output)
         delay = self.backoff_s
+        # `timeout` is what is left of the caller's deadline: it bounds every attempt and the
+        # backoff between them, so retrying never outlives the request it serves.
+        end = None if timeout is None else time.monotonic() + timeout
         for attempt in range(self.retries + 1):
+            remaining = None if end is None else max(end - time.monotonic(), 0.001)
             try:
-                response = self._stub.Predict(request, timeout=timeout)
+                response = self._stub.Predict(request, timeout=remaining)
                 return from_tensor_proto(
                     response.outputs[output]
                 ), response.model_spec.version.value
@@ -111,10 +115,12 @@ class PredictionClient:
                 code = exc.code()  # type: ignore[attr-defined]
                 if code not in _RETRYABLE:
                     raise ModelError(code, f"model server {self.address}: {exc.details()}") from exc  # type: ignore[attr-defined]
-                if attempt == self.retries:
+                out_of_time = end is not None and end - time.monotonic() <= delay
+                if attempt == self.retries or out_of_time:
+                    why = ", the deadline leaves no time to retry" if out_of_time else ""
                     raise ModelUnavailable(
-                        f"model server {self.address} unavailable after {self.retries + 1} "
-                        f"attempts: {exc.details()}"  # type: ignore[attr-defined]
+                        f"model server {self.address} unavailable after {attempt + 1} "
+                        f"attempts{why}: {exc.details()}"  # type: ignore[attr-defined]
                     ) from exc
                 log.warning(
                     "model server unavailable, retrying",

@@ -198,6 +198,10 @@ def score_slide(
     start = time.perf_counter()
     if not request.path:
         raise InvalidRequest("path is required")
+    if request.aggregation not in spb.Aggregation.values():
+        raise InvalidRequest(
+            f"aggregation {request.aggregation} is not one of {spb.Aggregation.values()}"
+        )
     path = confine_path(request.path, slide_roots)
     slide_id = request.slide_id or path.stem
     counts = _Progress()
@@ -280,6 +284,22 @@ def score_slide(
     )
 
 
+def aggregate(tile_probs: np.ndarray, aggregation: int) -> tuple[int, list[float]]:
+    """Tile class probabilities `[N, 3]` -> (tumor score 1..3, slide probabilities summing to 1).
+
+    The probabilities are always the normalised mean; the score is their argmax
+    (AGGREGATION_MEAN_PROBABILITY) or the seed's rounded mean of per-tile predicted scores
+    (AGGREGATION_ROUNDED_MEAN_CLASS). No tile: (0, [])."""
+    if not len(tile_probs):
+        return 0, []
+    mean = tile_probs.mean(axis=0)
+    probabilities = (mean / mean.sum()).tolist()
+    if aggregation == spb.AGGREGATION_ROUNDED_MEAN_CLASS:
+        classes = tile_probs.argmax(axis=1) + 1
+        return int(np.clip(np.round(classes.mean()), 1, 3)), probabilities
+    return int(mean.argmax()) + 1, probabilities
+
+
 def _assemble(
     request,
     slide_id,
@@ -305,14 +325,9 @@ def _assemble(
         models=[spb.ModelVersion(name=n, version=v) for n, v in sorted(versions.items())],
     )
     all_probs = np.concatenate(probs) if probs else np.zeros((0, 3), np.float32)
-    if len(all_probs):
-        mean = all_probs.mean(axis=0)
-        result.probabilities.extend((mean / mean.sum()).tolist())
-        if aggregation == spb.AGGREGATION_ROUNDED_MEAN_CLASS:
-            result.tumor_score = int(np.clip(np.round((all_probs.argmax(axis=1) + 1).mean()), 1, 3))
-        else:
-            result.tumor_score = int(mean.argmax()) + 1
-    else:
+    result.tumor_score, slide_probs = aggregate(all_probs, aggregation)
+    result.probabilities.extend(slide_probs)
+    if not len(all_probs):
         result.warnings.append("no tissue tile was found: no score")
     mpp0 = plan.geometry.base_mpp
     if not request.skip_mitosis:

@@ -62,6 +62,8 @@ ERROR_CODES: list[tuple[type[BaseException], grpc.StatusCode]] = [
 
 
 def status_for(exc: BaseException) -> grpc.StatusCode:
+    if isinstance(exc, ModelError) and exc.code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return grpc.StatusCode.DEADLINE_EXCEEDED  # the request's deadline ran out in Predict
     for kind, code in ERROR_CODES:
         if isinstance(exc, kind):
             return code
@@ -71,6 +73,13 @@ def status_for(exc: BaseException) -> grpc.StatusCode:
 def options_from(settings: ScoringSettings) -> ScoringOptions:
     if settings.aggregation not in _AGGREGATIONS:
         raise ValueError(f"PROLIF_AGGREGATION must be one of {sorted(_AGGREGATIONS)}")
+    if len(settings.mitotic_thresholds) != 2 or not (
+        0 <= settings.mitotic_thresholds[0] <= settings.mitotic_thresholds[1]
+    ):
+        raise ValueError(
+            "PROLIF_MITOTIC_THRESHOLDS must be two ascending counts per 10 HPF, e.g. 7,14; "
+            f"got {settings.mitotic_thresholds}"
+        )
     low, high = settings.mitotic_thresholds
     return ScoringOptions(
         preprocess=settings.preprocess,
