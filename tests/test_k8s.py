@@ -120,6 +120,7 @@ class Render:
     objects: list[Obj]
     helm_values: Obj | None = None
     is_helm: bool = False
+    notes: str = ""
 
     def of_kind(self, kind: str) -> list[Obj]:
         return [o for o in self.objects if o["kind"] == kind]
@@ -158,10 +159,13 @@ def render_helm(case: str, values: Obj | None) -> Render:
     chart = helm.Chart.load(str(CHART_DIR))
     manifests = chart.render(values, name=RELEASE, namespace=HELM_NAMESPACE, is_install=True)
     objects: list[Obj] = []
+    notes = ""
     for path, text in sorted(manifests.items()):
-        if not path.endswith(".txt"):  # NOTES.txt
+        if path.endswith("/NOTES.txt"):
+            notes = text
+        else:
             objects.extend(_load_all(text))
-    return Render(f"helm/{case}", objects, helm_values=values, is_helm=True)
+    return Render(f"helm/{case}", objects, helm_values=values, is_helm=True, notes=notes)
 
 
 @pytest.fixture(scope="module")
@@ -383,6 +387,41 @@ def test_helm_lint_strict(case: str) -> None:
     assert not report["errors"] and not problems, report
 
 
+@pytest.mark.parametrize("case", list(HELM_CASES))
+def test_helm_notes(case: str, renders: dict[str, Render]) -> None:
+    """NOTES.txt renders for every value set and names objects this release really has."""
+    render = renders[f"helm/{case}"]
+    notes = render.notes
+    assert f'release "{RELEASE}"' in notes and f"-n {HELM_NAMESPACE}" in notes
+    for kind, name in re.findall(r"kubectl -n \S+ patch (job|rayjob) (\S+)", notes):
+        kind = {"job": "Job", "rayjob": "RayJob"}[kind]
+        assert render.get(kind, name) is not None, f"NOTES patches a missing {kind}/{name}"
+        assert render.get(kind, name)["spec"]["suspend"] is True
+    patched = set(re.findall(r"patch (job|rayjob) ", notes))
+    assert ("job" in patched) == bool(render.of_kind("Job"))
+    assert ("rayjob" in patched) == bool(render.of_kind("RayJob"))
+    services = re.findall(r"port-forward svc/(\S+) (\d+):(\d+)", notes)
+    assert services, "NOTES says how to reach the scoring API"
+    for name, _, port in services:
+        svc = render.get("Service", name)
+        assert svc is not None and int(port) in {p["port"] for p in svc["spec"]["ports"]}
+    env = effective_env(render, the_pod(render, "tiling")[1])
+    assert f"Kafka ({env['PROLIF_KAFKA_BOOTSTRAP']})" in notes
+    for claim in re.findall(r"PVC (\S+)\)", notes) + re.findall(r"PVC (\S+) \(", notes):
+        existing = {
+            s.get("existingClaim")
+            for s in (dig(render.helm_values or {}, "storage") or {}).values()
+        }
+        assert render.get("PersistentVolumeClaim", claim) is not None or claim in existing, claim
+    for kind in ("kafka", "raycluster", "scaledobject"):
+        shown = f"get {kind}" in notes
+        rendered = {"kafka": "Kafka", "raycluster": "RayCluster", "scaledobject": "ScaledObject"}[
+            kind
+        ]
+        assert shown == bool(render.of_kind(rendered)), kind
+    assert "lands with" not in notes, "stale text"
+
+
 @pytest.mark.parametrize(
     "values",
     [
@@ -391,6 +430,8 @@ def test_helm_lint_strict(case: str) -> None:
         {"unknownKey": 1},
         {"config": {"extraEnv": {"NOT_PROLIF": "x"}}},
         {"modelServer": {"models": {"tumor": "Bad Name"}}},
+        {"tls": {"enabled": True}},  # TLS on without its Secret would silently serve plaintext
+        {"tls": {"enabled": True, "secretName": ""}},
     ],
 )
 def test_helm_values_schema_rejects(values: Obj) -> None:
@@ -789,6 +830,67 @@ def test_pods_meet_restricted_pod_security(render: Render) -> None:
     assert not errors, "\n".join(errors)
 
 
+def strimzi_containers(render: Render) -> Iterator[tuple[str, Obj, Obj]]:
+    """(where, pod securityContext, container securityContext) of every container Strimzi will
+    run for the rendered Kafka resources: the brokers/controllers of each node pool (the pool's
+    template, else the Kafka's), and each optional component that is switched on."""
+    for kafka in render.of_kind("Kafka"):
+        name, spec = kafka["metadata"]["name"], kafka["spec"]
+        pools = [
+            p
+            for p in render.of_kind("KafkaNodePool")
+            if p["metadata"]["labels"].get("strimzi.io/cluster") == name
+        ]
+        assert pools, f"Kafka/{name}: KRaft needs a KafkaNodePool"
+        for pool in pools:
+            template = pool["spec"].get("template") or dig(spec, "kafka.template") or {}
+            yield (
+                f"KafkaNodePool/{pool['metadata']['name']}/kafka",
+                dig(template, "pod.securityContext") or {},
+                dig(template, "kafkaContainer.securityContext") or {},
+            )
+        eo = spec.get("entityOperator")
+        if eo:
+            for operator in ("topicOperator", "userOperator"):
+                if operator in eo:
+                    yield (
+                        f"Kafka/{name}/entityOperator/{operator}",
+                        dig(eo, "template.pod.securityContext") or {},
+                        dig(eo, f"template.{operator}Container.securityContext") or {},
+                    )
+        for component, container in (
+            ("cruiseControl", "cruiseControlContainer"),
+            ("kafkaExporter", "container"),
+        ):
+            if component in spec:
+                yield (
+                    f"Kafka/{name}/{component}",
+                    dig(spec[component], "template.pod.securityContext") or {},
+                    dig(spec[component], f"template.{container}.securityContext") or {},
+                )
+
+
+def test_strimzi_pods_meet_restricted_pod_security(render: Render) -> None:
+    """The issue's security settings hold for every pod, the operator-made Kafka pods included:
+    their security contexts come only from the Strimzi templates in our resources."""
+    errors: list[str] = []
+    found = 0
+    for where, psc, sc in strimzi_containers(render):
+        found += 1
+        if not (sc.get("runAsNonRoot") or psc.get("runAsNonRoot")):
+            errors.append(f"{where}: may run as root")
+        if (dig(sc, "seccompProfile.type") or dig(psc, "seccompProfile.type")) != "RuntimeDefault":
+            errors.append(f"{where}: seccompProfile")
+        if sc.get("allowPrivilegeEscalation") is not False:
+            errors.append(f"{where}: allowPrivilegeEscalation")
+        if "ALL" not in (dig(sc, "capabilities.drop") or []) or dig(sc, "capabilities.add"):
+            errors.append(f"{where}: capabilities not all dropped")
+        if sc.get("readOnlyRootFilesystem") is not True:
+            errors.append(f"{where}: root file system is writable")
+    assert not errors, "\n".join(errors)
+    assert bool(found) == bool(render.of_kind("Kafka"))
+
+
 def test_namespace_and_service_accounts(render: Render) -> None:
     for ns in render.of_kind("Namespace"):
         assert ns["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
@@ -1152,6 +1254,10 @@ def test_tf_serving_serves_the_models_scoring_calls(render: Render) -> None:
     }
     assert wanted == {settings["PROLIF_TUMOR_MODEL"][0], settings["PROLIF_MITOSIS_MODEL"][0]}
     assert set(served) == wanted
+    # ... and they are the names training exports versions under (models/<name>/<version>/)
+    from prolifscore.core.models import DEFAULT_NAMES
+
+    assert set(served) == set(DEFAULT_NAMES.values())
     models_mount = next(m for m in tf["volumeMounts"] if m["name"] == "models")
     assert models_mount.get("readOnly") is True
     for name, model in served.items():
@@ -1179,6 +1285,100 @@ def test_tf_serving_serves_the_models_scoring_calls(render: Render) -> None:
         script = configmap_file(render, tf_pod, tf, command[1])
         assert script == (K8S_DIR / "base" / "config" / "tfserving-probe.sh").read_text()
     assert tf["livenessProbe"]["tcpSocket"]["port"] == 8500
+
+
+class _FakeTFServingREST:
+    """TF Serving's REST API, the two calls probe.sh makes: GET /v1/models/<name> (the REST form
+    of GetModelStatus) and POST /v1/models/<name>:predict. Records the predict bodies."""
+
+    def __init__(self, states: dict[str, str]) -> None:
+        import http.server
+        import json
+        import threading
+
+        self.states = states
+        self.predicts: list[tuple[str, Obj]] = []
+        fake = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def _reply(self, code: int, body: Obj) -> None:
+                data = json.dumps(body).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self) -> None:
+                name = self.path.removeprefix("/v1/models/")
+                if name not in fake.states:
+                    self._reply(404, {"error": f"Servable not found for request: {name}"})
+                    return
+                version = {"version": "1", "state": fake.states[name]}
+                self._reply(200, {"model_version_status": [version | {"status": {}}]})
+
+            def do_POST(self) -> None:
+                name = self.path.removeprefix("/v1/models/").removesuffix(":predict")
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                fake.predicts.append((name, body))
+                self._reply(200, {"outputs": [[0.5]]})
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self) -> _FakeTFServingREST:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _run_probe(port: int, *args: str) -> subprocess.CompletedProcess[str]:
+    bash = shutil.which("bash")
+    if bash is None:
+        pytest.skip("bash is not installed")
+    script = K8S_DIR / "base" / "config" / "tfserving-probe.sh"
+    return subprocess.run(
+        [bash, str(script), *args],
+        env={"PATH": "/usr/bin:/bin", "REST_PORT": str(port)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_tf_serving_probe_script_checks_model_status_and_warms_up() -> None:
+    """probe.sh (readiness = GetModelStatus of every model, startup = that plus one warm-up
+    Predict per model) run for real against a fake TF Serving REST API."""
+    from prolifscore.core import models
+
+    names = sorted(models.DEFAULT_NAMES.values())
+    with _FakeTFServingREST(dict.fromkeys(names, "AVAILABLE")) as fake:
+        ready = _run_probe(fake.port, "ready", *names)
+        assert ready.returncode == 0, ready.stderr
+        assert fake.predicts == [], "readiness must not send Predicts"
+        warm = _run_probe(fake.port, "warmup", *names)
+        assert warm.returncode == 0, warm.stderr
+        assert [name for name, _ in fake.predicts] == names
+        for _, body in fake.predicts:
+            # the serving signature's input (what exports declare and scoring sends)
+            assert set(body["inputs"]) == {models.INPUT}
+            batch = body["inputs"][models.INPUT]
+            assert len(batch) == 1 and len(batch[0][0][0]) == 3, "one RGB tile, NHWC"
+        fake.states[names[0]] = "LOADING"
+        loading = _run_probe(fake.port, "ready", *names)
+        assert loading.returncode != 0 and f"model {names[0]} is not AVAILABLE" in loading.stderr
+        missing = _run_probe(fake.port, "ready", names[1], "no-such-model")
+        assert missing.returncode != 0
+        port = fake.port
+    down = _run_probe(port, "ready", *names)
+    assert down.returncode != 0, "no server: not ready"
 
 
 def test_volumes_match_the_roots_in_settings(render: Render) -> None:
@@ -1248,6 +1448,63 @@ def test_training_job_and_rayjob(render: Render) -> None:
         for pod in pod_specs(render):
             if pod.where.startswith(f"RayJob/{rj['metadata']['name']}/"):
                 _check_training_mounts(pod, pod.spec["containers"][0], env)
+
+
+def _parse_train_command(argv: list[str]) -> Any:
+    """Parse a `prolifscore train ...` command line with the CLI's real argument parser."""
+    import argparse
+
+    from prolifscore.cli import train
+
+    assert argv[0] == "prolifscore", argv
+    parser = argparse.ArgumentParser(prog="prolifscore", exit_on_error=False)
+    train.add_parsers(parser.add_subparsers(dest="command", required=True))
+    try:
+        return parser.parse_args(argv[1:])
+    except (argparse.ArgumentError, SystemExit) as e:
+        raise AssertionError(f"not a valid prolifscore command: {argv}: {e}") from e
+
+
+def test_training_commands_are_valid_cli_calls(render: Render) -> None:
+    """The Job's command and the RayJob's entrypoint parse with `prolifscore train`'s parser,
+    train a model TF Serving serves, and read the dataset from the tiles volume."""
+    tf_pod, tf = the_pod(render, "model-server")
+    args = dict(a.removeprefix("--").split("=", 1) for a in tf["args"])
+    served = set(
+        re.findall(
+            r'name:\s*"([^"]+)"', configmap_file(render, tf_pod, tf, args["model_config_file"])
+        )
+    )
+    commands: list[tuple[str, list[str], Obj]] = []
+    for job in render.of_kind("Job"):
+        pod = next(p for p in pod_specs(render) if p.where == f"Job/{job['metadata']['name']}")
+        c = pod.spec["containers"][0]
+        commands.append((pod.where, c["command"], c))
+    for rj in render.of_kind("RayJob"):
+        head = next(
+            p
+            for p in pod_specs(render)
+            if p.where.startswith(f"RayJob/{rj['metadata']['name']}/") and p.extra["head"]
+        )
+        commands.append(
+            (
+                f"RayJob/{rj['metadata']['name']}",
+                rj["spec"]["entrypoint"].split(),
+                head.spec["containers"][0],
+            )
+        )
+    assert commands or (
+        dig(render.helm_values or {}, "training.job.enabled") is False
+        and dig(render.helm_values or {}, "ray.enabled") is False
+    )
+    for where, argv, container in commands:
+        parsed = _parse_train_command(argv)
+        assert parsed.command == "train", where
+        assert parsed.model in served, f"{where}: trains {parsed.model}, TF Serving serves {served}"
+        mount = mount_for(container, parsed.dataset)
+        assert mount is not None and mount["name"] == "tiles", f"{where}: dataset {parsed.dataset}"
+    with pytest.raises(AssertionError):
+        _parse_train_command(["prolifscore", "train", "resnet50"])  # --dataset is required
 
 
 def _check_training_mounts(pod: PodSpec, c: Obj, env: dict[str, str | None]) -> None:
