@@ -111,6 +111,7 @@ class PipelineRun:
     seconds: float  # charged plan share + filtering
     plan_seconds: float  # open + plan_slide, whole slide
     filter_seconds: float
+    cpu_seconds: float  # CPU time of all threads, charged like `seconds`
     kept: set[TileKey] = field(default_factory=set)
     shard_bytes: int = 0
 
@@ -121,13 +122,13 @@ def run_pipeline(work: Workload, out_dir: Path) -> PipelineRun:
     settings = defaults()
     shutil.rmtree(out_dir, ignore_errors=True)
     try:
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         with open_slide(work.path) as slide:
             plan_slide(slide, work.name, work.overrides, settings)
-        planned = time.perf_counter()
+        planned, cpu_planned = time.perf_counter(), time.process_time()
         worker = BatchFilter(str(out_dir), (str(work.path.parent),))
         results = [worker.process(task) for task in work.tasks]
-        done = time.perf_counter()
+        done, cpu_done = time.perf_counter(), time.process_time()
     finally:
         shutil.rmtree(out_dir, ignore_errors=True)
     kept: set[TileKey] = set()
@@ -138,7 +139,8 @@ def run_pipeline(work: Workload, out_dir: Path) -> PipelineRun:
         kept.update((c, w) for c, w in r["kept"])
         size += r["size_bytes"]
     plan_s, filter_s = planned - start, done - planned
-    return PipelineRun(plan_s * work.plan_share + filter_s, plan_s, filter_s, kept, size)
+    cpu = (cpu_planned - cpu_start) * work.plan_share + cpu_done - cpu_planned
+    return PipelineRun(plan_s * work.plan_share + filter_s, plan_s, filter_s, cpu, kept, size)
 
 
 def kept_origins(work: Workload, kept: set[TileKey]) -> list[tuple[int, int]]:
@@ -146,18 +148,20 @@ def kept_origins(work: Workload, kept: set[TileKey]) -> list[tuple[int, int]]:
     return [(t.x, t.y) for t in work.plan.candidates if (t.col, t.row) in kept]
 
 
-def run_decode(path: Path, level: int, size: int, origins: Sequence[tuple[int, int]]) -> float:
-    """Seconds to open `path` with OpenSlide once and read_region every origin."""
+def run_decode(
+    path: Path, level: int, size: int, origins: Sequence[tuple[int, int]]
+) -> tuple[float, float]:
+    """(seconds, CPU seconds) to open `path` with OpenSlide once and read_region every origin."""
     import openslide
 
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     osr = openslide.OpenSlide(str(path))
     try:
         for xy in origins:
             osr.read_region(xy, level, (size, size))
     finally:
         osr.close()
-    return time.perf_counter() - start
+    return time.perf_counter() - start, time.process_time() - cpu_start
 
 
 def warm_file_cache(path: Path, chunk: int = 16 << 20) -> None:
@@ -170,7 +174,7 @@ def warm_file_cache(path: Path, chunk: int = 16 << 20) -> None:
 @dataclass
 class RatioResult:
     pipeline: list[PipelineRun]
-    decode_seconds: list[float]
+    decode: list[tuple[float, float]]  # (seconds, CPU seconds) per run
     kept: int
 
     @property
@@ -179,11 +183,17 @@ class RatioResult:
 
     @property
     def decode_tps(self) -> float:
-        return self.kept / min(self.decode_seconds)
+        return self.kept / min(s for s, _ in self.decode)
 
     @property
     def ratio(self) -> float:
         return self.pipeline_tps / self.decode_tps
+
+    @property
+    def cpu_ratio(self) -> float:
+        """Decode CPU / pipeline CPU for the same kept tiles (best of each): what the
+        pipeline costs in cores, which threads cannot hide."""
+        return min(c for _, c in self.decode) / min(r.cpu_seconds for r in self.pipeline)
 
 
 def measure_ratio(work: Workload, out_dir: Path, reps: int = 3) -> RatioResult:
@@ -194,7 +204,7 @@ def measure_ratio(work: Workload, out_dir: Path, reps: int = 3) -> RatioResult:
     origins = kept_origins(work, first.kept)
     level, size = work.spec.level, work.spec.read_size
     pipeline = [first]
-    decode: list[float] = []
+    decode: list[tuple[float, float]] = []
     for i in range(reps):
         if i % 2 == 0:
             decode.append(run_decode(work.path, level, size, origins))

@@ -3,6 +3,11 @@
 Both actors are started and warmed (one task each, slide opened) before any clock starts, so
 the figure is steady-state throughput, not Ray start-up. Each run renames the slide id, so its
 shards land in a folder of their own.
+
+Each actor is confined to one core of its own (CPU affinity), as a Ray worker with a 1-CPU
+limit is on a cluster: `num_cpus=1` only reserves a CPU in Ray's bookkeeping, and an actor's
+reader threads would otherwise spread over both cores of this machine, so that "1 worker"
+already used 2 cores and the figure measured nothing about adding workers.
 """
 
 from __future__ import annotations
@@ -29,6 +34,15 @@ class RayRun:
     @property
     def kept_per_second(self) -> float:
         return self.kept / self.seconds
+
+
+class PinnedBatchFilter(BatchFilter):
+    def pin(self, cpu: int) -> list[int]:
+        """Run this actor's threads (reader threads included) on core `cpu` only."""
+        os.sched_setaffinity(0, {cpu})
+        for tid in os.listdir("/proc/self/task"):  # threads started before the call too
+            os.sched_setaffinity(int(tid), {cpu})
+        return sorted(os.sched_getaffinity(0))
 
 
 def renamed(tasks: Sequence[bytes], slide_id: str) -> list[bytes]:
@@ -76,8 +90,10 @@ def ray_scaling(
     name = pb.TileTask.FromString(tasks[0]).slide_id
     runs: list[RayRun] = []
     try:
-        remote = ray.remote(num_cpus=1)(BatchFilter)
+        remote = ray.remote(num_cpus=1)(PinnedBatchFilter)
         handles = [remote.remote(str(out_dir), (str(slide_root),)) for _ in range(2)]
+        cores = sorted(os.sched_getaffinity(0))[:2]
+        ray.get([h.pin.remote(cpu) for h, cpu in zip(handles, cores, strict=True)])
         warm = renamed(tasks[:1], f"{name}-warmup")[0]
         _check(ray.get([h.process.remote(warm) for h in handles]))
         for i in range(rounds):

@@ -51,11 +51,15 @@ NEEDS |= {"rss": ("ratio",), "ray": ("ratio",)}
 SEED = pb.TilingSpec(tissue_mode=pb.TISSUE_MODE_SEED)
 PIPELINE_SIDE = (
     "Pipeline side: one process, the service code (open + plan_slide, then BatchFilter.process "
-    "per task): 1 reader thread decodes tiles ahead (OpenSlide releases the GIL) while the "
-    "calling thread runs the tissue test, encodes and writes shards (fsync + rename, marker "
-    "after, as in the service); plan_slide's coverage map also reads its strips in 1 thread. "
+    "per task), with the services' defaults: 2 reader threads decode tiles ahead "
+    "(PROLIF_FILTER_READ_THREADS; OpenSlide releases the GIL) while the calling thread runs "
+    "the tissue test, encodes and writes shards (fsync + rename, marker after, as in the "
+    "service); plan_slide's coverage map reads its strips in 2 threads (PROLIF_READ_THREADS). "
     "Decode side: bare single-threaded OpenSlide read_region of the kept tiles, slide opened "
-    "once, unchanged."
+    "once, unchanged. So the pipeline may use both cores and the decode side one: the wall "
+    "ratio is what one pipeline process delivers against one plain decoding loop; "
+    "*_cpu_ratio (decode CPU seconds / pipeline CPU seconds, all threads) is the cost in "
+    "cores, which threads cannot hide."
 )
 
 
@@ -111,6 +115,7 @@ def bench_ratio(cfg: Config, large: Path, out: Results) -> Workload:
         work = make_workload(name, path)
         res = measure_ratio(work, cfg.work_dir / "shards", cfg.small_reps)
         out[f"preprocess_vs_raw_decode_ratio_{name}"] = _r(res.ratio)
+        out[f"preprocess_vs_raw_decode_cpu_ratio_{name}"] = _r(res.cpu_ratio)
         parts.append(
             f"{name}: {res.kept} kept of {work.candidates} candidates "
             f"({work.plan.grid_tiles} grid), pipeline {res.pipeline_tps:.0f} vs decode "
@@ -121,6 +126,7 @@ def bench_ratio(cfg: Config, large: Path, out: Results) -> Workload:
     best = min(res.pipeline, key=lambda r: r.seconds)
     out["preprocess_vs_raw_decode_ratio"] = _r(res.ratio)
     out["preprocess_vs_raw_decode_ratio_large"] = _r(res.ratio)
+    out["preprocess_vs_raw_decode_cpu_ratio"] = _r(res.cpu_ratio)
     out["large_pipeline_kept_tiles_per_s"] = _r(res.pipeline_tps, 1)
     out["large_decode_kept_tiles_per_s"] = _r(res.decode_tps, 1)
     out["large_plan_seconds"] = _r(min(r.plan_seconds for r in res.pipeline))
@@ -237,6 +243,8 @@ def bench_ray(cfg: Config, large: Path, work: Workload, out: Results) -> None:
     out["ray_2_vs_1_worker_speedup"] = _r(speedup, 2)
     out["_note_ray"] = (
         "BatchFilter as ray.remote(num_cpus=1) actors in an ActorPool, init_ray(num_cpus=2), "
+        "each actor confined to a core of its own (CPU affinity, as a 1-CPU worker on a "
+        "cluster; unconfined, one actor's reader threads already use both cores here), "
         f"the first {len(tasks)} tasks of the large band ({runs[0].candidates} candidates); "
         f"actors warmed with one task each before timing; best of {cfg.ray_rounds}; runs: "
         + ", ".join(

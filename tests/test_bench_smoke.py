@@ -37,6 +37,8 @@ def test_bench_runs_at_tiny_size(tmp_path: Path) -> None:
     for key in (
         "preprocess_vs_raw_decode_ratio",
         "preprocess_vs_raw_decode_ratio_tiny",
+        "preprocess_vs_raw_decode_cpu_ratio",
+        "preprocess_vs_raw_decode_cpu_ratio_tiny",
         "fast_vs_seed_filter_speedup",
         "fast_vs_seed_jaccard",
         "ray_2_vs_1_worker_speedup",

@@ -92,3 +92,17 @@ def test_stain_normalized_tiles_use_one_fit_per_slide(tmp_path, kind):
         original = reader.read(tile)
     assert px.shape == original.shape and px.dtype == original.dtype
     assert (px != original).mean() > 0.5
+
+
+def test_reader_threads_do_not_change_a_shard(tmp_path):
+    """Tiles decoded by several threads still come back in grid order: the shards are the
+    same bytes whatever PROLIF_FILTER_READ_THREADS is."""
+    tasks = [t.SerializeToString() for t in _tasks(batch_size=16)]
+    shards = {}
+    for threads in (1, 3):
+        out = tmp_path / str(threads)
+        worker = BatchFilter(str(out), (str(SLIDES),), read_threads=threads)
+        assert all("error" not in worker.process(t) for t in tasks)
+        assert worker.reader._max_workers == threads
+        shards[threads] = {p.relative_to(out): p.read_bytes() for p in out.rglob("*.tfrecord")}
+    assert shards[1] and shards[1] == shards[3]

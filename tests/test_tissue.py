@@ -16,7 +16,7 @@ from prolifscore.core.tissue import (
     seed_keep,
 )
 
-from .slides import CMU, TCGA
+from .slides import CMU, KIDNEY, TCGA
 
 
 def test_od_cutoff_matches_the_logarithmic_definition():
@@ -89,6 +89,22 @@ def test_coverage_map_sees_tissue_where_pixels_are_dark():
     full = [float(od_tissue_mask(t).mean()) for _, t in covs]
     low = [c for c, _ in covs]
     assert np.corrcoef(low, full)[0, 1] > 0.8
+
+
+def test_coverage_map_is_the_same_read_by_several_threads():
+    """Strips decoded in parallel are reduced in order: one thread and three give the same
+    map (small strips, so that there are many; the kidney TIFF is read in strips, through
+    tiffslide)."""
+    slide, g = _grid(KIDNEY)
+    ds = mask_downsample_for(g)
+    reads = []
+    read = slide.read
+    slide.read = lambda *a: reads.append(a) or read(*a)  # type: ignore[method-assign]
+    one = compute_coverage_map(slide, ds, strip_bytes=1 << 16, threads=1)
+    three = compute_coverage_map(slide, ds, strip_bytes=1 << 16, threads=3)
+    assert len(reads) > 8  # many strips, not the thumbnail
+    np.testing.assert_array_equal(one.fraction, three.fraction)
+    np.testing.assert_array_equal(one.thumbnail, three.thumbnail)
 
 
 def test_seed_criterion_rejects_background_and_keeps_dense_tissue():

@@ -139,7 +139,7 @@ def plan_slide(
 ) -> SlidePlan:
     """Grid + low-resolution tissue mask -> the tiles worth reading, and the stain fit."""
     spec, geometry, warnings = resolve_spec(slide, overrides, defaults)
-    cmap = compute_coverage_map(slide, mask_downsample_for(geometry))
+    cmap = compute_coverage_map(slide, mask_downsample_for(geometry), threads=defaults.read_threads)
     criterion = FastCriterion(spec.tissue_threshold)
     seed_mode = spec.tissue_mode == pb.TISSUE_MODE_SEED
     cols, rows = np.meshgrid(np.arange(geometry.cols), np.arange(geometry.rows))
@@ -176,7 +176,7 @@ def plan_slide(
 
 
 STAIN_FIT_TILES = 16
-READ_AHEAD = 4  # tiles decoded ahead of the tissue test and shard writing (~200 KiB each)
+READ_AHEAD = 8  # tiles per reader thread decoded ahead of the tissue test (~200 KiB each)
 
 
 def fit_stain(slide: Slide, spec: pb.ResolvedSpec, candidates: list[pb.Tile]) -> pb.StainFit:
@@ -233,7 +233,7 @@ class TileSource:
     def read_ahead(
         self, tiles: Sequence[pb.Tile], reader: Executor, depth: int = READ_AHEAD
     ) -> Iterator[tuple[pb.Tile, np.ndarray]]:
-        """(tile, `read(tile)`) in order, the reads done by `reader` (one thread) up to
+        """(tile, `read(tile)`) in order, the reads done by `reader`'s threads up to
         `depth` tiles ahead of the consumer. OpenSlide decodes without the GIL, so the
         caller's tissue test, encoding and writing overlap the next tiles' decoding. A read's
         exception is raised here, at its tile. On exit (also early) no read is left running."""

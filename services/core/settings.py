@@ -155,6 +155,11 @@ class PreprocessSettings:
     validation_fraction: float = env(
         "PROLIF_VALIDATION_FRACTION", 0.2, "Share of slides in the validation split"
     )
+    read_threads: int = env(
+        "PROLIF_READ_THREADS",
+        2,
+        "Threads decoding a slide's low-resolution strips for the tissue mask at once",
+    )
 
 
 @dataclasses.dataclass(frozen=True)

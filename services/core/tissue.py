@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import functools
 import math
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from itertools import islice
 
 import numpy as np
 from scipy import ndimage as ndi
@@ -93,7 +95,11 @@ class CoverageMap:
 
 
 def compute_coverage_map(
-    slide: Slide, mask_downsample: float, beta: float = OD_BETA, strip_bytes: int = 64 << 20
+    slide: Slide,
+    mask_downsample: float,
+    beta: float = OD_BETA,
+    strip_bytes: int = 64 << 20,
+    threads: int = 2,
 ) -> CoverageMap:
     """Read the coarsest adequate level in horizontal strips and reduce to mask resolution.
 
@@ -103,7 +109,9 @@ def compute_coverage_map(
     tiles never became candidates). Streaming in strips keeps memory bounded on 50k x 50k
     slides. When the pyramid has no level near that resolution (single-level slides), the
     scanner's associated thumbnail is used instead: decoding a small JPEG beats decoding the
-    whole slide at full resolution.
+    whole slide at full resolution. `threads` strips are decoded at once (OpenSlide releases
+    the GIL; decoding is most of the time on a large slide), so at most `threads` + 1 strips
+    are in memory.
     """
     source_ds = mask_downsample / MIN_BLOCK
     level = 0
@@ -127,14 +135,17 @@ def compute_coverage_map(
         height = min(rows_per_strip, out_h * k - top)
         return slide.read(0, round(top * ds), level, out_w * k, height)
 
-    # One reader thread decodes the next strip (OpenSlide releases the GIL) while this one
-    # reduces the current: at most two strips in memory.
-    with ThreadPoolExecutor(1, thread_name_prefix="coverage-reader") as pool:
-        ahead = pool.submit(read, tops[0]) if tops else None
-        for i, top in enumerate(tops):
-            assert ahead is not None
-            rgb = ahead.result()
-            ahead = pool.submit(read, tops[i + 1]) if i + 1 < len(tops) else None
+    # Reader threads decode the next strips while this thread reduces the current one.
+    with ThreadPoolExecutor(max(1, threads), thread_name_prefix="coverage-reader") as pool:
+        ahead: deque[Future[np.ndarray]] = deque()
+        todo = iter(tops)
+        for top in islice(todo, max(1, threads)):
+            ahead.append(pool.submit(read, top))
+        for top in tops:
+            rgb = ahead.popleft().result()
+            nxt = next(todo, None)
+            if nxt is not None:
+                ahead.append(pool.submit(read, nxt))
             r0, r1 = top // k, (top + rgb.shape[0]) // k
             fraction[r0:r1], thumb[r0:r1] = _reduce(rgb, k, beta)
             del rgb

@@ -22,3 +22,8 @@ class FilteringSettings:
         "cluster are never starved by long-lived actors)",
     )
     slide_cache: int = env("PROLIF_SLIDE_CACHE", 8, "Open slides each filter worker keeps")
+    read_threads: int = env(
+        "PROLIF_FILTER_READ_THREADS",
+        2,
+        "Threads per filter worker decoding tiles ahead of the tissue test and shard writing",
+    )

@@ -34,7 +34,10 @@ class FilteringService:
         actor = ray.remote(num_cpus=settings.actor_cpus)(BatchFilter)
         roots = tuple(str(r) for r in rt.slide_roots)
         self.pool = ActorPool(
-            [actor.remote(str(rt.tiles_root), roots, settings.slide_cache) for _ in range(n)]
+            [
+                actor.remote(str(rt.tiles_root), roots, settings.slide_cache, settings.read_threads)
+                for _ in range(n)
+            ]
         )
 
     def handle(self, items: list[tuple[Any, pb.TileTask]]) -> None:

@@ -10,7 +10,7 @@ from contextlib import closing
 from pathlib import Path
 from typing import Any
 
-from prolifscore.core.preprocess import TileSource
+from prolifscore.core.preprocess import READ_AHEAD, TileSource
 from prolifscore.core.shards import shard_path, write_marker
 from prolifscore.core.slide import Slide, SlideError, confine_path, open_slide
 from prolifscore.core.tfrecord import AtomicShardWriter, tile_example_parts
@@ -20,19 +20,26 @@ SPLIT_NAMES = {pb.SPLIT_TRAIN: "train", pb.SPLIT_VALIDATION: "validation"}
 
 
 class BatchFilter:
-    def __init__(self, tiles_root: str, slide_roots: tuple[str, ...], cache_size: int = 8) -> None:
+    def __init__(
+        self,
+        tiles_root: str,
+        slide_roots: tuple[str, ...],
+        cache_size: int = 8,
+        read_threads: int = 2,
+    ) -> None:
         self.tiles_root = Path(tiles_root)
         self.slide_roots = slide_roots
         self.cache_size = cache_size
+        self.read_threads = max(1, read_threads)
         self._slides: OrderedDict[str, Slide] = OrderedDict()
         self._sources: OrderedDict[tuple[str, str], TileSource] = OrderedDict()
         self.opens = 0  # for tests: slides opened by this worker
-        self._reader: ThreadPoolExecutor | None = None  # decodes tiles ahead (1 thread)
+        self._reader: ThreadPoolExecutor | None = None  # decodes tiles ahead of the writer
 
     @property
     def reader(self) -> ThreadPoolExecutor:
         if self._reader is None:
-            self._reader = ThreadPoolExecutor(1, thread_name_prefix="tile-reader")
+            self._reader = ThreadPoolExecutor(self.read_threads, thread_name_prefix="tile-reader")
         return self._reader
 
     def _source(self, task: pb.TileTask) -> TileSource:
@@ -86,7 +93,9 @@ class BatchFilter:
             kept: list[list[int]] = []
             with (
                 AtomicShardWriter(path) as writer,
-                closing(source.read_ahead(task.tiles, self.reader)) as tiles,
+                closing(
+                    source.read_ahead(task.tiles, self.reader, READ_AHEAD * self.read_threads)
+                ) as tiles,
             ):
                 for tile, rgb in tiles:
                     result = source.finish(tile, rgb)
