@@ -272,6 +272,25 @@ def test_finetune_phase_trains_the_last_block_and_head() -> None:
     assert any("conv1_conv" in n for n in names) and any("_bn/" in n for n in names)
 
 
+def test_zero_init_residual_starts_every_block_as_its_shortcut() -> None:
+    import keras
+
+    from prolifscore.core.models import build_tumor_model
+    from prolifscore.training.tumor import zero_residual_gammas
+
+    model = build_tumor_model(SIZE, "none")
+    backbone = model.get_layer("resnet50")
+    assert zero_residual_gammas(backbone) == 16  # ResNet50: 3 + 4 + 6 + 3 blocks
+    x = np.random.default_rng(0).normal(size=(2, SIZE, SIZE, 3)).astype("float32")
+    # An identity block (conv2_block2) now returns relu(its input): the residual branch is 0.
+    block_in = backbone.get_layer("conv2_block1_out").output
+    block_out = backbone.get_layer("conv2_block2_out").output
+    inside = keras.Model(backbone.input, [block_in, block_out])
+    before, after = (np.asarray(t) for t in inside(x, training=False))
+    np.testing.assert_allclose(after, np.maximum(before, 0), atol=1e-5)
+    assert np.abs(before).max() > 0
+
+
 def test_checkpoint_bookkeeping(tmp_path: Path) -> None:
     session = _ActorSession(tmp_path / "store", num_to_keep=2)
     for epoch in (1, 2, 3):

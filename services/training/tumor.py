@@ -108,6 +108,10 @@ class TumorTrainConfig:
     # (e.g. 0.9): after a few hundred steps 0.99 still carries the init statistics, and
     # inference-mode validation sees activations far off the batch statistics trained on.
     bn_momentum: float | None = None
+    # From random init, start every residual block as the identity: the last BatchNorm of
+    # each block gets gamma = 0 (Goyal et al. 2017, torchvision's zero_init_residual), so
+    # the 50-layer network first trains like a shallow one. Ignored when loading weights.
+    zero_init_residual: bool = True
     balance: Balance = "slide_class"
     class_weights: dict[int, float] | Literal["balanced"] | None = None
     augment: bool = True
@@ -299,7 +303,7 @@ def _configure_phase(model: keras.Model, phase: str, config: TumorTrainConfig) -
         backbone.trainable = True
         freeze_bn = config.freeze_batchnorm
         if freeze_bn is None:
-            freeze_bn = str(config.weights).strip().lower() not in ("", "none", "random")
+            freeze_bn = _loads_weights(config)
         # Every layer's flag is set explicitly: Keras 3 does not pass `trainable` on from a
         # Functional model to its layers, so flags from an earlier phase would otherwise stay.
         for layer in backbone.layers:
@@ -505,6 +509,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     keras.utils.set_random_seed(config.seed)  # same initial weights on every worker
     with strategy.scope():
         model = build_tumor_model(config.input_size, config.weights, config.classes)
+    if config.zero_init_residual and not _loads_weights(config):
+        zero_residual_gammas(model.get_layer("resnet50"))
     if config.bn_momentum is not None:
         for layer in model.get_layer("resnet50").layers:
             if isinstance(layer, keras.layers.BatchNormalization):
@@ -664,10 +670,29 @@ class _LocalWorker:
 # Driver.
 
 
+def _loads_weights(config: TumorTrainConfig) -> bool:
+    return str(config.weights).strip().lower() not in ("", "none", "random")
+
+
+def zero_residual_gammas(backbone: Any) -> int:
+    """Set gamma = 0 in the last BatchNorm of every ResNet50 residual block
+    (`convN_blockM_3_bn`): each block's residual branch then starts at zero and the block as
+    the identity (or its projection shortcut). Returns the number of layers changed."""
+    import numpy as np
+
+    changed = 0
+    for layer in backbone.layers:
+        if layer.name.startswith("conv") and layer.name.endswith("_3_bn"):
+            gamma = layer.gamma
+            gamma.assign(np.zeros(gamma.shape, gamma.dtype))
+            changed += 1
+    return changed
+
+
 def _check_weights(config: TumorTrainConfig) -> None:
     """Build the model once with the requested weights: a missing, offline or wrong-shaped
     weights file raises `WeightsError` here, not minutes later on a worker."""
-    if str(config.weights).strip().lower() in ("", "none", "random"):
+    if not _loads_weights(config):
         return
     from prolifscore.core.models import build_tumor_model
 
