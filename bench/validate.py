@@ -61,18 +61,8 @@ def preprocess_with_services(slide_dir: Path, labels: Path, out: Path) -> dict[s
     }
 
 
-def detector_threshold(model_root: Path) -> float:
-    """The operating point training chose for the newest mitosis version (its metadata), which
-    scoring must use: the service default (`PROLIF_MITOSIS_THRESHOLD`) is not that point."""
-    versions = [p for p in (model_root / "mitosis").iterdir() if p.name.isdigit()]
-    newest = max(versions, key=lambda p: int(p.name))
-    meta = json.loads((newest / "assets.extra" / "prolifscore.json").read_text())
-    return float(meta["threshold"])
-
-
 def mitosis_route(slide_dir: Path, model_root: Path, slide_ids: list[str]) -> dict[str, Any]:
     from prolifscore.core.settings import PreprocessSettings
-    from prolifscore.scoring.mitosis import MitosisGrading
     from prolifscore.scoring.model_client import InProcessModels
     from prolifscore.scoring.scorer import ScoringOptions, score_slide
     from prolifscore.training.evaluation import quadratic_weighted_kappa
@@ -83,11 +73,10 @@ def mitosis_route(slide_dir: Path, model_root: Path, slide_ids: list[str]) -> di
         for r in csv.DictReader((slide_dir / "ground_truth.csv").read_text().splitlines())
     }
     models = InProcessModels(model_root)
-    threshold = detector_threshold(model_root)
-    options = ScoringOptions(
-        preprocess=PreprocessSettings(), grading=MitosisGrading(threshold=threshold)
-    )
+    # As the service does with PROLIF_MODEL_METADATA_ROOT: the detector's exported threshold.
+    options = ScoringOptions(preprocess=PreprocessSettings(), metadata_root=str(model_root))
     rows = []
+    threshold = 0.0
     for slide_id in slide_ids:
         result = score_slide(
             spb.ScoreRequest(path=str(slide_dir / f"{slide_id}.tiff")),
@@ -98,6 +87,7 @@ def mitosis_route(slide_dir: Path, model_root: Path, slide_ids: list[str]) -> di
         rows.append(
             (truth[slide_id], result.mitotic_score, result.tumor_score, result.mitosis_count)
         )
+        threshold = round(result.mitosis_threshold, 4)  # float32 in the proto
     models.close()
     y = [r[0] for r in rows]
     return {

@@ -1408,6 +1408,15 @@ def test_volumes_match_the_roots_in_settings(render: Render) -> None:
         for var in writable:
             mount = mount_for(c, env[var] or "")
             assert mount is not None and not mount.get("readOnly"), f"{component}: {var}"
+    # Scoring reads the served models' export metadata where TF Serving serves them from,
+    # and may not write there.
+    pod, c = the_pod(render, "scoring")
+    root = effective_env(render, c)["PROLIF_MODEL_METADATA_ROOT"] or ""
+    mount = mount_for(c, root)
+    assert mount is not None and mount.get("readOnly") is True, "scoring: model metadata root"
+    volume = next(v for v in pod.spec["volumes"] if v["name"] == mount["name"])
+    assert volume["persistentVolumeClaim"].get("readOnly") is True
+    assert volume["persistentVolumeClaim"]["claimName"].endswith("models")
     # Ray workers run the tiling tasks and filter actors: same paths as the services
     _, filtering = the_pod(render, "filtering")
     fenv = effective_env(render, filtering)

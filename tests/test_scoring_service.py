@@ -245,3 +245,51 @@ def test_heatmap_colours_tiles_by_probability_and_marks_mitoses():
     r, g, b = image[80, 720]  # the mitosis at level-0 (900, 100): a magenta dot
     assert r > 200 and b > 200 and g < 80
     assert (image[700, 700] == 255).all()  # no tile there: the thumbnail shows through
+
+
+class PeakModels(SlowModels):
+    """One mitosis-map peak of probability 0.7 per tile; versions 4 (tumor) and 7 (mitosis)."""
+
+    def __init__(self) -> None:
+        super().__init__(delay=0.0)
+
+    def predict(
+        self, model: str, tiles: np.ndarray, output: str, timeout: float | None = None
+    ) -> tuple[np.ndarray, int]:
+        maps, _ = super().predict(model, tiles, output, timeout)
+        if output == "probabilities":
+            return maps, 4
+        maps[:, maps.shape[1] // 2, maps.shape[2] // 2] = 0.7
+        return maps, 7
+
+
+def _export_metadata(root, model: str, version: int, **meta) -> None:
+    import json
+
+    from prolifscore.core.models import METADATA_FILE
+
+    path = root / model / str(version) / METADATA_FILE
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps(meta))
+
+
+def test_served_models_metadata_sets_the_threshold_and_flags_untrained_models(tmp_path):
+    """With the model root readable, the detector's exported threshold replaces the configured
+    one, and a model exported untrained is flagged in the result."""
+    from prolifscore.scoring.scorer import ScoringOptions, score_slide
+
+    request = spb.ScoreRequest(path=str(CMU))
+    common = {"slide_roots": (str(SLIDES),), "models": PeakModels()}
+    plain = score_slide(request, options=ScoringOptions(), **common)
+    assert plain.mitosis_threshold == pytest.approx(0.5)
+    assert plain.mitosis_count > 0 and not any("untrained" in w for w in plain.warnings)
+
+    _export_metadata(tmp_path, "mitosis", 7, trained=True, threshold=0.9)
+    _export_metadata(tmp_path, "resnet50", 4, trained=False)
+    served = score_slide(request, options=ScoringOptions(metadata_root=str(tmp_path)), **common)
+    assert served.mitosis_threshold == pytest.approx(0.9)
+    assert served.mitosis_count == 0  # every peak (0.7) is under the detector's own 0.9
+    assert [w for w in served.warnings if "untrained" in w] == [
+        "model resnet50 v4 is untrained (random initialisation): this is not a real score"
+    ]
+    assert served.tiles_scored == plain.tiles_scored and served.tumor_score == plain.tumor_score

@@ -79,30 +79,25 @@ def score_remote(args: argparse.Namespace, request: spb.ScoreRequest) -> spb.Sli
 
 
 def score_local(args: argparse.Namespace, request: spb.ScoreRequest) -> spb.SlideScore:
-    from prolifscore.core.models import read_metadata
     from prolifscore.core.settings import PreprocessSettings, load
     from prolifscore.scoring.model_client import InProcessModels
     from prolifscore.scoring.scorer import ScoringOptions, score_slide
 
     models = InProcessModels(args.model_root)
     try:
-        result = score_slide(
+        # The model root is at hand: the detector's exported threshold applies, and untrained
+        # models are flagged in the result's warnings.
+        options = ScoringOptions(
+            preprocess=load(PreprocessSettings), metadata_root=str(args.model_root)
+        )
+        return score_slide(
             request,
             slide_roots=(str(Path(request.path).resolve().parent),),
-            options=ScoringOptions(preprocess=load(PreprocessSettings)),
+            options=options,
             models=models,
         )
     finally:
         models.close()
-    # The export metadata says whether a model was trained: an untrained (randomly
-    # initialised) model's numbers are never to be taken as a score.
-    for m in result.models:
-        if read_metadata(Path(args.model_root) / m.name / str(m.version)).get("trained") is False:
-            result.warnings.append(
-                f"model {m.name} v{m.version} is untrained (random initialisation): "
-                "this is not a real score"
-            )
-    return result
 
 
 def summary(result: spb.SlideScore) -> dict[str, object]:

@@ -121,6 +121,15 @@ class EmbeddedStack:
     ray: RayHead | None = None
     processes: dict[str, ServiceProcess] = field(default_factory=dict)
 
+    def _model_root(self) -> str:
+        """The model server's root: on one machine, scoring reads the served models' export
+        metadata from it (the detector's threshold, untrained flags)."""
+        from prolifscore.core.settings import load
+        from prolifscore.modelserver.config import ModelServerSettings
+
+        settings = load(ModelServerSettings, environ={**os.environ, **self.env})
+        return str(Path(settings.model_root).resolve())
+
     def start(self) -> EmbeddedStack:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         try:
@@ -140,6 +149,7 @@ class EmbeddedStack:
                     )
             if "modelserver" in procs:  # clients must know its address before they start
                 self.env["PROLIF_MODEL_SERVER"] = procs["modelserver"].grpc_address
+                self.env.setdefault("PROLIF_MODEL_METADATA_ROOT", self._model_root())
             # Side by side: each waits on its own imports and group join (seconds each), and
             # clients of the model server retry until it serves.
             for name, proc in procs.items():

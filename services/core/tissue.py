@@ -136,10 +136,11 @@ def compute_coverage_map(
         return slide.read(0, round(top * ds), level, out_w * k, height)
 
     # Reader threads decode the next strips while this thread reduces the current one.
-    with ThreadPoolExecutor(max(1, threads), thread_name_prefix="coverage-reader") as pool:
+    threads = max(1, threads)
+    with ThreadPoolExecutor(threads, thread_name_prefix="coverage-reader") as pool:
         ahead: deque[Future[np.ndarray]] = deque()
         todo = iter(tops)
-        for top in islice(todo, max(1, threads)):
+        for top in islice(todo, threads):
             ahead.append(pool.submit(read, top))
         for top in tops:
             rgb = ahead.popleft().result()

@@ -39,8 +39,14 @@ class ScoringSettings:
     mitosis_threshold: float = env(
         "PROLIF_MITOSIS_THRESHOLD",
         0.5,
-        "Mitosis detection threshold; set it to the served detector's `threshold` (its export "
-        "metadata, chosen on the training cases)",
+        "Mitosis detection threshold where PROLIF_MODEL_METADATA_ROOT is not set; set it to "
+        "the served detector's `threshold` (its export metadata, chosen on the training cases)",
+    )
+    model_metadata_root: str = env(
+        "PROLIF_MODEL_METADATA_ROOT",
+        "",
+        "The model server's model root, read-only (optional): the served detector's exported "
+        "threshold then replaces PROLIF_MITOSIS_THRESHOLD, and results flag untrained models",
     )
     nms_radius_um: float = env(
         "PROLIF_MITOSIS_NMS_UM", 8.0, "Detections closer than this merge into one mitosis"

@@ -4,6 +4,8 @@ the heatmap. Used by the gRPC API, Kafka batch scoring and `prolifscore score --
 
 from __future__ import annotations
 
+import functools
+import logging
 import queue
 import threading
 import time
@@ -11,10 +13,11 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from prolifscore.core.models import read_metadata
 from prolifscore.core.preprocess import SpecError, TileSource, plan_slide
 from prolifscore.core.settings import PreprocessSettings
 from prolifscore.core.slide import confine_path, open_slide
@@ -31,6 +34,8 @@ from prolifscore.v1 import scoring_pb2 as spb
 if TYPE_CHECKING:  # not at run time: Ray workers import this module to read tiles, and
     # model_client pulls in TensorFlow (5-7 s and ~600 MB per worker).
     from prolifscore.scoring.model_client import Models
+
+log = logging.getLogger(__name__)
 
 Batch = tuple[list[pb.Tile], np.ndarray]
 # Ray readers pay off only with several batches per reader; below this, a local thread wins.
@@ -59,6 +64,7 @@ class ScoringOptions:
     grading: MitosisGrading = field(default_factory=MitosisGrading)
     pipelined: bool = True  # read the next batch while the model server predicts this one
     ray_readers: int = 0  # > 0: read candidate chunks in that many parallel Ray tasks
+    metadata_root: str = ""  # the served models' root: exported thresholds, untrained flags
 
 
 @dataclass
@@ -256,11 +262,10 @@ def score_slide(
                     maps, versions[options.mitosis_model] = models.predict(
                         options.mitosis_model, pixels, "mitosis_map", timeout
                     )
+                    threshold = mitosis_threshold(options, versions[options.mitosis_model])
                     for tile, m in zip(batch_tiles, maps, strict=True):
                         tile_mitosis_max.append(float(m.max()) if m.size else 0.0)
-                        detections.extend(
-                            tile_detections(m, tile, plan.spec, options.grading.threshold)
-                        )
+                        detections.extend(tile_detections(m, tile, plan.spec, threshold))
                 predict_s += time.perf_counter() - t0
                 tiles.extend(batch_tiles)
                 counts.scored = len(tiles)
@@ -282,6 +287,28 @@ def score_slide(
         timings,
         start,
     )
+
+
+@functools.lru_cache(maxsize=64)
+def _export_metadata(root: str, model: str, version: int) -> dict[str, Any]:
+    """A served version's export metadata ({} when absent or unreadable). Versions are
+    immutable, so each is read once."""
+    try:
+        return read_metadata(Path(root) / model / str(version))
+    except (OSError, ValueError) as exc:
+        log.warning("cannot read model metadata", extra={"model": model, "error": str(exc)})
+        return {}
+
+
+def model_metadata(options: ScoringOptions, model: str, version: int) -> dict[str, Any]:
+    return _export_metadata(options.metadata_root, model, version) if options.metadata_root else {}
+
+
+def mitosis_threshold(options: ScoringOptions, version: int) -> float:
+    """The served detector's own operating point (its export metadata) where the model root
+    is readable, else the configured threshold."""
+    meta = model_metadata(options, options.mitosis_model, version)
+    return float(meta.get("threshold", options.grading.threshold))
 
 
 def aggregate(tile_probs: np.ndarray, aggregation: int) -> tuple[int, list[float]]:
@@ -329,8 +356,16 @@ def _assemble(
     result.probabilities.extend(slide_probs)
     if not len(all_probs):
         result.warnings.append("no tissue tile was found: no score")
+    for name, version in sorted(versions.items()):
+        if model_metadata(options, name, version).get("trained") is False:
+            result.warnings.append(
+                f"model {name} v{version} is untrained (random initialisation): "
+                "this is not a real score"
+            )
     mpp0 = plan.geometry.base_mpp
     if not request.skip_mitosis:
+        if options.mitosis_model in versions:
+            result.mitosis_threshold = mitosis_threshold(options, versions[options.mitosis_model])
         radius0 = options.grading.nms_radius_um / mpp0
         kept = non_max_suppression(detections, radius0)
         result.mitosis_count = len(kept)

@@ -94,6 +94,7 @@ def options_from(settings: ScoringSettings) -> ScoringOptions:
             score_thresholds=(low, high),
         ),
         ray_readers=settings.ray_readers,
+        metadata_root=settings.model_metadata_root,
     )
 
 
