@@ -110,9 +110,10 @@ def main(argv: list[str] | None = None) -> int:
         help="side in px (0.5 um/px); a smaller slide packs its class's count into fewer tiles",
     )
     parser.add_argument("--input-size", type=int, default=64, help="tumor model input (px)")
-    parser.add_argument("--steps", type=int, default=40, help="tumor model steps per epoch")
-    parser.add_argument("--epochs", type=int, default=4, help="tumor model epochs")
-    parser.add_argument("--lr", type=float, default=3e-4, help="tumor model Adam learning rate")
+    parser.add_argument("--steps", type=int, default=100, help="tumor model steps per epoch")
+    parser.add_argument("--epochs", type=int, default=8, help="tumor model epochs")
+    parser.add_argument("--batch-size", type=int, default=32, help="tumor model batch")
+    parser.add_argument("--lr", type=float, default=1e-3, help="tumor model Adam learning rate")
     parser.add_argument(
         "--parts", default="mitosis,tumor", help="comma list of mitosis, tumor (route needs both)"
     )
@@ -155,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         input_size=args.input_size,
         steps_per_epoch=args.steps,
         epochs=args.epochs,
+        batch_size=args.batch_size,
         finetune_lr=args.lr,
     )
     results.update({"tumor_model_kappa": tumor["tumor_model_kappa"], "tumor_detail": tumor})

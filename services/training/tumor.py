@@ -994,9 +994,10 @@ def validate_tumor(
     `tumor_model_kappa` uses the scoring service's rule (argmax of the mean probability);
     `tumor_model_kappa_calibrated` cut points on the expected score fitted on the training
     slides (`fit_cutpoints`).
-    `overrides` set any other `TumorTrainConfig` field. On `synthetic.make_synthetic_slides`
-    (figures ~0.5% of a tile's area, a score-2 tile shows one 17% of the time) these defaults
-    did not learn the score (kappa 0.0 after 2,560 tiles): the bar needs more steps or input.
+    `overrides` set any other `TumorTrainConfig` field. On `make validate`'s synthetic slides
+    (48 of 1024 px, 9 held out) these defaults did not learn the score (kappa 0.0 after 2,560
+    tiles); batch 32 x 100 steps x 8 epochs (25,600 tiles, 81 min on 2 cores) did: held-out
+    kappa by epoch 0, 0, 0.33, 0.67, 0.83, 0.91, 0.80, 0.71 (`make validate`'s defaults now).
     """
     shards = find_shards(tiles_root)
     config = TumorTrainConfig(
