@@ -98,11 +98,16 @@ def _keras_cache_file(filename: str) -> Path:
     return Path(home) / "models" / filename
 
 
+def random_init(weights: str) -> bool:
+    """Whether the `weights` setting asks for random initialisation (no file to load)."""
+    return str(weights).strip().lower() in ("", "none", "random")
+
+
 def _resolve_weights(weights: str) -> Path | None:
     """Turn the `weights` setting into a file to load (None = random init), failing fast."""
-    spec = str(weights).strip()
-    if spec.lower() in ("", "none", "random"):
+    if random_init(weights):
         return None
+    spec = str(weights).strip()
     if spec.lower() == "imagenet":
         cached = _keras_cache_file(IMAGENET_NOTOP_FILE)
         if cached.is_file():

@@ -10,16 +10,15 @@ from __future__ import annotations
 import hashlib
 import json
 import zlib
-from collections import deque
 from collections.abc import Iterator, Sequence
-from concurrent.futures import Executor, Future, wait
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from itertools import islice
 
 import numpy as np
 from PIL import Image
 
 from prolifscore.core import stain as stain_lib
+from prolifscore.core.prefetch import prefetched
 from prolifscore.core.settings import PreprocessSettings
 from prolifscore.core.slide import Slide
 from prolifscore.core.tiler import (
@@ -237,21 +236,7 @@ class TileSource:
         `depth` tiles ahead of the consumer. OpenSlide decodes without the GIL, so the
         caller's tissue test, encoding and writing overlap the next tiles' decoding. A read's
         exception is raised here, at its tile. On exit (also early) no read is left running."""
-        pending: deque[tuple[pb.Tile, Future[np.ndarray]]] = deque()
-        todo = iter(tiles)
-        try:
-            for tile in islice(todo, depth):
-                pending.append((tile, reader.submit(self.read, tile)))
-            while pending:
-                tile, future = pending.popleft()
-                nxt = next(todo, None)
-                if nxt is not None:
-                    pending.append((nxt, reader.submit(self.read, nxt)))
-                yield tile, future.result()
-        finally:
-            for _, future in pending:
-                future.cancel()
-            wait([f for _, f in pending])
+        return prefetched(tiles, self.read, reader, depth)
 
 
 def _normalizer(kind: int, fit: pb.StainFit):  # type: ignore[no-untyped-def]

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import functools
 import math
-from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from itertools import islice
 
 import numpy as np
 from scipy import ndimage as ndi
 
+from prolifscore.core.prefetch import prefetched
 from prolifscore.core.slide import Slide
 
 OD_BETA = 0.15
@@ -138,15 +137,7 @@ def compute_coverage_map(
     # Reader threads decode the next strips while this thread reduces the current one.
     threads = max(1, threads)
     with ThreadPoolExecutor(threads, thread_name_prefix="coverage-reader") as pool:
-        ahead: deque[Future[np.ndarray]] = deque()
-        todo = iter(tops)
-        for top in islice(todo, threads):
-            ahead.append(pool.submit(read, top))
-        for top in tops:
-            rgb = ahead.popleft().result()
-            nxt = next(todo, None)
-            if nxt is not None:
-                ahead.append(pool.submit(read, nxt))
+        for top, rgb in prefetched(tops, read, pool, threads):
             r0, r1 = top // k, (top + rgb.shape[0]) // k
             fraction[r0:r1], thumb[r0:r1] = _reduce(rgb, k, beta)
             del rgb

@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 # Before anything imports Ray: it sets the loopback-only environment Ray reads at import.
+from prolifscore.core.models import random_init
 from prolifscore.core.raycluster import init_ray
 from prolifscore.training.dataset import (
     SPLITS,
@@ -303,7 +304,7 @@ def _configure_phase(model: keras.Model, phase: str, config: TumorTrainConfig) -
         backbone.trainable = True
         freeze_bn = config.freeze_batchnorm
         if freeze_bn is None:
-            freeze_bn = _loads_weights(config)
+            freeze_bn = not random_init(config.weights)
         # Every layer's flag is set explicitly: Keras 3 does not pass `trainable` on from a
         # Functional model to its layers, so flags from an earlier phase would otherwise stay.
         for layer in backbone.layers:
@@ -509,7 +510,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     keras.utils.set_random_seed(config.seed)  # same initial weights on every worker
     with strategy.scope():
         model = build_tumor_model(config.input_size, config.weights, config.classes)
-    if config.zero_init_residual and not _loads_weights(config):
+    if config.zero_init_residual and random_init(config.weights):
         zero_residual_gammas(model.get_layer("resnet50"))
     if config.bn_momentum is not None:
         for layer in model.get_layer("resnet50").layers:
@@ -670,10 +671,6 @@ class _LocalWorker:
 # Driver.
 
 
-def _loads_weights(config: TumorTrainConfig) -> bool:
-    return str(config.weights).strip().lower() not in ("", "none", "random")
-
-
 def zero_residual_gammas(backbone: Any) -> int:
     """Set gamma = 0 in the last BatchNorm of every ResNet50 residual block
     (`convN_blockM_3_bn`): each block's residual branch then starts at zero and the block as
@@ -692,7 +689,7 @@ def zero_residual_gammas(backbone: Any) -> int:
 def _check_weights(config: TumorTrainConfig) -> None:
     """Build the model once with the requested weights: a missing, offline or wrong-shaped
     weights file raises `WeightsError` here, not minutes later on a worker."""
-    if not _loads_weights(config):
+    if random_init(config.weights):
         return
     from prolifscore.core.models import build_tumor_model
 
