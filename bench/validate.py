@@ -102,7 +102,7 @@ def mitosis_route(slide_dir: Path, model_root: Path, slide_ids: list[str]) -> di
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--work", type=Path, default=Path("bench/work/validate"))
-    parser.add_argument("--slides", type=int, default=48, help="synthetic scored slides")
+    parser.add_argument("--slides", type=int, default=96, help="synthetic scored slides")
     parser.add_argument(
         "--slide-size",
         type=int,

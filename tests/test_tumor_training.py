@@ -19,6 +19,7 @@ from prolifscore.core.tfrecord import parse_tile_example, read_records
 from prolifscore.training.dataset import DatasetError, ShardRef, find_shards
 from prolifscore.training.evaluation import slide_metrics, slide_scores
 from prolifscore.training.tumor import (
+    OPTIMIZER_FILE,
     STATE_FILE,
     TrainingError,
     TumorTrainConfig,
@@ -113,12 +114,19 @@ def test_learns_resumes_after_a_crash_and_exports(tmp_path: Path) -> None:
     models, run = tmp_path / "models", tmp_path / "run"
 
     # Epoch 1 completes and is checkpointed, then the worker dies; Ray restarts it and the run
-    # resumes at epoch 2 from that checkpoint (not from scratch).
-    config = small_config(fail_after_epoch=1, max_failures=1)
+    # resumes at epoch 2 from that checkpoint (not from scratch), on the same cosine curve:
+    # the restored optimizer's rate is replaced by epoch 2's.
+    config = small_config(
+        fail_after_epoch=1, max_failures=1, lr_schedule="cosine", final_lr_fraction=0.5
+    )
     result = train_tumor(config, shards, models, run)
     assert result.backend == ("ray_train" if ray_train_available()[0] else "ray_actor")
     assert result.resumed_from_epoch == 1
     assert [h["epoch"] for h in result.history] == [1, 2]
+    assert [h["lr"] for h in result.history] == pytest.approx([1e-3, 5e-4])
+    with np.load(result.checkpoint / OPTIMIZER_FILE) as opt:
+        scalars = [float(opt[k]) for k in opt.files if opt[k].size == 1]
+    assert any(np.isclose(v, 5e-4, rtol=1e-4) for v in scalars), scalars  # the rate trained with
     final = json.loads((result.checkpoint / STATE_FILE).read_text())
     assert [r["start_epoch"] for r in final["runs"]] == [0, 1] and final["finished"]
     assert len(result.skipped_shards) == 1 and "checksum" in result.skipped_shards[0]["reason"]
@@ -328,6 +336,21 @@ def test_config_round_trip() -> None:
     seed = TumorTrainConfig()
     assert (seed.input_size, seed.head_epochs, seed.head_lr) == (224, 4, 1e-3)
     assert (seed.finetune_lr, seed.finetune_momentum, seed.unfreeze) == (1e-4, 0.9, "conv5")
+
+
+def test_cosine_schedule_restarts_for_each_phase() -> None:
+    config = small_config(
+        head_epochs=3,
+        finetune_epochs=2,
+        finetune_lr=1e-4,
+        lr_schedule="cosine",
+        final_lr_fraction=0.1,
+    )
+    rates = [config.learning_rate(e) for e in range(config.epochs)]
+    assert rates == pytest.approx([1e-3, 5.5e-4, 1e-4, 1e-4, 1e-5])
+    assert small_config().learning_rate(1) == 1e-3  # constant, the default
+    with pytest.raises(ValueError, match="lr_schedule"):
+        small_config(lr_schedule="step").validate()
 
 
 def test_epoch_metrics() -> None:

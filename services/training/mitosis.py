@@ -40,6 +40,7 @@ from prolifscore.core.models import MITOSIS_OFFSET, MITOSIS_PATCH, MITOSIS_STRID
 from prolifscore.core.tissue import od_tissue_mask
 from prolifscore.scoring.mitosis import non_max_suppression
 from prolifscore.training.detection import Counts, evaluate_regions, match_radius_px
+from prolifscore.training.schedule import cosine_lr
 
 if TYPE_CHECKING:
     import keras
@@ -579,12 +580,6 @@ def _to_unit_float(x: Any, y: Any, w: Any) -> tuple[Any, Any, Any]:
     return preprocess_mitosis(x), y, w
 
 
-def _cosine(base: float, epoch: int, total: int, floor: float) -> float:
-    """Learning rate of epoch `epoch` (0-based): cosine from `base` to `floor * base`."""
-    t = epoch / max(1, total - 1)
-    return base * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t)))
-
-
 def _mine_hard_negatives(
     maps: Sequence[np.ndarray], regions: Sequence[Region], config: MitosisTrainConfig
 ) -> list[HardNegative]:
@@ -661,7 +656,7 @@ def train_mitosis(
             log.info("hard-negative round %d: %d new, %d in all", round_, len(mined), len(hard))
         for _ in range(config.epochs if round_ == 0 else config.hard_negative_epochs):
             t0 = time.perf_counter()
-            lr = _cosine(config.learning_rate, epoch, total_epochs, config.final_lr_fraction)
+            lr = cosine_lr(config.learning_rate, epoch, total_epochs, config.final_lr_fraction)
             model.optimizer.learning_rate.assign(lr)
             x, y, w = sample_patches(train, config, rng, hard)
             ds = (

@@ -62,6 +62,7 @@ from prolifscore.training.evaluation import (
     slide_metrics,
     slide_scores,
 )
+from prolifscore.training.schedule import cosine_lr
 
 if TYPE_CHECKING:
     import keras
@@ -100,6 +101,10 @@ class TumorTrainConfig:
     finetune_lr: float = 1e-4
     finetune_momentum: float = 0.9
     finetune_optimizer: Literal["sgd", "adam"] = "sgd"  # adam suits training from random init
+    # "cosine": each phase's rate falls per epoch from its *_lr to final_lr_fraction of it, so
+    # the exported last epoch is not one of a constant rate's noisy late epochs.
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    final_lr_fraction: float = 0.05
     unfreeze: Literal["conv5", "all"] = "conv5"  # what the second phase trains besides the head
     # Fine-tune with BatchNorm layers frozen in inference mode (Keras' transfer-learning advice:
     # a few hundred small batches would otherwise overwrite the statistics the backbone learnt).
@@ -148,6 +153,16 @@ class TumorTrainConfig:
         """Phase of 0-based `epoch`."""
         return "head" if epoch < self.head_epochs else "finetune"
 
+    def learning_rate(self, epoch: int) -> float:
+        """Learning rate of 0-based `epoch` under `lr_schedule`."""
+        if self.phase(epoch) == "head":
+            base, start, length = self.head_lr, 0, self.head_epochs
+        else:
+            base, start, length = self.finetune_lr, self.head_epochs, self.finetune_epochs
+        if self.lr_schedule == "constant":
+            return base
+        return cosine_lr(base, epoch - start, length, self.final_lr_fraction)
+
     def validate(self) -> None:
         if self.input_size < 32:
             raise ValueError(f"input_size must be >= 32 for ResNet50, got {self.input_size}")
@@ -159,6 +174,10 @@ class TumorTrainConfig:
             raise ValueError(f"unfreeze must be 'conv5' or 'all', got {self.unfreeze!r}")
         if self.monitor not in ("val_slide_kappa", "val_loss"):
             raise ValueError(f"monitor must be val_slide_kappa or val_loss, got {self.monitor!r}")
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise ValueError(f"lr_schedule must be constant or cosine, got {self.lr_schedule!r}")
+        if not 0 <= self.final_lr_fraction <= 1:
+            raise ValueError(f"final_lr_fraction must be in [0, 1], got {self.final_lr_fraction}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -588,6 +607,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             with strategy.scope():
                 _configure_phase(model, phase, config)
             state["phase"] = phase
+        model.optimizer.learning_rate.assign(config.learning_rate(epoch))
         ds = train_dataset(
             shards,
             input_size=config.input_size,
@@ -620,6 +640,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         metrics: dict[str, Any] = {
             "epoch": epoch + 1,
             "phase": phase,
+            "lr": config.learning_rate(epoch),
             "loss": loss,
             "accuracy": float(acc[-1]),
             **evaluate_tiles(pred, truth, molecular, config.aggregation),
@@ -1006,6 +1027,7 @@ def validate_tumor(
         unfreeze="all",
         finetune_optimizer="adam",
         finetune_lr=1e-3,
+        lr_schedule="cosine",
         bn_momentum=0.9,
         early_stopping_patience=0,
         restore_best=False,
