@@ -54,7 +54,7 @@ bench: setup
 k8s-validate: setup
 	$(PY) -m pytest -q tests/test_k8s.py
 
-# Not part of CI (minutes on 2 cores): does training learn? Writes bench/validate.json.
+# Not part of CI (~90 min on 2 cores): does training learn? Writes bench/validate.json.
 validate: setup
 	$(PY) -m bench.validate
 
