@@ -287,17 +287,19 @@ def test_flush_raises_when_records_are_not_delivered(kafka_settings: KafkaSettin
         b.close(timeout=1)
 
 
-def test_broker_module_runs_in_foreground_and_cleans_up() -> None:
+def test_broker_module_runs_in_foreground_and_cleans_up(tmp_path: Path) -> None:
     port = free_port()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "prolifscore.core.broker", "--port", str(port)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-        cwd=REPO,
-        env=env,
-    )
+    log = tmp_path / "broker.err"
+    with log.open("w") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "prolifscore.core.broker", "--port", str(port)],
+            stdout=subprocess.PIPE,
+            stderr=err,
+            text=True,
+            cwd=REPO,
+            env=env,
+        )
     try:
         timer = threading.Timer(30, proc.kill)
         timer.start()
@@ -307,7 +309,13 @@ def test_broker_module_runs_in_foreground_and_cleans_up() -> None:
         children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
         assert len(children) == 1
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=15) == 0
+        # The broker's own stop escalates SIGINT -> SIGTERM -> SIGKILL within ~10 s; the
+        # rest is slack for a loaded 2-core CI machine (one fresh-clone run exceeded 15 s).
+        try:
+            rc = proc.wait(timeout=45)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"broker did not exit within 45 s of SIGTERM:\n{log.read_text()[-3000:]}")
+        assert rc == 0, log.read_text()[-3000:]
         assert not Path(f"/proc/{children[0]}").exists()
     finally:
         if proc.poll() is None:
