@@ -232,10 +232,8 @@ class TileSource:
     def read_ahead(
         self, tiles: Sequence[pb.Tile], reader: Executor, depth: int = READ_AHEAD
     ) -> Iterator[tuple[pb.Tile, np.ndarray]]:
-        """(tile, `read(tile)`) in order, the reads done by `reader`'s threads up to
-        `depth` tiles ahead of the consumer. OpenSlide decodes without the GIL, so the
-        caller's tissue test, encoding and writing overlap the next tiles' decoding. A read's
-        exception is raised here, at its tile. On exit (also early) no read is left running."""
+        """(tile, `read(tile)`) in order, read up to `depth` tiles ahead (`prefetched`): the
+        caller's tissue test, encoding and writing overlap the next tiles' decoding."""
         return prefetched(tiles, self.read, reader, depth)
 
 

@@ -607,7 +607,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             with strategy.scope():
                 _configure_phase(model, phase, config)
             state["phase"] = phase
-        model.optimizer.learning_rate.assign(config.learning_rate(epoch))
+        lr = config.learning_rate(epoch)
+        model.optimizer.learning_rate.assign(lr)
         ds = train_dataset(
             shards,
             input_size=config.input_size,
@@ -640,7 +641,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         metrics: dict[str, Any] = {
             "epoch": epoch + 1,
             "phase": phase,
-            "lr": config.learning_rate(epoch),
+            "lr": lr,
             "loss": loss,
             "accuracy": float(acc[-1]),
             **evaluate_tiles(pred, truth, molecular, config.aggregation),
