@@ -45,11 +45,10 @@ COPY pyproject.toml README.md ./
 COPY protos/ protos/
 COPY services/ services/
 # Generated protobuf code (git-ignored) becomes prolifscore.v1, as `make protos` does.
-RUN rm -rf services/v1 build && mkdir -p build/protos \
-    && python -m grpc_tools.protoc -Iprotos --python_out=build/protos --pyi_out=build/protos \
-       --grpc_python_out=build/protos protos/prolifscore/v1/*.proto \
-    && mv build/protos/prolifscore/v1 services/v1 \
-    && find services/v1 -type d -exec touch {}/__init__.py \; \
+RUN rm -rf services/prolifscore/v1 \
+    && python -m grpc_tools.protoc -Iprotos --python_out=services --pyi_out=services \
+       --grpc_python_out=services protos/prolifscore/v1/*.proto \
+    && touch services/prolifscore/v1/__init__.py \
     && pip install --no-deps . \
     && prolifscore config > /dev/null
 

@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 DEPS := $(VENV)/.deps
 STAMP := $(VENV)/.installed
 PROTO_SRC := $(wildcard protos/prolifscore/v1/*.proto)
-PROTO_OUT := services/v1
+PROTO_OUT := services/prolifscore/v1
 PROTO_STAMP := $(PROTO_OUT)/.generated
 
 .PHONY: setup protos demo test lint bench validate lock clean
@@ -24,14 +24,13 @@ $(STAMP): $(DEPS) $(PROTO_STAMP) pyproject.toml
 
 protos: $(PROTO_STAMP)
 
-# Generated into services/v1 so that it imports as prolifscore.v1 (git-ignored).
+# protos/prolifscore/v1/x.proto -> services/prolifscore/v1/x_pb2.py, imported as prolifscore.v1
+# (git-ignored).
 $(PROTO_STAMP): $(PROTO_SRC) $(DEPS)
-	rm -rf build/protos $(PROTO_OUT) && mkdir -p build/protos
-	$(PY) -m grpc_tools.protoc -Iprotos --python_out=build/protos --pyi_out=build/protos \
-	  --grpc_python_out=build/protos $(PROTO_SRC)
-	mv build/protos/prolifscore/v1 $(PROTO_OUT)
-	find $(PROTO_OUT) -type d -exec touch {}/__init__.py \;
-	touch $@
+	rm -rf $(PROTO_OUT)
+	$(PY) -m grpc_tools.protoc -Iprotos --python_out=services --pyi_out=services \
+	  --grpc_python_out=services $(PROTO_SRC)
+	touch $(PROTO_OUT)/__init__.py $@
 
 demo: setup
 	$(PY) -m prolifscore.cli.main demo

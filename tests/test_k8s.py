@@ -1575,7 +1575,7 @@ def test_dockerfile() -> None:
     )
     assert "-c requirements/lock.txt -r requirements/base.in" in installs
     ignored = (ROOT / ".dockerignore").read_text().split()
-    assert {".venv", ".git", "tests", "services/v1", "build"} <= set(ignored)
+    assert {".venv", ".git", "tests", "services/prolifscore/v1", "build"} <= set(ignored)
     assert not {"services", "protos", "requirements", "pyproject.toml", "README.md"} & set(ignored)
 
 
