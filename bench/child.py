@@ -31,9 +31,9 @@ def vmhwm_mb() -> float:
 
 
 def _run(kind: str, args: list[str]) -> dict[str, Any]:
-    from prolifscore.core.preprocess import plan_slide
-    from prolifscore.core.settings import PreprocessSettings, load
-    from prolifscore.core.slide import open_slide
+    from prolifscore.core.runtime.settings import PreprocessSettings, load
+    from prolifscore.core.wsi.preprocess import plan_slide
+    from prolifscore.core.wsi.slide import open_slide
     from prolifscore.filtering.worker import BatchFilter
     from prolifscore.v1 import pipeline_pb2 as pb
 

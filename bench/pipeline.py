@@ -16,11 +16,11 @@ from pathlib import Path
 
 import numpy as np
 
-from prolifscore.core.preprocess import SlidePlan, TileSource, batches, plan_slide
-from prolifscore.core.settings import PreprocessSettings, load
-from prolifscore.core.shards import write_marker
-from prolifscore.core.slide import open_slide
-from prolifscore.core.tfrecord import AtomicShardWriter, tile_example
+from prolifscore.core.runtime.settings import PreprocessSettings, load
+from prolifscore.core.wsi.preprocess import SlidePlan, TileSource, batches, plan_slide
+from prolifscore.core.wsi.shards import write_marker
+from prolifscore.core.wsi.slide import open_slide
+from prolifscore.core.wsi.tfrecord import AtomicShardWriter, tile_example
 from prolifscore.filtering.worker import BatchFilter
 from prolifscore.v1 import pipeline_pb2 as pb
 

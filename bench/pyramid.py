@@ -24,8 +24,8 @@ from pathlib import Path
 import imagecodecs
 import numpy as np
 
-from prolifscore.core.pyramid import TILE, real_tiles, reduce2, write_pyramid
-from prolifscore.core.pyramid import level_sides as _level_sides
+from prolifscore.synthetic.pyramid import TILE, real_tiles, reduce2, write_pyramid
+from prolifscore.synthetic.pyramid import level_sides as _level_sides
 
 FORMAT_VERSION = 1
 

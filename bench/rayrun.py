@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from prolifscore.core.raycluster import init_ray
+from prolifscore.core.runtime.ray import init_ray
 from prolifscore.filtering.worker import BatchFilter
 from prolifscore.v1 import pipeline_pb2 as pb
 

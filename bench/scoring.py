@@ -35,10 +35,10 @@ import numpy as np
 
 from bench import CMU, TCGA, WORK_DIR
 from bench.pipeline import defaults, warm_file_cache
-from prolifscore.core.embedded import ServiceProcess
-from prolifscore.core.preprocess import iter_kept_tiles, plan_slide
-from prolifscore.core.settings import RuntimeSettings, load
-from prolifscore.core.slide import open_slide
+from prolifscore.core.runtime.settings import RuntimeSettings, load
+from prolifscore.core.wsi.preprocess import iter_kept_tiles, plan_slide
+from prolifscore.core.wsi.slide import open_slide
+from prolifscore.localstack.stack import ServiceProcess
 from prolifscore.v1 import pipeline_pb2 as pb
 from prolifscore.v1 import scoring_pb2 as spb
 from prolifscore.v1 import scoring_pb2_grpc
@@ -80,7 +80,7 @@ class SlideTiles:
 def ensure_models(root: Path, tumor_input_size: int = 224) -> bool:
     """Untrained exports of both models under `root` (TF Serving layout); reuses what is there
     when the tumor model has the wanted input size. Returns True when reused."""
-    from prolifscore.core.models import export_untrained, list_versions, read_metadata
+    from prolifscore.core.models.export import export_untrained, list_versions, read_metadata
 
     tumor = list_versions(root, TUMOR)
     reused = True

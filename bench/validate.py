@@ -27,9 +27,9 @@ def preprocess_with_services(slide_dir: Path, labels: Path, out: Path) -> dict[s
     import argparse as ap
 
     from prolifscore.cli.ingest import build_messages, follow
-    from prolifscore.core.bus import Bus
-    from prolifscore.core.embedded import EmbeddedStack
-    from prolifscore.core.settings import KafkaSettings, load
+    from prolifscore.core.runtime.bus import Bus
+    from prolifscore.core.runtime.settings import KafkaSettings, load
+    from prolifscore.localstack.stack import EmbeddedStack
 
     env = {"PROLIF_SLIDE_ROOTS": str(slide_dir), "PROLIF_TILES_ROOT": str(out / "tiles")}
     args = ap.Namespace(
@@ -62,10 +62,10 @@ def preprocess_with_services(slide_dir: Path, labels: Path, out: Path) -> dict[s
 
 
 def mitosis_route(slide_dir: Path, model_root: Path, slide_ids: list[str]) -> dict[str, Any]:
-    from prolifscore.core.settings import PreprocessSettings
+    from prolifscore.core.grading.evaluation import quadratic_weighted_kappa
+    from prolifscore.core.runtime.settings import PreprocessSettings
     from prolifscore.scoring.model_client import InProcessModels
     from prolifscore.scoring.scorer import ScoringOptions, score_slide
-    from prolifscore.training.evaluation import quadratic_weighted_kappa
     from prolifscore.v1 import scoring_pb2 as spb
 
     truth = {
@@ -121,9 +121,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     parts = set(args.parts.split(","))
     args.work = args.work.resolve()  # slide roots and Ray workers need absolute paths
-    from prolifscore.core.raycluster import init_ray
+    from prolifscore.core.runtime.ray import init_ray
+    from prolifscore.synthetic.slides import make_synthetic_slides
     from prolifscore.training.mitosis import validate_mitosis
-    from prolifscore.training.synthetic import make_synthetic_slides
     from prolifscore.training.tumor import validate_tumor
     from prolifscore.v1 import pipeline_pb2 as pb
 

@@ -7,9 +7,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from prolifscore.core.broker import EmbeddedBroker, free_port
-from prolifscore.core.raycluster import RayHead
-from prolifscore.core.settings import KafkaSettings, load
+from prolifscore.core.runtime.settings import KafkaSettings, load
+from prolifscore.localstack.broker import EmbeddedBroker, free_port
+from prolifscore.localstack.rayhead import RayHead
 
 
 @pytest.fixture(scope="session")

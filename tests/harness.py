@@ -8,9 +8,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from prolifscore.core.bus import Bus, DecodeError, decode
-from prolifscore.core.embedded import ServiceProcess  # noqa: F401
-from prolifscore.core.settings import KafkaSettings
+from prolifscore.core.runtime.bus import Bus, DecodeError, decode
+from prolifscore.core.runtime.settings import KafkaSettings
+from prolifscore.localstack.stack import ServiceProcess  # noqa: F401
 from prolifscore.v1 import pipeline_pb2 as pb
 
 

@@ -23,9 +23,8 @@ import pytest
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.consumer.fetcher import ConsumerRecord
 
-from prolifscore.core import bus as busmod
-from prolifscore.core.broker import EmbeddedBroker, free_port
-from prolifscore.core.bus import (
+from prolifscore.core.runtime import bus as busmod
+from prolifscore.core.runtime.bus import (
     JSON,
     PROTOBUF,
     BrokerUnavailable,
@@ -35,7 +34,8 @@ from prolifscore.core.bus import (
     decode,
     encode,
 )
-from prolifscore.core.settings import KafkaSettings
+from prolifscore.core.runtime.settings import KafkaSettings
+from prolifscore.localstack.broker import EmbeddedBroker, free_port
 from prolifscore.v1 import pipeline_pb2 as pb
 
 REPO = Path(__file__).resolve().parents[1]
@@ -240,7 +240,7 @@ def test_connects_once_a_late_broker_comes_up(
     port = free_port()
     settings = dataclasses.replace(kafka_settings, bootstrap_servers=f"127.0.0.1:{port}")
     late = Bus(settings, "late")
-    caplog.set_level(logging.WARNING, logger="prolifscore.core.bus")
+    caplog.set_level(logging.WARNING, logger="prolifscore.core.runtime.bus")
     with ThreadPoolExecutor(1) as pool:
         t0 = time.monotonic()
         pending = pool.submit(late.consumer, [settings.topic_ingest], "late-group")
@@ -293,7 +293,7 @@ def test_broker_module_runs_in_foreground_and_cleans_up(tmp_path: Path) -> None:
     log = tmp_path / "broker.err"
     with log.open("w") as err:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "prolifscore.core.broker", "--port", str(port)],
+            [sys.executable, "-m", "prolifscore.localstack.broker", "--port", str(port)],
             stdout=subprocess.PIPE,
             stderr=err,
             text=True,

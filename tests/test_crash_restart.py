@@ -8,8 +8,8 @@ import uuid
 
 import pytest
 
-from prolifscore.core.bus import Bus
-from prolifscore.core.settings import KafkaSettings, load
+from prolifscore.core.runtime.bus import Bus
+from prolifscore.core.runtime.settings import KafkaSettings, load
 from prolifscore.v1 import pipeline_pb2 as pb
 
 from .harness import ServiceProcess, Watcher, all_final, final_status, kafka_env

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from prolifscore.core import preprocess
-from prolifscore.core.preprocess import batches, plan_slide
-from prolifscore.core.settings import PreprocessSettings, load
-from prolifscore.core.shards import completed_markers
-from prolifscore.core.slide import open_slide
-from prolifscore.core.tfrecord import read_records
+from prolifscore.core.runtime.settings import PreprocessSettings, load
+from prolifscore.core.wsi import preprocess
+from prolifscore.core.wsi.preprocess import batches, plan_slide
+from prolifscore.core.wsi.shards import completed_markers
+from prolifscore.core.wsi.slide import open_slide
+from prolifscore.core.wsi.tfrecord import read_records
 from prolifscore.filtering.worker import BatchFilter
 from prolifscore.v1 import pipeline_pb2 as pb
 

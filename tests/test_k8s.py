@@ -90,7 +90,7 @@ CRD_API = {
 }
 
 # Environment variables our containers may carry besides the PROLIF_* settings: Ray reads these
-# (prolifscore.core.raycluster defaults RAY_AUTH_MODE=token; the token comes from the Secret).
+# (prolifscore.core.runtime.ray defaults RAY_AUTH_MODE=token; the token comes from the Secret).
 THIRD_PARTY_ENV = {"RAY_AUTH_MODE", "RAY_AUTH_TOKEN"}
 OUR_IMAGES = ("/prolifscore:", "/prolifscore@", "/prolifscore-gpu:", "/prolifscore-gpu@")
 SERVICE_COMMANDS = {
@@ -1255,7 +1255,7 @@ def test_tf_serving_serves_the_models_scoring_calls(render: Render) -> None:
     assert wanted == {settings["PROLIF_TUMOR_MODEL"][0], settings["PROLIF_MITOSIS_MODEL"][0]}
     assert set(served) == wanted
     # ... and they are the names training exports versions under (models/<name>/<version>/)
-    from prolifscore.core.models import DEFAULT_NAMES
+    from prolifscore.core.models.contract import DEFAULT_NAMES
 
     assert set(served) == set(DEFAULT_NAMES.values())
     models_mount = next(m for m in tf["volumeMounts"] if m["name"] == "models")
@@ -1356,9 +1356,9 @@ def _run_probe(port: int, *args: str) -> subprocess.CompletedProcess[str]:
 def test_tf_serving_probe_script_checks_model_status_and_warms_up() -> None:
     """probe.sh (readiness = GetModelStatus of every model, startup = that plus one warm-up
     Predict per model) run for real against a fake TF Serving REST API."""
-    from prolifscore.core import models
+    from prolifscore.core.models.contract import DEFAULT_NAMES, INPUT
 
-    names = sorted(models.DEFAULT_NAMES.values())
+    names = sorted(DEFAULT_NAMES.values())
     with _FakeTFServingREST(dict.fromkeys(names, "AVAILABLE")) as fake:
         ready = _run_probe(fake.port, "ready", *names)
         assert ready.returncode == 0, ready.stderr
@@ -1368,8 +1368,8 @@ def test_tf_serving_probe_script_checks_model_status_and_warms_up() -> None:
         assert [name for name, _ in fake.predicts] == names
         for _, body in fake.predicts:
             # the serving signature's input (what exports declare and scoring sends)
-            assert set(body["inputs"]) == {models.INPUT}
-            batch = body["inputs"][models.INPUT]
+            assert set(body["inputs"]) == {INPUT}
+            batch = body["inputs"][INPUT]
             assert len(batch) == 1 and len(batch[0][0][0]) == 3, "one RGB tile, NHWC"
         fake.states[names[0]] = "LOADING"
         loading = _run_probe(fake.port, "ready", *names)

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from prolifscore.scoring.mitosis import (
+from prolifscore.core.grading.mitoses import (
     MitosisGrading,
     densest_region_count,
     non_max_suppression,
@@ -50,7 +50,7 @@ def test_grading_thresholds_and_region_size():
 
 
 def test_large_point_sets_use_the_grid_and_stay_close():
-    from prolifscore.scoring import mitosis
+    from prolifscore.core.grading import mitoses as mitosis
 
     rng = np.random.default_rng(2)
     pts = [tuple(p) for p in rng.uniform(0, 20_000, size=(1400, 2))]

@@ -13,14 +13,14 @@ import numpy as np
 import pytest
 import tifffile
 
-from prolifscore.core.models import MITOSIS_OFFSET, MITOSIS_STRIDE
-from prolifscore.training.detection import (
+from prolifscore.core.grading.matching import (
     Counts,
     aggregate,
     evaluate_detections,
     evaluate_regions,
     match_radius_px,
 )
+from prolifscore.core.models.contract import MITOSIS_OFFSET, MITOSIS_STRIDE
 from prolifscore.training.mitosis import (
     DatasetError,
     MitosisDataset,
@@ -206,7 +206,7 @@ TINY = MitosisTrainConfig(
 
 @pytest.fixture(scope="module")
 def tiny_set(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from prolifscore.training.synthetic import make_mitosis_dataset
+    from prolifscore.synthetic.slides import make_mitosis_dataset
 
     return make_mitosis_dataset(
         tmp_path_factory.mktemp("tiny") / "data",
@@ -245,7 +245,7 @@ def test_detector_learns_and_exports(tiny_set: Path, tmp_path: Path) -> None:
     same training with broken training coordinates, scored against the true held-out labels."""
     import tensorflow as tf
 
-    from prolifscore.core.models import read_metadata
+    from prolifscore.core.models.export import read_metadata
     from prolifscore.training.mitosis import detection_maps
 
     data = read_mitosis_dataset(tiny_set)

@@ -30,9 +30,9 @@ from tensorflow_serving.apis import (  # noqa: E402
 )
 from tensorflow_serving.config import model_server_config_pb2  # noqa: E402
 
-from prolifscore.core import models  # noqa: E402
-from prolifscore.core.broker import free_port  # noqa: E402
-from prolifscore.core.settings import load  # noqa: E402
+from prolifscore.core.models.export import export_untrained  # noqa: E402
+from prolifscore.core.runtime.settings import load  # noqa: E402
+from prolifscore.localstack.broker import free_port  # noqa: E402
 from prolifscore.modelserver.config import ModelServerSettings  # noqa: E402
 from prolifscore.modelserver.server import ModelServer, grpc_options, serve  # noqa: E402
 
@@ -98,8 +98,8 @@ def _wait_for(predicate: Callable[[], bool], timeout: float = 30.0) -> None:
 def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A model root with both models (untrained, small), as training would leave it."""
     root = tmp_path_factory.mktemp("models")
-    models.export_untrained(root, "tumor", input_size=64)
-    models.export_untrained(root, "mitosis")
+    export_untrained(root, "tumor", input_size=64)
+    export_untrained(root, "mitosis")
     return root
 
 
@@ -214,7 +214,7 @@ def test_tf_serving_status_codes(client: Client) -> None:
 
 
 def test_new_version_is_served_without_restart(tmp_path: Path) -> None:
-    models.export_untrained(tmp_path, "mitosis", name="det", seed=1)
+    export_untrained(tmp_path, "mitosis", name="det", seed=1)
     server, client = _start(tmp_path)
     try:
         tiles = _tiles(2, 64, 64)
@@ -226,7 +226,7 @@ def test_new_version_is_served_without_restart(tmp_path: Path) -> None:
         time.sleep(0.6)
         assert client.run(_request("det", tiles)).model_spec.version.value == 1
 
-        new = models.export_untrained(tmp_path, "mitosis", name="det", seed=2)
+        new = export_untrained(tmp_path, "mitosis", name="det", seed=2)
         assert new.name == "8"
         _wait_for(lambda: client.run(_request("det", tiles)).model_spec.version.value == 8)
         second = client.run(_request("det", tiles))
@@ -237,7 +237,7 @@ def test_new_version_is_served_without_restart(tmp_path: Path) -> None:
         _wait_for(lambda: client.status("det") == {1: END, 8: AVAILABLE})  # latest policy: 1
 
         # A brand-new model folder is picked up as well.
-        models.export_untrained(tmp_path, "mitosis", name="det2")
+        export_untrained(tmp_path, "mitosis", name="det2")
         _wait_for(lambda: "det2" in server.manager.served)
         assert client.run(_request("det2", tiles)).model_spec.version.value == 1
     finally:
@@ -247,7 +247,7 @@ def test_new_version_is_served_without_restart(tmp_path: Path) -> None:
 def test_config_file_version_policies(tmp_path: Path) -> None:
     root = tmp_path / "models"
     for seed in (1, 2, 3):
-        models.export_untrained(root, "mitosis", name="mit", seed=seed)
+        export_untrained(root, "mitosis", name="mit", seed=seed)
     config = tmp_path / "models.config"
     config.write_text(
         f"""
@@ -306,7 +306,7 @@ def test_config_file_version_policies(tmp_path: Path) -> None:
 
 
 def test_entry_point_serves_health_and_stops_on_sigterm(tmp_path: Path) -> None:
-    models.export_untrained(tmp_path, "mitosis")
+    export_untrained(tmp_path, "mitosis")
     port = free_port()
     env = {
         **os.environ,

@@ -14,12 +14,12 @@ import pytest
 from kafka import KafkaProducer
 from PIL import Image
 
-from prolifscore.core.broker import free_port
-from prolifscore.core.bus import Bus, encode
-from prolifscore.core.preprocess import iter_kept_tiles, plan_slide
-from prolifscore.core.settings import KafkaSettings, PreprocessSettings, load
-from prolifscore.core.slide import open_slide
-from prolifscore.core.tfrecord import parse_tile_example, read_records
+from prolifscore.core.runtime.bus import Bus, encode
+from prolifscore.core.runtime.settings import KafkaSettings, PreprocessSettings, load
+from prolifscore.core.wsi.preprocess import iter_kept_tiles, plan_slide
+from prolifscore.core.wsi.slide import open_slide
+from prolifscore.core.wsi.tfrecord import parse_tile_example, read_records
+from prolifscore.localstack.broker import free_port
 from prolifscore.v1 import pipeline_pb2 as pb
 
 from .harness import ServiceProcess, Watcher, all_final, final_status, kafka_env

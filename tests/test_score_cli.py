@@ -18,7 +18,7 @@ PNG = b"\x89PNG\r\n\x1a\n"
 
 
 def test_local_score_flags_untrained_models(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
-    from prolifscore.core.models import export_untrained
+    from prolifscore.core.models.export import export_untrained
 
     root = tmp_path / "models"
     export_untrained(root, "tumor", input_size=64)

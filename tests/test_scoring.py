@@ -13,12 +13,17 @@ from pathlib import Path
 import grpc
 import pytest
 
-from prolifscore.core.broker import free_port
-from prolifscore.core.bus import Bus
-from prolifscore.core.embedded import ServiceProcess
-from prolifscore.core.preprocess import iter_kept_tiles, plan_slide
-from prolifscore.core.settings import KafkaSettings, PreprocessSettings, RuntimeSettings, load
-from prolifscore.core.slide import open_slide
+from prolifscore.core.runtime.bus import Bus
+from prolifscore.core.runtime.settings import (
+    KafkaSettings,
+    PreprocessSettings,
+    RuntimeSettings,
+    load,
+)
+from prolifscore.core.wsi.preprocess import iter_kept_tiles, plan_slide
+from prolifscore.core.wsi.slide import open_slide
+from prolifscore.localstack.broker import free_port
+from prolifscore.localstack.stack import ServiceProcess
 from prolifscore.v1 import pipeline_pb2 as pb
 from prolifscore.v1 import scoring_pb2 as spb
 from prolifscore.v1 import scoring_pb2_grpc
@@ -32,7 +37,7 @@ PNG = b"\x89PNG\r\n\x1a\n"
 
 @pytest.fixture(scope="module")
 def model_root(tmp_path_factory) -> Path:
-    from prolifscore.core.models import export_untrained
+    from prolifscore.core.models.export import export_untrained
 
     root = tmp_path_factory.mktemp("models")
     export_untrained(root, "tumor", input_size=64)
@@ -382,7 +387,7 @@ def test_cancellation_stops_the_work(model_root):
 
 def test_ray_readers_give_the_thread_readers_result(model_root, ray_head):
     """Large slides read their tiles in parallel Ray tasks; the result must not change."""
-    from prolifscore.core.raycluster import init_ray
+    from prolifscore.core.runtime.ray import init_ray
     from prolifscore.scoring.model_client import InProcessModels
     from prolifscore.scoring.scorer import ScoringOptions, score_slide
 

@@ -17,8 +17,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from PIL import Image
 
-from prolifscore.core.broker import free_port
-from prolifscore.core.settings import RuntimeSettings, load
+from prolifscore.core.runtime.settings import RuntimeSettings, load
+from prolifscore.localstack.broker import free_port
 from prolifscore.v1 import pipeline_pb2 as pb
 from prolifscore.v1 import scoring_pb2 as spb
 from prolifscore.v1 import scoring_pb2_grpc
@@ -266,7 +266,7 @@ class PeakModels(SlowModels):
 def _export_metadata(root, model: str, version: int, **meta) -> None:
     import json
 
-    from prolifscore.core.models import METADATA_FILE
+    from prolifscore.core.models.contract import METADATA_FILE
 
     path = root / model / str(version) / METADATA_FILE
     path.parent.mkdir(parents=True)

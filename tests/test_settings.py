@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 
 from prolifscore.cli.main import config_rows
-from prolifscore.core.settings import load
+from prolifscore.core.runtime.settings import load
 from prolifscore.filtering.config import FilteringSettings
 from prolifscore.tiling.config import TilingSettings
 

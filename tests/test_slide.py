@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from prolifscore.core.slide import (
+from prolifscore.core.wsi.slide import (
     SlideNotFound,
     SlidePathDenied,
     SlideUnreadable,

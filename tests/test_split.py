@@ -1,6 +1,6 @@
 from collections import Counter
 
-from prolifscore.core.split import TRAIN, VALIDATION, hash_split, stratified_splits
+from prolifscore.core.wsi.split import TRAIN, VALIDATION, hash_split, stratified_splits
 
 
 def test_stratified_split_takes_exact_share_of_each_score():

@@ -15,8 +15,8 @@ import openslide
 import pytest
 from skimage.color import rgb2lab
 
-from prolifscore.core import stain
-from prolifscore.core.stain import (
+from prolifscore.core.wsi import stain
+from prolifscore.core.wsi.stain import (
     REINHARD_REFERENCE,
     SEED_REFERENCE,
     MacenkoFit,

@@ -12,15 +12,15 @@ import pytest
 import tifffile
 from PIL import Image
 
-from prolifscore.core.slide import open_slide
-from prolifscore.scoring.mitosis import MitosisGrading
-from prolifscore.training.mitosis import read_mitosis_dataset
-from prolifscore.training.synthetic import (
+from prolifscore.core.grading.mitoses import MitosisGrading
+from prolifscore.core.wsi.slide import open_slide
+from prolifscore.synthetic.slides import (
     CLASS_COUNTS,
     make_mitosis_dataset,
     make_synthetic_slides,
     plant_mitoses,
 )
+from prolifscore.training.mitosis import read_mitosis_dataset
 from tests.slides import CMU, SLIDES
 
 pytestmark = pytest.mark.skipif(not CMU.is_file(), reason="shared slides not available")

@@ -6,7 +6,7 @@ import sys
 import numpy as np
 import pytest
 
-from prolifscore.core.tfrecord import (
+from prolifscore.core.wsi.tfrecord import (
     AtomicShardWriter,
     CorruptRecord,
     parse_tile_example,

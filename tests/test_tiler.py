@@ -2,7 +2,7 @@
 
 import pytest
 
-from prolifscore.core.tiler import resolve_geometry, target_mpp_from
+from prolifscore.core.wsi.geometry import resolve_geometry, target_mpp_from
 
 
 def test_20x_slide_reads_level0_without_resize():

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 from scipy import ndimage as ndi
 
-from prolifscore.core.slide import open_slide
-from prolifscore.core.tiler import mask_downsample_for, resolve_geometry
-from prolifscore.core.tissue import (
+from prolifscore.core.wsi.geometry import mask_downsample_for, resolve_geometry
+from prolifscore.core.wsi.slide import open_slide
+from prolifscore.core.wsi.tissue import (
     FastCriterion,
     _fill_holes,
     compute_coverage_map,
@@ -35,7 +35,7 @@ def test_fill_holes_equals_scipy():
 
 
 def test_shifted_morphology_equals_scipy():
-    from prolifscore.core.tissue import _disk, _morph
+    from prolifscore.core.wsi.tissue import _disk, _morph
 
     rng = np.random.default_rng(3)
     for radius in (2, 10):

@@ -10,8 +10,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from prolifscore.core.shards import shard_path, write_manifest
-from prolifscore.core.tfrecord import (
+from prolifscore.core.grading.evaluation import (
+    EvaluationError,
+    aggregate_slide,
+    apply_cutpoints,
+    confusion_matrix,
+    evaluate_predictions,
+    fit_cutpoints,
+    quadratic_weighted_kappa,
+    slide_metrics,
+    slide_scores,
+    spearman,
+)
+from prolifscore.core.wsi.shards import shard_path, write_manifest
+from prolifscore.core.wsi.tfrecord import (
     AtomicShardWriter,
     parse_tile_example,
     read_records,
@@ -30,18 +42,6 @@ from prolifscore.training.dataset import (
     shards_from_index,
     train_dataset,
     verify_shards,
-)
-from prolifscore.training.evaluation import (
-    EvaluationError,
-    aggregate_slide,
-    apply_cutpoints,
-    confusion_matrix,
-    evaluate_predictions,
-    fit_cutpoints,
-    quadratic_weighted_kappa,
-    slide_metrics,
-    slide_scores,
-    spearman,
 )
 
 SPEC = "spec0"
@@ -269,7 +269,7 @@ def test_fingerprint_tracks_content(small_root: Path) -> None:
 def test_train_batches_shapes_labels_and_preprocessing(small_root: Path) -> None:
     import tensorflow as tf
 
-    from prolifscore.core.models import preprocess_tumor
+    from prolifscore.core.models.contract import preprocess_tumor
 
     shards = find_shards(small_root)
     ds = train_dataset(shards, input_size=48, batch_size=8, seed=1, augment=Augment.off())

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from prolifscore.core.settings import load
+from prolifscore.core.runtime.settings import load
 from prolifscore.training import mitosis, tumor
 from prolifscore.training.config import TrainingSettings
 from prolifscore.training.runner import QUICK_MITOSIS, QUICK_TUMOR, TrainingFailed, run_training

@@ -14,10 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from prolifscore.core.models import WeightsError, read_metadata
-from prolifscore.core.tfrecord import parse_tile_example, read_records
+from prolifscore.core.grading.evaluation import slide_metrics, slide_scores
+from prolifscore.core.models.architectures import WeightsError
+from prolifscore.core.models.export import read_metadata
+from prolifscore.core.wsi.tfrecord import parse_tile_example, read_records
 from prolifscore.training.dataset import DatasetError, ShardRef, find_shards
-from prolifscore.training.evaluation import slide_metrics, slide_scores
 from prolifscore.training.tumor import (
     OPTIMIZER_FILE,
     STATE_FILE,
@@ -260,7 +261,7 @@ def test_unusable_data_fails_before_training(tmp_path: Path) -> None:
 
 
 def test_finetune_phase_trains_the_last_block_and_head() -> None:
-    from prolifscore.core.models import build_tumor_model
+    from prolifscore.core.models.architectures import build_tumor_model
     from prolifscore.training.tumor import _configure_phase
 
     model = build_tumor_model(SIZE, "none")
@@ -283,7 +284,7 @@ def test_finetune_phase_trains_the_last_block_and_head() -> None:
 def test_zero_init_residual_starts_every_block_as_its_shortcut() -> None:
     import keras
 
-    from prolifscore.core.models import build_tumor_model
+    from prolifscore.core.models.architectures import build_tumor_model
     from prolifscore.training.tumor import zero_residual_gammas
 
     model = build_tumor_model(SIZE, "none")

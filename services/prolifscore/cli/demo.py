@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from prolifscore.cli.ingest import build_messages, follow
-from prolifscore.core.bus import Bus, DecodeError, decode
-from prolifscore.core.embedded import EmbeddedStack
-from prolifscore.core.settings import KafkaSettings, load
+from prolifscore.core.runtime.bus import Bus, DecodeError, decode
+from prolifscore.core.runtime.settings import KafkaSettings, load
+from prolifscore.localstack.stack import EmbeddedStack
 
 SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn")
 
@@ -106,7 +106,7 @@ def _wait_served(address: str, models: dict[str, Any], timeout: float) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from prolifscore.cli.score import score_remote, summary
-    from prolifscore.training.synthetic import make_mitosis_dataset, make_synthetic_slides
+    from prolifscore.synthetic.slides import make_mitosis_dataset, make_synthetic_slides
     from prolifscore.v1 import scoring_pb2 as spb
     from prolifscore.v1 import training_pb2 as tpb
 

@@ -10,9 +10,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from prolifscore.cli.labels import labels_for, read_labels
-from prolifscore.core.bus import Bus
-from prolifscore.core.settings import KafkaSettings, PreprocessSettings, load
-from prolifscore.core.split import VALIDATION, stratified_splits
+from prolifscore.core.runtime.bus import Bus
+from prolifscore.core.runtime.settings import KafkaSettings, PreprocessSettings, load
+from prolifscore.core.wsi.split import VALIDATION, stratified_splits
 from prolifscore.v1 import pipeline_pb2 as pb
 
 _MODES = {"fast": pb.TISSUE_MODE_FAST, "seed": pb.TISSUE_MODE_SEED}
@@ -95,7 +95,7 @@ def follow(
     """Read status events of this run until every slide is FILTERED or FAILED."""
     from tqdm import tqdm
 
-    from prolifscore.core.bus import DecodeError, decode
+    from prolifscore.core.runtime.bus import DecodeError, decode
 
     progress = {s: SlideProgress() for s in slide_ids}
     consumer = bus.consumer([settings.topic_status], f"prolifscore-cli-{run_id}")

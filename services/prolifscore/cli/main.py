@@ -47,7 +47,7 @@ def all_settings() -> dict[str, type]:
 
 def config_rows() -> list[tuple[str, str, str, str]]:
     """(variable, default, services, meaning), one row per variable across all services."""
-    from prolifscore.core.settings import describe
+    from prolifscore.core.runtime.settings import describe
 
     rows: dict[str, list] = {}
     for service, cls in all_settings().items():

@@ -79,7 +79,7 @@ def score_remote(args: argparse.Namespace, request: spb.ScoreRequest) -> spb.Sli
 
 
 def score_local(args: argparse.Namespace, request: spb.ScoreRequest) -> spb.SlideScore:
-    from prolifscore.core.settings import PreprocessSettings, load
+    from prolifscore.core.runtime.settings import PreprocessSettings, load
     from prolifscore.scoring.model_client import InProcessModels
     from prolifscore.scoring.scorer import ScoringOptions, score_slide
 

@@ -31,9 +31,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from prolifscore.core.logs import setup_logging
-    from prolifscore.core.raycluster import init_ray
-    from prolifscore.core.settings import load
+    from prolifscore.core.runtime.logs import setup_logging
+    from prolifscore.core.runtime.ray import init_ray
+    from prolifscore.core.runtime.settings import load
     from prolifscore.training.config import TrainingSettings
     from prolifscore.training.runner import TrainingFailed, run_training
     from prolifscore.v1 import training_pb2 as tpb
@@ -61,7 +61,7 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    from prolifscore.training.evaluation import evaluate_predictions
+    from prolifscore.core.grading.evaluation import evaluate_predictions
 
     try:
         result = evaluate_predictions(args.predictions, args.ground_truth)

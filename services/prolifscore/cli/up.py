@@ -29,7 +29,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
 def run_up(args: argparse.Namespace) -> int:
     """Foreground supervisor: restarts a service that dies (safe: every service redoes
     uncommitted work) and stops everything on Ctrl-C, SIGTERM or `prolifscore down`."""
-    from prolifscore.core.embedded import ALL_SERVICES, EmbeddedStack
+    from prolifscore.localstack.stack import ALL_SERVICES, EmbeddedStack
 
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

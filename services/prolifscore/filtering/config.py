@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from prolifscore.core.settings import KafkaSettings, RuntimeSettings, env, nested
+from prolifscore.core.runtime.settings import KafkaSettings, RuntimeSettings, env, nested
 
 
 @dataclass(frozen=True)

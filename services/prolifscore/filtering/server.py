@@ -7,13 +7,13 @@ import logging
 import time
 from typing import Any
 
-from prolifscore.core import metrics
-from prolifscore.core.bus import Bus
-from prolifscore.core.logs import setup_logging
-from prolifscore.core.raycluster import init_ray
-from prolifscore.core.service import ServiceRuntime, consume_loop
-from prolifscore.core.settings import load
-from prolifscore.core.shards import completed_markers, write_manifest
+from prolifscore.core.runtime import metrics
+from prolifscore.core.runtime.bus import Bus
+from prolifscore.core.runtime.logs import setup_logging
+from prolifscore.core.runtime.ray import init_ray
+from prolifscore.core.runtime.service import ServiceRuntime, consume_loop
+from prolifscore.core.runtime.settings import load
+from prolifscore.core.wsi.shards import completed_markers, write_manifest
 from prolifscore.filtering.config import FilteringSettings
 from prolifscore.filtering.worker import SPLIT_NAMES, BatchFilter
 from prolifscore.v1 import pipeline_pb2 as pb

@@ -10,10 +10,10 @@ from contextlib import closing
 from pathlib import Path
 from typing import Any
 
-from prolifscore.core.preprocess import READ_AHEAD, TileSource
-from prolifscore.core.shards import shard_path, write_marker
-from prolifscore.core.slide import Slide, SlideError, confine_path, open_slide
-from prolifscore.core.tfrecord import AtomicShardWriter, tile_example_parts
+from prolifscore.core.wsi.preprocess import READ_AHEAD, TileSource
+from prolifscore.core.wsi.shards import shard_path, write_marker
+from prolifscore.core.wsi.slide import Slide, SlideError, confine_path, open_slide
+from prolifscore.core.wsi.tfrecord import AtomicShardWriter, tile_example_parts
 from prolifscore.v1 import pipeline_pb2 as pb
 
 SPLIT_NAMES = {pb.SPLIT_TRAIN: "train", pb.SPLIT_VALIDATION: "validation"}

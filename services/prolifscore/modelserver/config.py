@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from prolifscore.core.settings import RuntimeSettings, env, nested
+from prolifscore.core.runtime.settings import RuntimeSettings, env, nested
 
 
 @dataclass(frozen=True)

@@ -41,11 +41,11 @@ from tensorflow_serving.apis import (
 )
 from tensorflow_serving.config import model_server_config_pb2
 
-from prolifscore.core import metrics
-from prolifscore.core.logs import setup_logging
-from prolifscore.core.models import read_metadata
-from prolifscore.core.service import ServiceRuntime
-from prolifscore.core.settings import load
+from prolifscore.core.models.export import read_metadata
+from prolifscore.core.runtime import metrics
+from prolifscore.core.runtime.logs import setup_logging
+from prolifscore.core.runtime.service import ServiceRuntime
+from prolifscore.core.runtime.settings import load
 from prolifscore.modelserver.config import ModelServerSettings
 
 log = logging.getLogger(__name__)

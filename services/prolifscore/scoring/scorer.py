@@ -17,17 +17,17 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from prolifscore.core.models import read_metadata
-from prolifscore.core.preprocess import SpecError, TileSource, plan_slide
-from prolifscore.core.settings import PreprocessSettings
-from prolifscore.core.slide import confine_path, open_slide
-from prolifscore.scoring import heatmap
-from prolifscore.scoring.mitosis import (
+from prolifscore.core.grading.mitoses import (
     MitosisGrading,
     densest_region_count,
     non_max_suppression,
     tile_detections,
 )
+from prolifscore.core.models.export import read_metadata
+from prolifscore.core.runtime.settings import PreprocessSettings
+from prolifscore.core.wsi.preprocess import SpecError, TileSource, plan_slide
+from prolifscore.core.wsi.slide import confine_path, open_slide
+from prolifscore.scoring import heatmap
 from prolifscore.v1 import pipeline_pb2 as pb
 from prolifscore.v1 import scoring_pb2 as spb
 

@@ -16,17 +16,17 @@ from typing import Any
 import grpc
 from google.protobuf import json_format
 
-from prolifscore.core import metrics
-from prolifscore.core.bus import Bus
-from prolifscore.core.logs import setup_logging
-from prolifscore.core.raycluster import init_ray
-from prolifscore.core.service import ServiceRuntime, consume_loop
-from prolifscore.core.settings import load
-from prolifscore.core.slide import SlideNotFound, SlidePathDenied, SlideUnreadable
-from prolifscore.core.stain import StainFitError
-from prolifscore.core.tfrecord import write_atomic
+from prolifscore.core.grading.mitoses import MitosisGrading
+from prolifscore.core.runtime import metrics
+from prolifscore.core.runtime.bus import Bus
+from prolifscore.core.runtime.logs import setup_logging
+from prolifscore.core.runtime.ray import init_ray
+from prolifscore.core.runtime.service import ServiceRuntime, consume_loop
+from prolifscore.core.runtime.settings import load
+from prolifscore.core.wsi.slide import SlideNotFound, SlidePathDenied, SlideUnreadable
+from prolifscore.core.wsi.stain import StainFitError
+from prolifscore.core.wsi.tfrecord import write_atomic
 from prolifscore.scoring.config import ScoringSettings
-from prolifscore.scoring.mitosis import MitosisGrading
 from prolifscore.scoring.model_client import ModelError, Models, ModelUnavailable, PredictionClient
 from prolifscore.scoring.scorer import (
     Cancelled,

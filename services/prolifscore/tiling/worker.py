@@ -5,11 +5,11 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from prolifscore.core.preprocess import SpecError, batches, plan_slide
-from prolifscore.core.settings import PreprocessSettings
-from prolifscore.core.slide import SlideError, confine_path, open_slide
-from prolifscore.core.split import VALIDATION, hash_split
-from prolifscore.core.stain import StainFitError
+from prolifscore.core.runtime.settings import PreprocessSettings
+from prolifscore.core.wsi.preprocess import SpecError, batches, plan_slide
+from prolifscore.core.wsi.slide import SlideError, confine_path, open_slide
+from prolifscore.core.wsi.split import VALIDATION, hash_split
+from prolifscore.core.wsi.stain import StainFitError
 from prolifscore.v1 import pipeline_pb2 as pb
 
 

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import google_crc32c
 
-from prolifscore.core.tfrecord import CorruptRecord, parse_tile_example, read_records
+from prolifscore.core.wsi.tfrecord import CorruptRecord, parse_tile_example, read_records
 
 if TYPE_CHECKING:
     import tensorflow as tf
@@ -457,7 +457,7 @@ def _prepare(image: tf.Tensor, input_size: int) -> tf.Tensor:
     """The serving signature's preprocessing, applied to one tile."""
     import tensorflow as tf
 
-    from prolifscore.core.models import preprocess_tumor
+    from prolifscore.core.models.contract import preprocess_tumor
 
     x = preprocess_tumor(image[tf.newaxis], input_size)[0]
     return tf.ensure_shape(x, [input_size, input_size, 3])

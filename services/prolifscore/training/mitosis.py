@@ -36,10 +36,10 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage as ndi
 
-from prolifscore.core.models import MITOSIS_OFFSET, MITOSIS_PATCH, MITOSIS_STRIDE
-from prolifscore.core.tissue import od_tissue_mask
-from prolifscore.scoring.mitosis import non_max_suppression
-from prolifscore.training.detection import Counts, evaluate_regions, match_radius_px
+from prolifscore.core.grading.matching import Counts, evaluate_regions, match_radius_px
+from prolifscore.core.grading.mitoses import non_max_suppression
+from prolifscore.core.models.contract import MITOSIS_OFFSET, MITOSIS_PATCH, MITOSIS_STRIDE
+from prolifscore.core.wsi.tissue import od_tissue_mask
 from prolifscore.training.schedule import cosine_lr
 
 if TYPE_CHECKING:
@@ -439,7 +439,7 @@ def detection_maps(
 ) -> list[np.ndarray]:
     """The detector's probability map [ceil(H/8), ceil(W/8)] per image (same-size images are
     batched). Pass a `padded_detector` to see what scoring will see."""
-    from prolifscore.core.models import preprocess_mitosis
+    from prolifscore.core.models.contract import preprocess_mitosis
 
     maps: list[np.ndarray | None] = [None] * len(images)
     by_shape: dict[tuple[int, ...], list[int]] = {}
@@ -575,7 +575,7 @@ class MitosisTrainResult:
 
 def _to_unit_float(x: Any, y: Any, w: Any) -> tuple[Any, Any, Any]:
     """uint8 patches -> float32 in [0, 1] (`preprocess_mitosis`), inside tf.data."""
-    from prolifscore.core.models import preprocess_mitosis
+    from prolifscore.core.models.contract import preprocess_mitosis
 
     return preprocess_mitosis(x), y, w
 
@@ -625,7 +625,7 @@ def train_mitosis(
     import keras
     import tensorflow as tf
 
-    from prolifscore.core.models import build_mitosis_model, mitosis_patch_model
+    from prolifscore.core.models.architectures import build_mitosis_model, mitosis_patch_model
 
     keras.utils.set_random_seed(config.seed)
     rng = np.random.default_rng(config.seed)
@@ -732,7 +732,7 @@ def train_mitosis(
     result.seconds = round(time.perf_counter() - started, 2)
     if model_root is not None:
         t0 = time.perf_counter()
-        from prolifscore.core.models import export_model
+        from prolifscore.core.models.export import export_model
 
         result.export_dir = export_model(
             scorer,
@@ -808,7 +808,7 @@ def validate_mitosis(
     """
     import os
 
-    from prolifscore.training.synthetic import make_mitosis_dataset
+    from prolifscore.synthetic.slides import make_mitosis_dataset
 
     load_start = os.getloadavg()[0]
     started = time.perf_counter()

@@ -7,7 +7,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from prolifscore.core.models import MITOSIS_MODEL, TUMOR_MODEL, WeightsError
+from prolifscore.core.models.architectures import WeightsError
+from prolifscore.core.models.contract import MITOSIS_MODEL, TUMOR_MODEL
 from prolifscore.training.config import TrainingSettings
 from prolifscore.v1 import training_pb2 as tpb
 

@@ -15,13 +15,13 @@ from typing import Any
 
 from google.protobuf import json_format
 
-from prolifscore.core import metrics
-from prolifscore.core.bus import Bus
-from prolifscore.core.logs import setup_logging
-from prolifscore.core.raycluster import init_ray
-from prolifscore.core.service import ServiceRuntime, consume_loop
-from prolifscore.core.settings import load
-from prolifscore.core.tfrecord import write_atomic
+from prolifscore.core.runtime import metrics
+from prolifscore.core.runtime.bus import Bus
+from prolifscore.core.runtime.logs import setup_logging
+from prolifscore.core.runtime.ray import init_ray
+from prolifscore.core.runtime.service import ServiceRuntime, consume_loop
+from prolifscore.core.runtime.settings import load
+from prolifscore.core.wsi.tfrecord import write_atomic
 from prolifscore.training.config import TrainingSettings
 from prolifscore.training.runner import TrainingFailed, run_training
 from prolifscore.v1 import training_pb2 as tpb

@@ -36,9 +36,19 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
+from prolifscore.core.grading.evaluation import (
+    accuracy,
+    apply_cutpoints,
+    confusion_matrix,
+    fit_cutpoints,
+    quadratic_weighted_kappa,
+    slide_metrics,
+    slide_scores,
+)
+
 # Before anything imports Ray: it sets the loopback-only environment Ray reads at import.
-from prolifscore.core.models import random_init
-from prolifscore.core.raycluster import init_ray
+from prolifscore.core.models.architectures import random_init
+from prolifscore.core.runtime.ray import init_ray
 from prolifscore.training.dataset import (
     SPLITS,
     Augment,
@@ -52,15 +62,6 @@ from prolifscore.training.dataset import (
     find_shards,
     train_dataset,
     verify_shards,
-)
-from prolifscore.training.evaluation import (
-    accuracy,
-    apply_cutpoints,
-    confusion_matrix,
-    fit_cutpoints,
-    quadratic_weighted_kappa,
-    slide_metrics,
-    slide_scores,
 )
 from prolifscore.training.schedule import cosine_lr
 
@@ -514,7 +515,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     import keras
     import tensorflow as tf
 
-    from prolifscore.core.models import build_tumor_model
+    from prolifscore.core.models.architectures import build_tumor_model
 
     session = _session_for(loop_config)
     config = TumorTrainConfig.from_dict(loop_config["config"])
@@ -713,7 +714,7 @@ def _check_weights(config: TumorTrainConfig) -> None:
     weights file raises `WeightsError` here, not minutes later on a worker."""
     if random_init(config.weights):
         return
-    from prolifscore.core.models import build_tumor_model
+    from prolifscore.core.models.architectures import build_tumor_model
 
     build_tumor_model(config.input_size, config.weights, config.classes)
 
@@ -885,7 +886,7 @@ def train_tumor(
         if calibration:
             metrics.update(calibration)
         if model_root is not None:
-            from prolifscore.core.models import export_model
+            from prolifscore.core.models.export import export_model
 
             meta = {
                 "trained": True,
@@ -924,7 +925,7 @@ def load_trained(config: TumorTrainConfig, weights_file: Path) -> keras.Model:
     """The model in float32 with a checkpoint's weights (export and driver-side scoring)."""
     import keras
 
-    from prolifscore.core.models import build_tumor_model
+    from prolifscore.core.models.architectures import build_tumor_model
 
     keras.mixed_precision.set_global_policy("float32")
     model = build_tumor_model(config.input_size, "none", config.classes)

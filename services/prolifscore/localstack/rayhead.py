@@ -1,9 +1,8 @@
-"""Ray start-up: join a configured cluster, or start a local one bound to loopback."""
+"""A local Ray head that several service processes of the embedded stack join."""
 
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import signal
 import subprocess
@@ -11,40 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-log = logging.getLogger(__name__)
-
-# Must be in the environment before `import ray` (Ray reads them at import time). Token auth
-# stays on: a joining process reads the token from ~/.ray/auth_token (RAY_AUTH_TOKEN_PATH).
-LOOPBACK_ENV = {
-    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-    "RAY_USAGE_STATS_ENABLED": "0",
-    "RAY_AUTH_MODE": "token",
-}
-for _var, _value in LOOPBACK_ENV.items():  # at import, so no earlier `import ray` can miss them
-    os.environ.setdefault(_var, _value)
-
-
-def init_ray(address: str = "", num_cpus: int = 0) -> None:
-    """Idempotent. Locally, Ray would bind the machine's non-loopback address; the variable set
-    here (before Ray starts) keeps every Ray listener on 127.0.0.1."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    if address:
-        log.info("joining ray cluster", extra={"address": address})
-        ray.init(address=address, log_to_driver=False)
-        return
-    kwargs = {"num_cpus": num_cpus} if num_cpus > 0 else {}
-    ray.init(
-        address="local",  # never silently join another Ray that happens to run on this machine
-        include_dashboard=False,
-        log_to_driver=False,
-        configure_logging=False,
-        _node_ip_address="127.0.0.1",
-        **kwargs,
-    )
-    log.info("started local ray", extra={"cpus": ray.cluster_resources().get("CPU")})
+from prolifscore.core.runtime.ray import LOOPBACK_ENV
 
 
 class RayHead:

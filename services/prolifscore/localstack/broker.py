@@ -3,7 +3,7 @@
 No Apache Kafka distribution is reachable here, so local runs and tests use Tansu with in-memory
 storage: everything is lost when it stops, and it listens on 127.0.0.1 only.
 
-    python -m prolifscore.core.broker [--port N]
+    python -m prolifscore.localstack.broker [--port N]
 """
 
 from __future__ import annotations
@@ -218,7 +218,9 @@ def _stop_all() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Run a broker in the foreground until Ctrl-C / SIGTERM."""
-    parser = argparse.ArgumentParser(prog="python -m prolifscore.core.broker", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m prolifscore.localstack.broker", description=__doc__
+    )
     parser.add_argument("--port", type=int, default=None, help="port on 127.0.0.1 (default: free)")
     parser.add_argument("--log-file", type=Path, default=None, help="broker output (default: tmp)")
     args = parser.parse_args(argv)

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from prolifscore.core.tfrecord import write_atomic
+from prolifscore.core.wsi.tfrecord import write_atomic
 
 _SAFE = re.compile(r"[^A-Za-z0-9._-]")
 

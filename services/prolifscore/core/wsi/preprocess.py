@@ -17,17 +17,17 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
-from prolifscore.core import stain as stain_lib
-from prolifscore.core.prefetch import prefetched
-from prolifscore.core.settings import PreprocessSettings
-from prolifscore.core.slide import Slide
-from prolifscore.core.tiler import (
+from prolifscore.core.runtime.settings import PreprocessSettings
+from prolifscore.core.wsi import stain as stain_lib
+from prolifscore.core.wsi.geometry import (
     TileGeometry,
     mask_downsample_for,
     resolve_geometry,
     target_mpp_from,
 )
-from prolifscore.core.tissue import CoverageMap, FastCriterion, compute_coverage_map, seed_keep
+from prolifscore.core.wsi.prefetch import prefetched
+from prolifscore.core.wsi.slide import Slide
+from prolifscore.core.wsi.tissue import CoverageMap, FastCriterion, compute_coverage_map, seed_keep
 from prolifscore.v1 import pipeline_pb2 as pb
 
 # Bump when a change alters which pixels a spec produces: it renames every shard.

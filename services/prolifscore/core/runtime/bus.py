@@ -28,7 +28,7 @@ from kafka.consumer.fetcher import ConsumerRecord
 from kafka.producer.future import FutureRecordMetadata
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
-from prolifscore.core.settings import KafkaSettings
+from prolifscore.core.runtime.settings import KafkaSettings
 from prolifscore.v1 import pipeline_pb2
 
 log = logging.getLogger(__name__)

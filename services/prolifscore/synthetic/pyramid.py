@@ -1,7 +1,7 @@
 """Pyramidal tiled TIFFs that OpenSlide opens, and real tissue at the pipeline's resolution.
 
 Shared by the benchmark's TUPAC-sized slide (`bench/pyramid.py`, which streams) and the
-synthetic training benchmark (`prolifscore.training.synthetic`, small in-memory slides), so
+synthetic training benchmark (`prolifscore.synthetic.slides`, small in-memory slides), so
 both write the same kind of file: OpenSlide's "generic tiled TIFF" with JPEG (YCbCr 4:2:0)
 tiles, one page per pyramid level, and the microns per pixel in the resolution tags (which
 OpenSlide reports as `openslide.mpp-x`).
@@ -17,10 +17,10 @@ import numpy as np
 import tifffile
 from PIL import Image
 
-from prolifscore.core.settings import PreprocessSettings, load
-from prolifscore.core.slide import open_slide
-from prolifscore.core.tiler import resolve_geometry
-from prolifscore.core.tissue import od_tissue_mask
+from prolifscore.core.runtime.settings import PreprocessSettings, load
+from prolifscore.core.wsi.geometry import resolve_geometry
+from prolifscore.core.wsi.slide import open_slide
+from prolifscore.core.wsi.tissue import od_tissue_mask
 
 TILE = 256
 

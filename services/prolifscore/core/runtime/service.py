@@ -20,9 +20,9 @@ from grpc_reflection.v1alpha import reflection
 from kafka.errors import KafkaError
 from prometheus_client import start_http_server
 
-from prolifscore.core import metrics
-from prolifscore.core.bus import Bus, DecodeError, decode
-from prolifscore.core.settings import RuntimeSettings
+from prolifscore.core.runtime import metrics
+from prolifscore.core.runtime.bus import Bus, DecodeError, decode
+from prolifscore.core.runtime.settings import RuntimeSettings
 
 log = logging.getLogger(__name__)
 M = TypeVar("M", bound=Message)

@@ -16,8 +16,8 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from prolifscore.core.broker import EmbeddedBroker, free_port
-from prolifscore.core.raycluster import RayHead
+from prolifscore.localstack.broker import EmbeddedBroker, free_port
+from prolifscore.localstack.rayhead import RayHead
 
 # name -> (module, environment variable naming its gRPC port), in start-up order.
 SERVICE_MODULES = {
@@ -124,7 +124,7 @@ class EmbeddedStack:
     def _model_root(self) -> str:
         """The model server's root: on one machine, scoring reads the served models' export
         metadata from it (the detector's threshold, untrained flags)."""
-        from prolifscore.core.settings import load
+        from prolifscore.core.runtime.settings import load
         from prolifscore.modelserver.config import ModelServerSettings
 
         settings = load(ModelServerSettings, environ={**os.environ, **self.env})

@@ -31,9 +31,9 @@ import numpy as np
 import tifffile
 from scipy import ndimage as ndi
 
-from prolifscore.core.pyramid import TILE, tissue_level, write_image_pyramid
-from prolifscore.core.tissue import od_tissue_mask
-from prolifscore.scoring.mitosis import MitosisGrading
+from prolifscore.core.grading.mitoses import MitosisGrading
+from prolifscore.core.wsi.tissue import od_tissue_mask
+from prolifscore.synthetic.pyramid import TILE, tissue_level, write_image_pyramid
 
 DEFAULT_SOURCES = ("cmu-1-small-region.svs", "tcga-cr-7395-01a-01-ts1.svs")
 # The TCGA slide has no mpp metadata; its level-0 nuclei measure like 20x (8-10 um = 16-20 px),
@@ -508,7 +508,7 @@ def _mosaic(
 def _pipeline_tissue_tiles(level: np.ndarray, block: int = 16, min_block: float = 0.1) -> list:
     """Top-left (y, x) of the 256 px tiles (every 128 px) that the pipeline's fast tissue
     criterion keeps: >= 95% of their 16 px blocks hold >= 10% OD-tissue pixels (see
-    prolifscore.core.tissue). A plain OD share would reject the pale TCGA tissue."""
+    prolifscore.core.wsi.tissue). A plain OD share would reject the pale TCGA tissue."""
     h, w = (level.shape[0] // block) * block, (level.shape[1] // block) * block
     mask = od_tissue_mask(level[:h, :w]).reshape(h // block, block, w // block, block)
     blocks = (mask.mean(axis=(1, 3)) >= min_block).astype(np.int32)

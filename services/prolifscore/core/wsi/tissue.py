@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage as ndi
 
-from prolifscore.core.prefetch import prefetched
-from prolifscore.core.slide import Slide
+from prolifscore.core.wsi.prefetch import prefetched
+from prolifscore.core.wsi.slide import Slide
 
 OD_BETA = 0.15
 OD_IO = 240.0
