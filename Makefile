@@ -9,7 +9,7 @@ PROTO_SRC := $(wildcard protos/prolifscore/v1/*.proto)
 PROTO_OUT := services/prolifscore/v1
 PROTO_STAMP := $(PROTO_OUT)/.generated
 
-.PHONY: setup protos demo test lint bench validate lock clean
+.PHONY: setup protos demo test test-fast lint bench bench-training lock clean
 
 setup: $(STAMP) $(PROTO_STAMP)
 
@@ -35,14 +35,19 @@ $(PROTO_STAMP): $(PROTO_SRC) $(DEPS)
 demo: setup
 	$(PY) -m prolifscore.cli.main demo
 
+# Everything: unit, end-to-end (real broker, Ray and service processes) and deployment checks.
 test: setup
 	$(PY) -m pytest -q
+
+# The unit tests alone (no broker, no service processes; under 2 minutes on 2 cores).
+test-fast: setup
+	$(PY) -m pytest -q tests/unit -m "not slow"
 
 lint: setup
 	$(VENV)/bin/ruff check services tests bench
 	$(VENV)/bin/ruff format --check services tests bench
 
-# Writes bench/results.json, then the README's benchmark table (tests/test_readme.py checks it).
+# Writes bench/results.json, then the README's benchmark table (tests/unit/test_readme.py checks it).
 bench: setup
 	$(PY) -m bench.run
 	$(PY) -m bench.table --write-readme
@@ -51,10 +56,10 @@ bench: setup
 # pinned Kubernetes schemas (kubernetes-validate --strict) and check policy and code consistency.
 .PHONY: k8s-validate
 k8s-validate: setup
-	$(PY) -m pytest -q tests/test_k8s.py
+	$(PY) -m pytest -q tests/deploy/test_k8s.py
 
 # Not part of CI (~90 min on 2 cores): does training learn? Writes bench/validate.json.
-validate: setup
+bench-training: setup
 	$(PY) -m bench.validate
 
 # Re-pin after editing requirements/*.in (needs the registry).

@@ -2,7 +2,7 @@
 
 `python -m bench.table` prints it; `python -m bench.table --write-readme` replaces the block
 between the README's `bench-table` markers with it (`make bench` does that after a run).
-tests/test_readme.py checks that the README's block matches bench/results.json.
+tests/unit/test_readme.py checks that the README's block matches bench/results.json.
 """
 
 from __future__ import annotations

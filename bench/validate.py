@@ -1,4 +1,4 @@
-"""`make validate`: does the machinery learn? A check on synthetic data built from real tissue
+"""`make bench-training`: does the machinery learn? A check on synthetic data built from real tissue
 (planted mitosis-like figures at score-defining densities), NOT a TUPAC16 result.
 
 1. Mitosis detector: synthetic auxiliary set -> train -> held-out F1 (TUPAC rule).

@@ -766,7 +766,7 @@ def train_mitosis(
 
 
 # --------------------------------------------------------------------------------------------
-# `make validate`.
+# `make bench-training`.
 
 # Sized on the shared 2-core machine: ~160 training mitoses, ~30 in the held-out cases and ~90
 # in the test cases; measured held-out F1 0.88 in ~290 s at a load average of 5-7.
@@ -798,7 +798,7 @@ def validate_mitosis(
     config: MitosisTrainConfig | None = None,
     model_root: Path | str | None = None,
 ) -> dict[str, Any]:
-    """`make validate`'s detector check: generate the synthetic auxiliary set in `work_dir`,
+    """`make bench-training`'s detector check: generate the synthetic auxiliary set in `work_dir`,
     train, and return held-out figures (target: `mitosis_f1` >= 0.8).
 
     Held out = the split's held-out cases plus a fresh test set of `test_cases` cases (another

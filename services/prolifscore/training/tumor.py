@@ -988,7 +988,7 @@ def calibrate(
 
 
 # --------------------------------------------------------------------------------------------
-# `make validate`: the machinery check on synthetic slides.
+# `make bench-training`: the machinery check on synthetic slides.
 
 
 def validate_tumor(
@@ -1015,7 +1015,7 @@ def validate_tumor(
     `tumor_model_kappa_calibrated` cut points on the expected score fitted on the training
     slides (`fit_cutpoints`).
     `overrides` set any other `TumorTrainConfig` field. These defaults (2,560 tiles) learn
-    nothing on `make validate`'s slides (kappa 0.0). `make validate`'s own recipe: batch 32 x
+    nothing on `make bench-training`'s slides (kappa 0.0). `make bench-training`'s own recipe: batch 32 x
     100 steps x 8 epochs (25,600 tiles), Adam 1e-3 cosine-decayed to 5e-5, 96 slides of 1024 px
     (18 held out). In 84 min on 2 cores it gave held-out kappa by epoch 0, 0.15, 0, 0.83, 0.80,
     0.86, 0.80, 0.80 (0.96 calibrated). At a constant 1e-3 and 48 slides (9 held out), the

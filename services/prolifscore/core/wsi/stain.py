@@ -366,7 +366,7 @@ class ReinhardFit:
 
 # Target H&E appearance: fit_reinhard (defaults) on the whole of cmu-1-small-region.svs, level 0
 # (OpenSlide's public CMU-1 H&E test slide, 2220 x 2967 px; a well-stained Aperio 20x scan), rounded
-# to 4 decimals. tests/test_stain.py checks that the fit reproduces these numbers.
+# to 4 decimals. tests/unit/test_stain.py checks that the fit reproduces these numbers.
 REINHARD_REFERENCE = ReinhardFit(
     lab_mean=[41.8505, 29.2119, -14.4567], lab_std=[16.1266, 11.9232, 9.1811]
 )

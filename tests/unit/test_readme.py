@@ -14,7 +14,7 @@ from bench.table import END, START, markdown_table, readme_block, with_table
 from prolifscore.cli.main import main as cli_main
 from prolifscore.v1 import pipeline_pb2, scoring_pb2, training_pb2
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 
 
 def _section(text: str, heading: str) -> str:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "slides"
+SHARED = Path(__file__).resolve().parents[3] / "shared" / "data" / "slides"
 MARK = "PROLIF_TEST_PROCESS_MARK"
 CLI = [sys.executable, "-m", "prolifscore.cli.main"]
 

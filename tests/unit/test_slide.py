@@ -10,8 +10,7 @@ from prolifscore.core.wsi.slide import (
     confine_path,
     open_slide,
 )
-
-from .slides import BROKEN, CMU, KIDNEY, SLIDES, TCGA
+from tests.slides import BROKEN, CMU, KIDNEY, SLIDES, TCGA
 
 
 def test_openslide_and_metadata():

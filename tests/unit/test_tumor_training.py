@@ -31,7 +31,7 @@ from prolifscore.training.tumor import (
     track_best,
     train_tumor,
 )
-from tests.test_training_dataset import write_slide
+from tests.unit.test_training_dataset import write_slide
 
 SIZE = 32
 # Above chance (kappa 0, slide accuracy 1/3) by a wide margin. A run with the train labels
@@ -166,7 +166,7 @@ def test_learns_resumes_after_a_crash_and_exports(tmp_path: Path) -> None:
 def test_scrambled_labels_do_not_reach_the_bar(tmp_path: Path) -> None:
     """The control: same data and pipeline, train labels rotated 1->2->3->1. If this passed the
     bar, the learning check above would prove nothing. Runs through `validate_tumor` (the
-    `make validate` entry point), reduced to one head-only epoch, on the Ray-actor backend
+    `make bench-training` entry point), reduced to one head-only epoch, on the Ray-actor backend
     (the learning check above runs on Ray Train's TensorflowTrainer where it imports)."""
     from prolifscore.training.tumor import validate_tumor
 

@@ -38,7 +38,7 @@ from prolifscore.core.runtime.settings import KafkaSettings
 from prolifscore.localstack.broker import EmbeddedBroker, free_port
 from prolifscore.v1 import pipeline_pb2 as pb
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def ingest(slide_id: str, **kw: object) -> pb.SlideIngest:

@@ -15,8 +15,7 @@ from prolifscore.core.wsi.tissue import (
     optical_density,
     seed_keep,
 )
-
-from .slides import CMU, KIDNEY, TCGA
+from tests.slides import CMU, KIDNEY, TCGA
 
 
 def test_od_cutoff_matches_the_logarithmic_definition():

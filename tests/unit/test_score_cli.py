@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 
 from prolifscore.cli.main import main
-
-from .slides import CMU
+from tests.slides import CMU
 
 pytest.importorskip("tensorflow")
 

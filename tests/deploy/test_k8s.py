@@ -30,7 +30,7 @@ import yaml
 
 from prolifscore.cli.main import config_rows
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 K8S_DIR = ROOT / "k8s"
 CHART_DIR = ROOT / "helm" / "prolifscore"
 K8S_VERSION = "1.33.0"  # validation schemas and `helm lint --kube-version` are pinned to this

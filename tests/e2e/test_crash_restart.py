@@ -11,10 +11,9 @@ import pytest
 from prolifscore.core.runtime.bus import Bus
 from prolifscore.core.runtime.settings import KafkaSettings, load
 from prolifscore.v1 import pipeline_pb2 as pb
-
-from .harness import ServiceProcess, Watcher, all_final, final_status, kafka_env
-from .slides import CMU, SLIDES
-from .test_pipeline_e2e import library_tiles, shard_tiles
+from tests.e2e.test_pipeline_e2e import library_tiles, shard_tiles
+from tests.harness import ServiceProcess, Watcher, all_final, final_status, kafka_env
+from tests.slides import CMU, SLIDES
 
 pytestmark = pytest.mark.slow
 

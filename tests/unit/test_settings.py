@@ -7,7 +7,7 @@ from prolifscore.core.runtime.settings import load
 from prolifscore.filtering.config import FilteringSettings
 from prolifscore.tiling.config import TilingSettings
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 
 
 def test_environment_reaches_nested_settings():

@@ -12,8 +12,7 @@ from prolifscore.core.wsi.slide import open_slide
 from prolifscore.core.wsi.tfrecord import read_records
 from prolifscore.filtering.worker import BatchFilter
 from prolifscore.v1 import pipeline_pb2 as pb
-
-from .slides import CMU, SLIDES
+from tests.slides import CMU, SLIDES
 
 
 def _tasks(batch_size: int = 4) -> list[pb.TileTask]:

@@ -27,9 +27,8 @@ from prolifscore.localstack.stack import ServiceProcess
 from prolifscore.v1 import pipeline_pb2 as pb
 from prolifscore.v1 import scoring_pb2 as spb
 from prolifscore.v1 import scoring_pb2_grpc
-
-from .harness import Watcher, kafka_env
-from .slides import BROKEN, CMU, SLIDES, TCGA
+from tests.harness import Watcher, kafka_env
+from tests.slides import BROKEN, CMU, SLIDES, TCGA
 
 pytestmark = pytest.mark.slow
 PNG = b"\x89PNG\r\n\x1a\n"

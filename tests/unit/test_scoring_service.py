@@ -22,8 +22,7 @@ from prolifscore.localstack.broker import free_port
 from prolifscore.v1 import pipeline_pb2 as pb
 from prolifscore.v1 import scoring_pb2 as spb
 from prolifscore.v1 import scoring_pb2_grpc
-
-from .slides import CMU, SLIDES, TCGA
+from tests.slides import CMU, SLIDES, TCGA
 
 pytest.importorskip("tensorflow")  # the model client speaks TensorFlow Serving's protos
 

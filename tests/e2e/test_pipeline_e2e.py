@@ -21,9 +21,8 @@ from prolifscore.core.wsi.slide import open_slide
 from prolifscore.core.wsi.tfrecord import parse_tile_example, read_records
 from prolifscore.localstack.broker import free_port
 from prolifscore.v1 import pipeline_pb2 as pb
-
-from .harness import ServiceProcess, Watcher, all_final, final_status, kafka_env
-from .slides import BROKEN, CMU, KIDNEY, SLIDES, TCGA, write_blank_slide
+from tests.harness import ServiceProcess, Watcher, all_final, final_status, kafka_env
+from tests.slides import BROKEN, CMU, KIDNEY, SLIDES, TCGA, write_blank_slide
 
 pytestmark = pytest.mark.slow
 BATCH = 8
