@@ -128,6 +128,30 @@ class KafkaSettings:
         120.0,
         "How long to retry (with backoff) while the broker is unreachable",
     )
+    security_protocol: str = env(
+        "PROLIF_KAFKA_SECURITY_PROTOCOL",
+        "PLAINTEXT",
+        "PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL (every producer, consumer and admin client)",
+    )
+    ssl_ca_file: str = env(
+        "PROLIF_KAFKA_SSL_CA_FILE", "", "PEM CA bundle that verifies the brokers (TLS)"
+    )
+    ssl_cert_file: str = env(
+        "PROLIF_KAFKA_SSL_CERT_FILE", "", "PEM client certificate for brokers that require mTLS"
+    )
+    ssl_key_file: str = env(
+        "PROLIF_KAFKA_SSL_KEY_FILE", "", "PEM private key of PROLIF_KAFKA_SSL_CERT_FILE"
+    )
+    sasl_mechanism: str = env(
+        "PROLIF_KAFKA_SASL_MECHANISM", "", "SASL mechanism: PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512"
+    )
+    sasl_username: str = env("PROLIF_KAFKA_SASL_USERNAME", "", "SASL user name")
+    sasl_password: str = env(
+        "PROLIF_KAFKA_SASL_PASSWORD", "", "SASL password (prefer PROLIF_KAFKA_SASL_PASSWORD_FILE)"
+    )
+    sasl_password_file: str = env(
+        "PROLIF_KAFKA_SASL_PASSWORD_FILE", "", "File holding the SASL password (a mounted Secret)"
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,6 +200,12 @@ class RuntimeSettings:
     )
     tls_cert_file: str = env("PROLIF_TLS_CERT_FILE", "", "PEM certificate: serve gRPC over TLS")
     tls_key_file: str = env("PROLIF_TLS_KEY_FILE", "", "PEM private key for PROLIF_TLS_CERT_FILE")
+    tls_ca_file: str = env(
+        "PROLIF_TLS_CA_FILE",
+        "",
+        "PEM CA for mutual TLS: the gRPC server then requires client certificates it signed, "
+        "and outgoing gRPC channels verify servers with it and present PROLIF_TLS_CERT_FILE",
+    )
     metrics_port: int = env("PROLIF_METRICS_PORT", 0, "Prometheus metrics port (0 = any free)")
     ray_address: str = env(
         "PROLIF_RAY_ADDRESS", "", "Ray cluster to join (empty = start a local one on 127.0.0.1)"
