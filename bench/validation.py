@@ -11,6 +11,7 @@ import math
 import os
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -54,7 +55,7 @@ VALIDATE_CONFIG = MitosisTrainConfig(eval_every_epoch=False)
 
 def evaluate_detector(
     detector: keras.Model,
-    regions: list[Region],
+    regions: Sequence[Region],
     threshold: float,
     config: MitosisTrainConfig,
 ) -> Counts:
