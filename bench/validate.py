@@ -121,10 +121,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     parts = set(args.parts.split(","))
     args.work = args.work.resolve()  # slide roots and Ray workers need absolute paths
+    from bench.validation import validate_mitosis, validate_tumor
     from prolifscore.core.runtime.ray import init_ray
     from prolifscore.synthetic.slides import make_synthetic_slides
-    from prolifscore.training.mitosis import validate_mitosis
-    from prolifscore.training.tumor import validate_tumor
     from prolifscore.v1 import pipeline_pb2 as pb
 
     started = time.perf_counter()

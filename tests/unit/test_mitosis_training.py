@@ -21,14 +21,10 @@ from prolifscore.core.grading.matching import (
     match_radius_px,
 )
 from prolifscore.core.models.contract import MITOSIS_OFFSET, MITOSIS_STRIDE
-from prolifscore.training.mitosis import (
-    DatasetError,
-    MitosisDataset,
-    MitosisTrainConfig,
-    detections_from_map,
-    read_mitosis_dataset,
-    train_mitosis,
-)
+from prolifscore.training.detector.config import MitosisTrainConfig
+from prolifscore.training.detector.inference import detections_from_map
+from prolifscore.training.detector.regions import DatasetError, MitosisDataset, read_mitosis_dataset
+from prolifscore.training.detector.train import train_mitosis
 from tests.slides import CMU, SLIDES
 
 # --------------------------------------------------------------------------------------------
@@ -206,7 +202,7 @@ TINY = MitosisTrainConfig(
 
 @pytest.fixture(scope="module")
 def tiny_set(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from prolifscore.synthetic.slides import make_mitosis_dataset
+    from prolifscore.synthetic.mitosis_set import make_mitosis_dataset
 
     return make_mitosis_dataset(
         tmp_path_factory.mktemp("tiny") / "data",
@@ -246,7 +242,7 @@ def test_detector_learns_and_exports(tiny_set: Path, tmp_path: Path) -> None:
     import tensorflow as tf
 
     from prolifscore.core.models.export import read_metadata
-    from prolifscore.training.mitosis import detection_maps
+    from prolifscore.training.detector.inference import detection_maps
 
     data = read_mitosis_dataset(tiny_set)
     result = train_mitosis(TINY, tiny_set, tmp_path / "models", dataset=data)

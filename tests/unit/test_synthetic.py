@@ -14,13 +14,10 @@ from PIL import Image
 
 from prolifscore.core.grading.mitoses import MitosisGrading
 from prolifscore.core.wsi.slide import open_slide
-from prolifscore.synthetic.slides import (
-    CLASS_COUNTS,
-    make_mitosis_dataset,
-    make_synthetic_slides,
-    plant_mitoses,
-)
-from prolifscore.training.mitosis import read_mitosis_dataset
+from prolifscore.synthetic.figures import plant_mitoses
+from prolifscore.synthetic.mitosis_set import make_mitosis_dataset
+from prolifscore.synthetic.slides import CLASS_COUNTS, make_synthetic_slides
+from prolifscore.training.detector.regions import read_mitosis_dataset
 from tests.slides import CMU, SLIDES
 
 pytestmark = pytest.mark.skipif(not CMU.is_file(), reason="shared slides not available")

@@ -29,18 +29,20 @@ from prolifscore.core.wsi.tfrecord import (
     read_records,
     tile_example,
 )
-from prolifscore.training.dataset import (
+from prolifscore.training.data.pipeline import (
     Augment,
+    augment_tile,
+    class_weight_table,
+    eval_dataset,
+    train_dataset,
+)
+from prolifscore.training.data.shards import (
     DatasetError,
     ShardRef,
-    augment_tile,
     check_dataset,
-    class_weight_table,
     dataset_fingerprint,
-    eval_dataset,
     find_shards,
     shards_from_index,
-    train_dataset,
     verify_shards,
 )
 
@@ -329,19 +331,20 @@ def _sampled_slide_ids(shards: list[ShardRef], n: int, seed: int) -> Counter[str
     """The slide ids behind the balanced stream (same sampler, records decoded by slide)."""
     import tensorflow as tf
 
-    from prolifscore.training import dataset as dsmod
+    from prolifscore.training.data import pipeline
+    from prolifscore.training.data.shards import by_slide
 
-    by = dsmod.by_slide([s for s in shards if s.split == "train"])
+    by = by_slide([s for s in shards if s.split == "train"])
     per_class = []
     for c in (1, 2, 3):
         leaves = [
-            dsmod._records([s.path for s in g], seed + i, 2, True)
+            pipeline._records([s.path for s in g], seed + i, 2, True)
             for i, g in enumerate(by.values())
             if g[0].tumor_score == c
         ]
         per_class.append(tf.data.Dataset.sample_from_datasets(leaves, seed=seed + c))
     mixed = tf.data.Dataset.sample_from_datasets(per_class, seed=seed)
-    ids = mixed.map(lambda r: dsmod.decode_tile(r)["slide_id"]).take(n)
+    ids = mixed.map(lambda r: pipeline.decode_tile(r)["slide_id"]).take(n)
     return Counter(s.decode() for s in ids.as_numpy_iterator())
 
 

@@ -11,10 +11,14 @@ from typing import Any
 import pytest
 
 from prolifscore.core.runtime.settings import load
-from prolifscore.training import mitosis, tumor
 from prolifscore.training.config import TrainingSettings
+from prolifscore.training.detector import train as detector_train
+from prolifscore.training.detector.config import MitosisTrainConfig
+from prolifscore.training.detector.regions import DatasetError as MitosisDatasetError
 from prolifscore.training.runner import QUICK_MITOSIS, QUICK_TUMOR, TrainingFailed, run_training
 from prolifscore.training.server import TrainingService
+from prolifscore.training.tumor import train as tumor_train
+from prolifscore.training.tumor.config import TrainingError, TumorTrainConfig
 from prolifscore.v1 import training_pb2 as tpb
 
 
@@ -48,16 +52,16 @@ def test_quick_profile_and_epochs_reach_the_config(
 ) -> None:
     seen: dict[str, Any] = {}
 
-    def fake_tumor(config: tumor.TumorTrainConfig, shards: Any, *args: Any, **kw: Any) -> None:
+    def fake_tumor(config: TumorTrainConfig, shards: Any, *args: Any, **kw: Any) -> None:
         seen["tumor"] = config
-        raise tumor.TrainingError("stop here")
+        raise TrainingError("stop here")
 
-    def fake_mitosis(config: mitosis.MitosisTrainConfig, *args: Any) -> None:
+    def fake_mitosis(config: MitosisTrainConfig, *args: Any) -> None:
         seen["mitosis"] = config
-        raise mitosis.DatasetError("stop here")
+        raise MitosisDatasetError("stop here")
 
-    monkeypatch.setattr(tumor, "train_tumor", fake_tumor)
-    monkeypatch.setattr(mitosis, "train_mitosis", fake_mitosis)
+    monkeypatch.setattr(tumor_train, "train_tumor", fake_tumor)
+    monkeypatch.setattr(detector_train, "train_mitosis", fake_mitosis)
     monkeypatch.setattr("prolifscore.training.runner.labelled_shards", lambda dataset: [])
     s = settings(tmp_path)
     for epochs in (0, 1):
@@ -75,7 +79,7 @@ def test_quick_profile_and_epochs_reach_the_config(
     with pytest.raises(TrainingFailed):
         run_training(full, s)
     assert seen["tumor"].input_size == 96
-    assert seen["tumor"].steps_per_epoch == tumor.TumorTrainConfig().steps_per_epoch
+    assert seen["tumor"].steps_per_epoch == TumorTrainConfig().steps_per_epoch
 
 
 def test_every_failure_is_reported_once_and_not_retried(

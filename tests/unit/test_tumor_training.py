@@ -18,19 +18,17 @@ from prolifscore.core.grading.evaluation import slide_metrics, slide_scores
 from prolifscore.core.models.architectures import WeightsError
 from prolifscore.core.models.export import read_metadata
 from prolifscore.core.wsi.tfrecord import parse_tile_example, read_records
-from prolifscore.training.dataset import DatasetError, ShardRef, find_shards
-from prolifscore.training.tumor import (
+from prolifscore.training.data.shards import DatasetError, ShardRef, find_shards
+from prolifscore.training.tumor.checkpoints import (
     OPTIMIZER_FILE,
     STATE_FILE,
-    TrainingError,
-    TumorTrainConfig,
-    _ActorSession,
-    evaluate_tiles,
+    ActorSession,
     latest_checkpoint,
-    ray_train_available,
-    track_best,
-    train_tumor,
 )
+from prolifscore.training.tumor.config import TrainingError, TumorTrainConfig
+from prolifscore.training.tumor.loop import track_best
+from prolifscore.training.tumor.predict import evaluate_tiles
+from prolifscore.training.tumor.train import ray_train_available, train_tumor
 from tests.unit.test_training_dataset import write_slide
 
 SIZE = 32
@@ -168,7 +166,7 @@ def test_scrambled_labels_do_not_reach_the_bar(tmp_path: Path) -> None:
     bar, the learning check above would prove nothing. Runs through `validate_tumor` (the
     `make bench-training` entry point), reduced to one head-only epoch, on the Ray-actor backend
     (the learning check above runs on Ray Train's TensorflowTrainer where it imports)."""
-    from prolifscore.training.tumor import validate_tumor
+    from bench.validation import validate_tumor
 
     root = make_dataset(tmp_path / "tiles", rotate_train_labels=True)
     figures = validate_tumor(
@@ -200,7 +198,7 @@ def test_failed_or_unfinished_runs_export_nothing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Whatever the workers leave behind, only a finished run is exported."""
-    from prolifscore.training import tumor
+    from prolifscore.training.tumor import train as tumor
 
     shards = find_shards(make_dataset(tmp_path / "tiles"))
     models = tmp_path / "models"
@@ -262,21 +260,21 @@ def test_unusable_data_fails_before_training(tmp_path: Path) -> None:
 
 def test_finetune_phase_trains_the_last_block_and_head() -> None:
     from prolifscore.core.models.architectures import build_tumor_model
-    from prolifscore.training.tumor import _configure_phase
+    from prolifscore.training.tumor.model import configure_phase
 
     model = build_tumor_model(SIZE, "none")
     config = small_config(freeze_batchnorm=True)  # default: only when starting from weights
-    _configure_phase(model, "head", config)
+    configure_phase(model, "head", config)
     assert {v.path.split("/")[0] for v in model.trainable_variables} == {"tumor_score"}
     assert type(model.optimizer).__name__ == "Adam"
-    _configure_phase(model, "finetune", config)
+    configure_phase(model, "finetune", config)
     names = [v.path for v in model.trainable_variables]
     assert all("conv5_" in n or n.startswith("tumor_score") for n in names)
     assert any("conv5_block3_3_conv" in n for n in names)
     assert not any("_bn/" in n for n in names)  # BatchNorm stays in inference mode
     assert type(model.optimizer).__name__ == "SGD"
     assert float(model.optimizer.momentum) == pytest.approx(0.9)
-    _configure_phase(model, "finetune", small_config(unfreeze="all"))  # random init: BN trains
+    configure_phase(model, "finetune", small_config(unfreeze="all"))  # random init: BN trains
     names = [v.path for v in model.trainable_variables]
     assert any("conv1_conv" in n for n in names) and any("_bn/" in n for n in names)
 
@@ -285,7 +283,7 @@ def test_zero_init_residual_starts_every_block_as_its_shortcut() -> None:
     import keras
 
     from prolifscore.core.models.architectures import build_tumor_model
-    from prolifscore.training.tumor import zero_residual_gammas
+    from prolifscore.training.tumor.model import zero_residual_gammas
 
     model = build_tumor_model(SIZE, "none")
     backbone = model.get_layer("resnet50")
@@ -301,7 +299,7 @@ def test_zero_init_residual_starts_every_block_as_its_shortcut() -> None:
 
 
 def test_checkpoint_bookkeeping(tmp_path: Path) -> None:
-    session = _ActorSession(tmp_path / "store", num_to_keep=2)
+    session = ActorSession(tmp_path / "store", num_to_keep=2)
     for epoch in (1, 2, 3):
         d = tmp_path / f"c{epoch}"
         d.mkdir()

@@ -106,7 +106,8 @@ def _wait_served(address: str, models: dict[str, Any], timeout: float) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from prolifscore.cli.score import score_remote, summary
-    from prolifscore.synthetic.slides import make_mitosis_dataset, make_synthetic_slides
+    from prolifscore.synthetic.mitosis_set import make_mitosis_dataset
+    from prolifscore.synthetic.slides import make_synthetic_slides
     from prolifscore.v1 import scoring_pb2 as spb
     from prolifscore.v1 import training_pb2 as tpb
 

@@ -41,7 +41,7 @@ def _numbers(metrics: dict[str, Any]) -> dict[str, float]:
 def labelled_shards(dataset: str) -> list[Any]:
     """The labelled slides of a tiles root: a root shared with unlabelled slides (ingested
     for scoring) is normal, so those are left out rather than failing the run."""
-    from prolifscore.training.dataset import DatasetError, find_shards
+    from prolifscore.training.data.shards import DatasetError, find_shards
 
     shards = find_shards(dataset, require_labels=False)
     labelled = [s for s in shards if s.tumor_score is not None]
@@ -51,10 +51,12 @@ def labelled_shards(dataset: str) -> list[Any]:
 
 
 def run_training(request: tpb.TrainRequest, settings: TrainingSettings) -> tpb.ModelPublished:
-    from prolifscore.training.dataset import DatasetError
-    from prolifscore.training.mitosis import DatasetError as MitosisDatasetError
-    from prolifscore.training.mitosis import MitosisTrainConfig, train_mitosis
-    from prolifscore.training.tumor import TrainingError, TumorTrainConfig, train_tumor
+    from prolifscore.training.data.shards import DatasetError
+    from prolifscore.training.detector.config import MitosisTrainConfig
+    from prolifscore.training.detector.regions import DatasetError as MitosisDatasetError
+    from prolifscore.training.detector.train import train_mitosis
+    from prolifscore.training.tumor.config import TrainingError, TumorTrainConfig
+    from prolifscore.training.tumor.train import train_tumor
 
     if not request.dataset:
         raise TrainingFailed("dataset is required")
