@@ -103,6 +103,61 @@ def connect_with_backoff(what: str, settings: KafkaSettings, factory: Callable[[
         return client
 
 
+def _connect_producer(s: KafkaSettings, client_id: str) -> KafkaProducer:
+    return connect_with_backoff(
+        "producer",
+        s,
+        lambda bootstrap_ms: KafkaProducer(
+            bootstrap_servers=s.bootstrap_servers,
+            client_id=client_id,
+            acks="all",
+            enable_idempotence=True,  # retries (until delivery_timeout_ms), no dups
+            linger_ms=_LINGER_MS,
+            max_request_size=s.max_request_size,
+            delivery_timeout_ms=s.delivery_timeout_ms,
+            # kafka-python demands delivery >= linger + request timeout
+            request_timeout_ms=max(1, min(30_000, s.delivery_timeout_ms - _LINGER_MS)),
+            reconnect_backoff_max_ms=int(_BACKOFF_MAX_S * 1000),
+            bootstrap_timeout_ms=bootstrap_ms,
+        ),
+    )
+
+
+def _connect_admin(s: KafkaSettings, client_id: str) -> KafkaAdminClient:
+    return connect_with_backoff(
+        "admin",
+        s,
+        lambda bootstrap_ms: KafkaAdminClient(
+            bootstrap_servers=s.bootstrap_servers,
+            client_id=client_id,
+            reconnect_backoff_max_ms=int(_BACKOFF_MAX_S * 1000),
+            bootstrap_timeout_ms=bootstrap_ms,
+        ),
+    )
+
+
+def _connect_consumer(s: KafkaSettings, client_id: str, group_id: str) -> KafkaConsumer:
+    """Auto-commit off: `Consumer.commit` names the offsets the service has finished."""
+    return connect_with_backoff(
+        f"consumer {group_id}",
+        s,
+        lambda bootstrap_ms: KafkaConsumer(
+            bootstrap_servers=s.bootstrap_servers,
+            client_id=client_id,
+            group_id=group_id,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            max_poll_records=s.max_poll_records,
+            max_poll_interval_ms=s.max_poll_interval_ms,
+            session_timeout_ms=s.session_timeout_ms,
+            # must be below the session timeout; Kafka's advice is a third of it
+            heartbeat_interval_ms=max(100, s.session_timeout_ms // 3),
+            reconnect_backoff_max_ms=int(_BACKOFF_MAX_S * 1000),
+            bootstrap_timeout_ms=bootstrap_ms,
+        ),
+    )
+
+
 class Bus:
     """One service's connection to Kafka: publish, dead-letter, create topics, make consumers."""
 
@@ -123,41 +178,14 @@ class Bus:
     def producer(self) -> KafkaProducer:
         with self._lock:
             if self._producer is None:
-                s = self.settings
-                self._producer = connect_with_backoff(
-                    "producer",
-                    s,
-                    lambda bootstrap_ms: KafkaProducer(
-                        bootstrap_servers=s.bootstrap_servers,
-                        client_id=self.client_id,
-                        acks="all",
-                        enable_idempotence=True,  # retries (until delivery_timeout_ms), no dups
-                        linger_ms=_LINGER_MS,
-                        max_request_size=s.max_request_size,
-                        delivery_timeout_ms=s.delivery_timeout_ms,
-                        # kafka-python demands delivery >= linger + request timeout
-                        request_timeout_ms=max(1, min(30_000, s.delivery_timeout_ms - _LINGER_MS)),
-                        reconnect_backoff_max_ms=int(_BACKOFF_MAX_S * 1000),
-                        bootstrap_timeout_ms=bootstrap_ms,
-                    ),
-                )
+                self._producer = _connect_producer(self.settings, self.client_id)
             return self._producer
 
     @property
     def admin(self) -> KafkaAdminClient:
         with self._lock:
             if self._admin is None:
-                s = self.settings
-                self._admin = connect_with_backoff(
-                    "admin",
-                    s,
-                    lambda bootstrap_ms: KafkaAdminClient(
-                        bootstrap_servers=s.bootstrap_servers,
-                        client_id=f"{self.client_id}-admin",
-                        reconnect_backoff_max_ms=int(_BACKOFF_MAX_S * 1000),
-                        bootstrap_timeout_ms=bootstrap_ms,
-                    ),
-                )
+                self._admin = _connect_admin(self.settings, f"{self.client_id}-admin")
             return self._admin
 
     # -- producing --------------------------------------------------------------------------
@@ -318,25 +346,7 @@ class Bus:
         """
         topics = list(topics)
         self._ensure_known(*topics)
-        s = self.settings
-        raw = connect_with_backoff(
-            f"consumer {group_id}",
-            s,
-            lambda bootstrap_ms: KafkaConsumer(
-                bootstrap_servers=s.bootstrap_servers,
-                client_id=self.client_id,
-                group_id=group_id,
-                enable_auto_commit=False,
-                auto_offset_reset="earliest",
-                max_poll_records=s.max_poll_records,
-                max_poll_interval_ms=s.max_poll_interval_ms,
-                session_timeout_ms=s.session_timeout_ms,
-                # must be below the session timeout; Kafka's advice is a third of it
-                heartbeat_interval_ms=max(100, s.session_timeout_ms // 3),
-                reconnect_backoff_max_ms=int(_BACKOFF_MAX_S * 1000),
-                bootstrap_timeout_ms=bootstrap_ms,
-            ),
-        )
+        raw = _connect_consumer(self.settings, self.client_id, group_id)
         raw.subscribe(topics)
         consumer = Consumer(raw, group_id, topics)
         self._consumers.add(consumer)
