@@ -36,10 +36,12 @@ def isolated_kafka(bootstrap: str, prefix: str = "test", **overrides: Any) -> Ka
     return load(KafkaSettings, environ={}, **{**fields, **overrides})
 
 
-def ensure_all_topics(bus: Bus) -> None:
-    """Create every topic of the bus's settings, so no subscription can auto-create one."""
-    k = bus.settings
-    bus.ensure_topics([getattr(k, f"topic_{t}") for t in TOPICS])
+def isolated_bus(bootstrap: str, prefix: str) -> Bus:
+    """A bus for the test itself on `isolated_kafka` settings (`bus.settings`), every topic
+    created first, so no subscription can auto-create one with a single partition."""
+    bus = Bus(isolated_kafka(bootstrap, prefix), "test")
+    bus.ensure_topics([getattr(bus.settings, f"topic_{t}") for t in TOPICS])
+    return bus
 
 
 class Watcher:

@@ -7,25 +7,18 @@ import signal
 
 import pytest
 
-from prolifscore.core.runtime.bus import Bus
 from prolifscore.core.runtime.settings import to_env
 from prolifscore.v1 import pipeline_pb2 as pb
 from tests.e2e.test_pipeline_e2e import library_tiles, shard_tiles
-from tests.harness import (
-    ServiceProcess,
-    Watcher,
-    all_final,
-    ensure_all_topics,
-    final_status,
-    isolated_kafka,
-)
+from tests.harness import ServiceProcess, Watcher, all_final, final_status, isolated_bus
 from tests.slides import CMU, SLIDES
 
 pytestmark = pytest.mark.slow
 
 
 def test_filtering_killed_mid_slide_loses_and_duplicates_nothing(broker, ray_head, tmp_path):
-    k = isolated_kafka(broker.bootstrap, "crash")
+    bus = isolated_bus(broker.bootstrap, "crash")
+    k = bus.settings
     env = {
         **to_env(k),
         "PROLIF_RAY_ADDRESS": ray_head.address,
@@ -35,8 +28,6 @@ def test_filtering_killed_mid_slide_loses_and_duplicates_nothing(broker, ray_hea
         "PROLIF_KAFKA_MAX_POLL_RECORDS": "1",  # commit batch by batch: the kill lands mid-slide
         "PROLIF_FILTER_WORKERS": "1",
     }
-    bus = Bus(k, "test")
-    ensure_all_topics(bus)
     status = Watcher(bus, k.topic_status, pb.SlideStatus, f"{k.client_id}-watch")
     tiling = ServiceProcess("prolifscore.tiling.server", env, tmp_path / "tiling.log").start()
     first = ServiceProcess("prolifscore.filtering.server", env, tmp_path / "filtering1.log").start()

@@ -14,7 +14,6 @@ import pytest
 from kafka import KafkaProducer
 from PIL import Image
 
-from prolifscore.core.runtime.bus import Bus
 from prolifscore.core.runtime.codec import encode
 from prolifscore.core.runtime.settings import PreprocessSettings, load, to_env
 from prolifscore.core.wsi.preprocess import iter_kept_tiles, plan_slide
@@ -22,14 +21,7 @@ from prolifscore.core.wsi.slide import open_slide
 from prolifscore.core.wsi.tfrecord import parse_tile_example, read_records
 from prolifscore.localstack.broker import free_port
 from prolifscore.v1 import pipeline_pb2 as pb
-from tests.harness import (
-    ServiceProcess,
-    Watcher,
-    all_final,
-    ensure_all_topics,
-    final_status,
-    isolated_kafka,
-)
+from tests.harness import ServiceProcess, Watcher, all_final, final_status, isolated_bus
 from tests.slides import BROKEN, CMU, KIDNEY, SLIDES, TCGA, write_blank_slide
 
 pytestmark = pytest.mark.slow
@@ -39,7 +31,8 @@ BATCH = 8
 @pytest.fixture(scope="module")
 def pipeline(broker, ray_head, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("pipeline")
-    k = isolated_kafka(broker.bootstrap, "e2e")
+    bus = isolated_bus(broker.bootstrap, "e2e")
+    k = bus.settings
     (tmp / "slides").mkdir()
     env = {
         **to_env(k),
@@ -48,8 +41,6 @@ def pipeline(broker, ray_head, tmp_path_factory):
         "PROLIF_TILES_ROOT": str(tmp / "tiles"),
         "PROLIF_BATCH_SIZE": str(BATCH),
     }
-    bus = Bus(k, "test")
-    ensure_all_topics(bus)
     tiling = ServiceProcess("prolifscore.tiling.server", env, tmp / "tiling.log").start()
     metrics_port = free_port()
     filtering = ServiceProcess(

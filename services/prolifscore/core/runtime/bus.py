@@ -15,7 +15,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Iterable, Sequence
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from google.protobuf import message as pb_message
 from google.protobuf import timestamp_pb2
@@ -103,58 +103,51 @@ def connect_with_backoff(what: str, settings: KafkaSettings, factory: Callable[[
         return client
 
 
-def _connect_producer(s: KafkaSettings, client_id: str) -> KafkaProducer:
+def _connect(what: str, s: KafkaSettings, client: Callable[..., C], **config: Any) -> C:
+    """`client(**config)` on `s`'s brokers, through `connect_with_backoff`."""
     return connect_with_backoff(
-        "producer",
+        what,
         s,
-        lambda bootstrap_ms: KafkaProducer(
+        lambda bootstrap_ms: client(
             bootstrap_servers=s.bootstrap_servers,
-            client_id=client_id,
-            acks="all",
-            enable_idempotence=True,  # retries (until delivery_timeout_ms), no dups
-            linger_ms=_LINGER_MS,
-            max_request_size=s.max_request_size,
-            delivery_timeout_ms=s.delivery_timeout_ms,
-            # kafka-python demands delivery >= linger + request timeout
-            request_timeout_ms=max(1, min(30_000, s.delivery_timeout_ms - _LINGER_MS)),
             reconnect_backoff_max_ms=int(_BACKOFF_MAX_S * 1000),
             bootstrap_timeout_ms=bootstrap_ms,
+            **config,
         ),
     )
 
 
-def _connect_admin(s: KafkaSettings, client_id: str) -> KafkaAdminClient:
-    return connect_with_backoff(
-        "admin",
+def _connect_producer(s: KafkaSettings, client_id: str) -> KafkaProducer:
+    return _connect(
+        "producer",
         s,
-        lambda bootstrap_ms: KafkaAdminClient(
-            bootstrap_servers=s.bootstrap_servers,
-            client_id=client_id,
-            reconnect_backoff_max_ms=int(_BACKOFF_MAX_S * 1000),
-            bootstrap_timeout_ms=bootstrap_ms,
-        ),
+        KafkaProducer,
+        client_id=client_id,
+        acks="all",
+        enable_idempotence=True,  # retries (until delivery_timeout_ms), no dups
+        linger_ms=_LINGER_MS,
+        max_request_size=s.max_request_size,
+        delivery_timeout_ms=s.delivery_timeout_ms,
+        # kafka-python demands delivery >= linger + request timeout
+        request_timeout_ms=max(1, min(30_000, s.delivery_timeout_ms - _LINGER_MS)),
     )
 
 
 def _connect_consumer(s: KafkaSettings, client_id: str, group_id: str) -> KafkaConsumer:
     """Auto-commit off: `Consumer.commit` names the offsets the service has finished."""
-    return connect_with_backoff(
+    return _connect(
         f"consumer {group_id}",
         s,
-        lambda bootstrap_ms: KafkaConsumer(
-            bootstrap_servers=s.bootstrap_servers,
-            client_id=client_id,
-            group_id=group_id,
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
-            max_poll_records=s.max_poll_records,
-            max_poll_interval_ms=s.max_poll_interval_ms,
-            session_timeout_ms=s.session_timeout_ms,
-            # must be below the session timeout; Kafka's advice is a third of it
-            heartbeat_interval_ms=max(100, s.session_timeout_ms // 3),
-            reconnect_backoff_max_ms=int(_BACKOFF_MAX_S * 1000),
-            bootstrap_timeout_ms=bootstrap_ms,
-        ),
+        KafkaConsumer,
+        client_id=client_id,
+        group_id=group_id,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        max_poll_records=s.max_poll_records,
+        max_poll_interval_ms=s.max_poll_interval_ms,
+        session_timeout_ms=s.session_timeout_ms,
+        # must be below the session timeout; Kafka's advice is a third of it
+        heartbeat_interval_ms=max(100, s.session_timeout_ms // 3),
     )
 
 
@@ -185,7 +178,9 @@ class Bus:
     def admin(self) -> KafkaAdminClient:
         with self._lock:
             if self._admin is None:
-                self._admin = _connect_admin(self.settings, f"{self.client_id}-admin")
+                self._admin = _connect(
+                    "admin", self.settings, KafkaAdminClient, client_id=f"{self.client_id}-admin"
+                )
             return self._admin
 
     # -- producing --------------------------------------------------------------------------
