@@ -24,26 +24,17 @@ OUT = Path(__file__).with_name("validate.json")
 
 def preprocess_with_services(slide_dir: Path, labels: Path, out: Path) -> dict[str, Any]:
     """Ingest every slide with its labels through the embedded runtime, as a user would."""
-    import argparse as ap
-
     from prolifscore.cli.ingest import build_messages, follow
     from prolifscore.core.runtime.bus import Bus
     from prolifscore.core.runtime.settings import KafkaSettings, load
     from prolifscore.localstack.stack import EmbeddedStack
 
     env = {"PROLIF_SLIDE_ROOTS": str(slide_dir), "PROLIF_TILES_ROOT": str(out / "tiles")}
-    args = ap.Namespace(
-        paths=sorted(slide_dir.glob("*.tiff")),
-        labels=labels,
-        tissue_mode=None,
-        stain=None,
-        max_tiles=None,
-    )
     with EmbeddedStack(out / "run", env=env) as stack:
         settings = load(KafkaSettings, bootstrap_servers=stack.env["PROLIF_KAFKA_BOOTSTRAP"])
         bus = Bus(settings, "validate")
         try:
-            msgs = build_messages(args, "validate")
+            msgs = build_messages(sorted(slide_dir.glob("*.tiff")), "validate", labels=labels)
             for m in msgs:
                 bus.publish(settings.topic_ingest, m.slide_id, m)
             bus.flush()

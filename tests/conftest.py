@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterator
 
 import pytest
 
-from prolifscore.core.runtime.settings import KafkaSettings, load
+from prolifscore.core.runtime.settings import KafkaSettings
 from prolifscore.localstack.broker import EmbeddedBroker, free_port
 from prolifscore.localstack.rayhead import RayHead
+from tests.harness import isolated_kafka
 
 
 @pytest.fixture(scope="session")
@@ -21,26 +21,9 @@ def broker() -> Iterator[EmbeddedBroker]:
 
 @pytest.fixture
 def kafka_settings(broker: EmbeddedBroker) -> KafkaSettings:
-    """Settings for `broker` with topic names unique to this test.
-
-    Tansu's group join takes about session_timeout_ms / 2, hence the low timeouts.
-    """
-    suffix = uuid.uuid4().hex[:8]
-    return load(
-        KafkaSettings,
-        environ={},
-        bootstrap_servers=broker.bootstrap,
-        client_id=f"test-{suffix}",
-        topic_ingest=f"test.{suffix}.ingest",
-        topic_tasks=f"test.{suffix}.tasks",
-        topic_shards=f"test.{suffix}.shards",
-        topic_status=f"test.{suffix}.status",
-        topic_dlq=f"test.{suffix}.dlq",
-        partitions=2,
-        max_poll_interval_ms=8000,
-        session_timeout_ms=6000,
-        connect_timeout_s=20.0,
-    )
+    """Settings for `broker` with topic names unique to this test; a broker that is gone is
+    given up on after 20 s."""
+    return isolated_kafka(broker.bootstrap, connect_timeout_s=20.0)
 
 
 @pytest.fixture(scope="session")

@@ -5,27 +5,43 @@
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Callable
 from typing import Any
 
-from prolifscore.core.runtime.bus import Bus, DecodeError, decode
-from prolifscore.core.runtime.settings import KafkaSettings
+from prolifscore.core.runtime.bus import Bus
+from prolifscore.core.runtime.codec import DecodeError, decode
+from prolifscore.core.runtime.settings import KafkaSettings, load
 from prolifscore.localstack.stack import ServiceProcess  # noqa: F401
 from prolifscore.v1 import pipeline_pb2 as pb
 
+TOPICS = ("ingest", "tasks", "shards", "status", "dlq")
 
-def kafka_env(k: KafkaSettings) -> dict[str, str]:
-    return {
-        "PROLIF_KAFKA_BOOTSTRAP": k.bootstrap_servers,
-        "PROLIF_TOPIC_INGEST": k.topic_ingest,
-        "PROLIF_TOPIC_TASKS": k.topic_tasks,
-        "PROLIF_TOPIC_SHARDS": k.topic_shards,
-        "PROLIF_TOPIC_STATUS": k.topic_status,
-        "PROLIF_TOPIC_DLQ": k.topic_dlq,
-        "PROLIF_TOPIC_PARTITIONS": str(k.partitions),
-        "PROLIF_KAFKA_MAX_POLL_INTERVAL_MS": str(k.max_poll_interval_ms),
-        "PROLIF_KAFKA_SESSION_TIMEOUT_MS": str(k.session_timeout_ms),
+
+def isolated_kafka(bootstrap: str, prefix: str = "test", **overrides: Any) -> KafkaSettings:
+    """Settings for the test broker with topic names (and client id) of their own, so tests
+    sharing the broker never see each other's records; `to_env` hands them to services.
+
+    Tansu's group join takes about session_timeout_ms / 2, hence the low timeouts.
+    """
+    suffix = uuid.uuid4().hex[:8]
+    fields: dict[str, Any] = {
+        "bootstrap_servers": bootstrap,
+        "client_id": f"{prefix}-{suffix}",
+        **{f"topic_{t}": f"{prefix}.{suffix}.{t}" for t in TOPICS},
+        "partitions": 2,
+        "max_poll_interval_ms": 8000,
+        "session_timeout_ms": 6000,
     }
+    return load(KafkaSettings, environ={}, **{**fields, **overrides})
+
+
+def isolated_bus(bootstrap: str, prefix: str) -> Bus:
+    """A bus for the test itself on `isolated_kafka` settings (`bus.settings`), every topic
+    created first, so no subscription can auto-create one with a single partition."""
+    bus = Bus(isolated_kafka(bootstrap, prefix), "test")
+    bus.ensure_topics([getattr(bus.settings, f"topic_{t}") for t in TOPICS])
+    return bus
 
 
 class Watcher:

@@ -23,17 +23,9 @@ import pytest
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.consumer.fetcher import ConsumerRecord
 
-from prolifscore.core.runtime import bus as busmod
-from prolifscore.core.runtime.bus import (
-    JSON,
-    PROTOBUF,
-    BrokerUnavailable,
-    Bus,
-    DecodeError,
-    PublishError,
-    decode,
-    encode,
-)
+from prolifscore.core.runtime.bus import BrokerUnavailable, Bus, PublishError
+from prolifscore.core.runtime.codec import JSON, PROTOBUF, DecodeError, decode, encode
+from prolifscore.core.runtime.consumer import Consumer
 from prolifscore.core.runtime.settings import KafkaSettings
 from prolifscore.localstack.broker import EmbeddedBroker, free_port
 from prolifscore.v1 import pipeline_pb2 as pb
@@ -64,7 +56,7 @@ def read_all(settings: KafkaSettings, topic: str, n: int, timeout: float = 15.0)
         c.close()
 
 
-def poll_until(consumer: busmod.Consumer, n: int, timeout: float = 20.0) -> list:
+def poll_until(consumer: Consumer, n: int, timeout: float = 20.0) -> list:
     out: list = []
     deadline = time.monotonic() + timeout
     while len(out) < n and time.monotonic() < deadline:

@@ -4,37 +4,23 @@ duplicated, no partial shard visible."""
 from __future__ import annotations
 
 import signal
-import uuid
 
 import pytest
 
-from prolifscore.core.runtime.bus import Bus
-from prolifscore.core.runtime.settings import KafkaSettings, load
+from prolifscore.core.runtime.settings import to_env
 from prolifscore.v1 import pipeline_pb2 as pb
 from tests.e2e.test_pipeline_e2e import library_tiles, shard_tiles
-from tests.harness import ServiceProcess, Watcher, all_final, final_status, kafka_env
+from tests.harness import ServiceProcess, Watcher, all_final, final_status, isolated_bus
 from tests.slides import CMU, SLIDES
 
 pytestmark = pytest.mark.slow
 
 
 def test_filtering_killed_mid_slide_loses_and_duplicates_nothing(broker, ray_head, tmp_path):
-    suffix = uuid.uuid4().hex[:8]
-    k = load(
-        KafkaSettings,
-        environ={},
-        bootstrap_servers=broker.bootstrap,
-        partitions=2,
-        topic_ingest=f"crash.{suffix}.ingest",
-        topic_tasks=f"crash.{suffix}.tasks",
-        topic_shards=f"crash.{suffix}.shards",
-        topic_status=f"crash.{suffix}.status",
-        topic_dlq=f"crash.{suffix}.dlq",
-        max_poll_interval_ms=8000,
-        session_timeout_ms=6000,
-    )
+    bus = isolated_bus(broker.bootstrap, "crash")
+    k = bus.settings
     env = {
-        **kafka_env(k),
+        **to_env(k),
         "PROLIF_RAY_ADDRESS": ray_head.address,
         "PROLIF_SLIDE_ROOTS": str(SLIDES),
         "PROLIF_TILES_ROOT": str(tmp_path / "tiles"),
@@ -42,9 +28,7 @@ def test_filtering_killed_mid_slide_loses_and_duplicates_nothing(broker, ray_hea
         "PROLIF_KAFKA_MAX_POLL_RECORDS": "1",  # commit batch by batch: the kill lands mid-slide
         "PROLIF_FILTER_WORKERS": "1",
     }
-    bus = Bus(k, "test")
-    bus.ensure_topics([k.topic_ingest, k.topic_tasks, k.topic_shards, k.topic_status, k.topic_dlq])
-    status = Watcher(bus, k.topic_status, pb.SlideStatus, f"watch-{suffix}")
+    status = Watcher(bus, k.topic_status, pb.SlideStatus, f"{k.client_id}-watch")
     tiling = ServiceProcess("prolifscore.tiling.server", env, tmp_path / "tiling.log").start()
     first = ServiceProcess("prolifscore.filtering.server", env, tmp_path / "filtering1.log").start()
     second = None

@@ -14,14 +14,14 @@ import pytest
 from kafka import KafkaProducer
 from PIL import Image
 
-from prolifscore.core.runtime.bus import Bus, encode
-from prolifscore.core.runtime.settings import KafkaSettings, PreprocessSettings, load
+from prolifscore.core.runtime.codec import encode
+from prolifscore.core.runtime.settings import PreprocessSettings, load, to_env
 from prolifscore.core.wsi.preprocess import iter_kept_tiles, plan_slide
 from prolifscore.core.wsi.slide import open_slide
 from prolifscore.core.wsi.tfrecord import parse_tile_example, read_records
 from prolifscore.localstack.broker import free_port
 from prolifscore.v1 import pipeline_pb2 as pb
-from tests.harness import ServiceProcess, Watcher, all_final, final_status, kafka_env
+from tests.harness import ServiceProcess, Watcher, all_final, final_status, isolated_bus
 from tests.slides import BROKEN, CMU, KIDNEY, SLIDES, TCGA, write_blank_slide
 
 pytestmark = pytest.mark.slow
@@ -31,30 +31,16 @@ BATCH = 8
 @pytest.fixture(scope="module")
 def pipeline(broker, ray_head, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("pipeline")
-    suffix = uuid.uuid4().hex[:8]
-    k = load(
-        KafkaSettings,
-        environ={},
-        bootstrap_servers=broker.bootstrap,
-        partitions=2,
-        topic_ingest=f"e2e.{suffix}.ingest",
-        topic_tasks=f"e2e.{suffix}.tasks",
-        topic_shards=f"e2e.{suffix}.shards",
-        topic_status=f"e2e.{suffix}.status",
-        topic_dlq=f"e2e.{suffix}.dlq",
-        max_poll_interval_ms=8000,
-        session_timeout_ms=6000,
-    )
+    bus = isolated_bus(broker.bootstrap, "e2e")
+    k = bus.settings
     (tmp / "slides").mkdir()
     env = {
-        **kafka_env(k),
+        **to_env(k),
         "PROLIF_RAY_ADDRESS": ray_head.address,
         "PROLIF_SLIDE_ROOTS": f"{SLIDES},{tmp / 'slides'}",
         "PROLIF_TILES_ROOT": str(tmp / "tiles"),
         "PROLIF_BATCH_SIZE": str(BATCH),
     }
-    bus = Bus(k, "test")
-    bus.ensure_topics([k.topic_ingest, k.topic_tasks, k.topic_shards, k.topic_status, k.topic_dlq])
     tiling = ServiceProcess("prolifscore.tiling.server", env, tmp / "tiling.log").start()
     metrics_port = free_port()
     filtering = ServiceProcess(
@@ -62,7 +48,7 @@ def pipeline(broker, ray_head, tmp_path_factory):
         {**env, "PROLIF_METRICS_PORT": str(metrics_port)},
         tmp / "filtering.log",
     ).start()
-    status = Watcher(bus, k.topic_status, pb.SlideStatus, f"watch-{suffix}")
+    status = Watcher(bus, k.topic_status, pb.SlideStatus, f"{k.client_id}-watch")
     yield {
         "k": k,
         "bus": bus,

@@ -14,12 +14,7 @@ import grpc
 import pytest
 
 from prolifscore.core.runtime.bus import Bus
-from prolifscore.core.runtime.settings import (
-    KafkaSettings,
-    PreprocessSettings,
-    RuntimeSettings,
-    load,
-)
+from prolifscore.core.runtime.settings import PreprocessSettings, RuntimeSettings, load, to_env
 from prolifscore.core.wsi.preprocess import iter_kept_tiles, plan_slide
 from prolifscore.core.wsi.slide import open_slide
 from prolifscore.localstack.broker import free_port
@@ -27,7 +22,7 @@ from prolifscore.localstack.stack import ServiceProcess
 from prolifscore.v1 import pipeline_pb2 as pb
 from prolifscore.v1 import scoring_pb2 as spb
 from prolifscore.v1 import scoring_pb2_grpc
-from tests.harness import Watcher, kafka_env
+from tests.harness import Watcher, isolated_kafka
 from tests.slides import BROKEN, CMU, SLIDES, TCGA
 
 pytestmark = pytest.mark.slow
@@ -47,18 +42,9 @@ def model_root(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def stack(broker, ray_head, model_root, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("scoring")
-    suffix = uuid.uuid4().hex[:8]
-    k = load(
-        KafkaSettings,
-        environ={},
-        bootstrap_servers=broker.bootstrap,
-        partitions=2,
-        topic_status=f"score.{suffix}.status",
-        topic_dlq=f"score.{suffix}.dlq",
-        max_poll_interval_ms=8000,
-        session_timeout_ms=6000,
-    )
-    topics = {"requests": f"score.{suffix}.requests", "results": f"score.{suffix}.results"}
+    k = isolated_kafka(broker.bootstrap, "score")
+    run = uuid.uuid4().hex[:8]
+    topics = {"requests": f"score.{run}.requests", "results": f"score.{run}.results"}
     models = ServiceProcess(
         "prolifscore.modelserver.server",
         {"PROLIF_MODEL_ROOT": str(model_root)},
@@ -66,7 +52,7 @@ def stack(broker, ray_head, model_root, tmp_path_factory):
         port_env="PROLIF_MODEL_SERVER_PORT",
     ).start(timeout=120)
     env = {
-        **kafka_env(k),
+        **to_env(k),
         "PROLIF_RAY_ADDRESS": ray_head.address,
         "PROLIF_SLIDE_ROOTS": str(SLIDES),
         "PROLIF_RESULTS_ROOT": str(tmp / "results"),

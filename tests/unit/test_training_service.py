@@ -23,6 +23,8 @@ from prolifscore.v1 import training_pb2 as tpb
 
 
 class FakeBus:
+    service = "training"
+
     def __init__(self) -> None:
         self.published: list[tuple[str, str, Any]] = []
         self.dead: list[str] = []
@@ -30,7 +32,7 @@ class FakeBus:
     def publish(self, topic: str, key: str, message: Any) -> None:
         self.published.append((topic, key, message))
 
-    def dead_letter(self, record: Any, reason: str, service: str) -> None:
+    def dead_letter(self, record: Any, reason: str, service: str | None = None) -> None:
         self.dead.append(reason)
 
 

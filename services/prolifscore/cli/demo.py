@@ -11,21 +11,31 @@ The models are a machinery check on synthetic data: their scores mean nothing cl
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
 import sys
 import time
 import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from prolifscore.cli.ingest import build_messages, follow
-from prolifscore.core.runtime.bus import Bus, DecodeError, decode
-from prolifscore.core.runtime.settings import KafkaSettings, load
-from prolifscore.localstack.stack import EmbeddedStack
+from prolifscore.cli.ingest import SlideProgress, build_messages, follow, publish_slides
+from prolifscore.cli.score import score_remote, summary
+from prolifscore.cli.train import train_request
+from prolifscore.cli.up import local_stack
+from prolifscore.core.runtime.bus import Bus
+from prolifscore.core.runtime.codec import DecodeError, decode
+from prolifscore.core.runtime.settings import KafkaSettings
+from prolifscore.training.config import TrainingSettings
+from prolifscore.v1 import pipeline_pb2 as pb
+from prolifscore.v1 import scoring_pb2 as spb
+from prolifscore.v1 import training_pb2 as tpb
 
 SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn")
+SERVICES = ("modelserver", "tiling", "filtering", "training", "scoring")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -55,12 +65,10 @@ def _step(text: str) -> None:
 
 
 def _wait_models(
-    bus: Bus, settings: KafkaSettings, topic: str, wanted: set[str], timeout: float
-) -> dict[str, Any]:
-    from prolifscore.v1 import training_pb2 as tpb
-
+    bus: Bus, topic: str, wanted: set[str], timeout: float
+) -> dict[str, tpb.ModelPublished]:
     consumer = bus.consumer([topic], f"demo-models-{uuid.uuid4().hex[:6]}")
-    got: dict[str, Any] = {}
+    got: dict[str, tpb.ModelPublished] = {}
     deadline = time.monotonic() + timeout
     try:
         while time.monotonic() < deadline and not wanted <= set(got):
@@ -81,7 +89,7 @@ def _wait_models(
     return got
 
 
-def _wait_served(address: str, models: dict[str, Any], timeout: float) -> None:
+def _wait_served(address: str, models: dict[str, tpb.ModelPublished], timeout: float) -> None:
     import grpc
     from tensorflow_serving.apis import get_model_status_pb2, model_service_pb2_grpc
 
@@ -104,13 +112,100 @@ def _wait_served(address: str, models: dict[str, Any], timeout: float) -> None:
                 time.sleep(0.5)
 
 
-def run(args: argparse.Namespace) -> int:
-    from prolifscore.cli.score import score_remote, summary
+@dataclass(frozen=True)
+class DemoData:
+    """The slides the demo ingests and the datasets it trains on."""
+
+    real: Path  # folder of real slides
+    synthetic: Path  # labelled synthetic slides (ground_truth.csv)
+    mitosis: Path  # mitosis detection dataset
+    out: Path
+
+
+def make_data(args: argparse.Namespace, out: Path) -> DemoData:
+    """Synthetic slides with ground truth and a mitosis dataset, so training has labels."""
+    _step("making a labelled synthetic set from real tissue (planted mitoses)")
     from prolifscore.synthetic.mitosis_set import make_mitosis_dataset
     from prolifscore.synthetic.slides import make_synthetic_slides
-    from prolifscore.v1 import scoring_pb2 as spb
-    from prolifscore.v1 import training_pb2 as tpb
 
+    synthetic = make_synthetic_slides(
+        out / "synthetic", slides=args.synthetic_slides, size_px=args.synthetic_size, seed=7
+    )
+    mitosis = make_mitosis_dataset(
+        out / "mitosis-data",
+        cases=args.mitosis_cases,
+        regions_per_case=args.mitosis_regions,
+        seed=7,
+    )
+    return DemoData(real=args.slides.resolve(), synthetic=synthetic, mitosis=mitosis, out=out)
+
+
+def stack_env(data: DemoData) -> dict[str, str]:
+    """Every output under the demo's folder; slides read from the real and synthetic ones."""
+    return {
+        "PROLIF_SLIDE_ROOTS": f"{data.real},{data.synthetic}",
+        "PROLIF_TILES_ROOT": str(data.out / "tiles"),
+        "PROLIF_MODEL_ROOT": str(data.out / "models"),
+        "PROLIF_RUNS_ROOT": str(data.out / "runs"),
+        "PROLIF_RESULTS_ROOT": str(data.out / "results"),
+        "PROLIF_MODEL_SERVER_POLL_S": "1",
+        "PROLIF_LOG_LEVEL": "WARNING",
+    }
+
+
+def preprocess(
+    bus: Bus, data: DemoData, timeout: float
+) -> tuple[list[pb.SlideIngest], dict[str, SlideProgress]]:
+    """Ingest the synthetic and real slides over Kafka and follow them to FILTERED."""
+    paths = sorted(data.synthetic.glob("*.tiff")) + [
+        p for p in sorted(data.real.iterdir()) if p.suffix.lower() in SLIDE_SUFFIXES
+    ]
+    msgs = build_messages(paths, "demo", labels=data.synthetic / "ground_truth.csv")
+    for m in msgs:
+        if m.slide_id.startswith("kidney"):  # a macro image: a speck of tissue
+            m.spec.tile_size, m.spec.target_mpp, m.spec.tissue_threshold = 32, 0.25, 0.5
+    publish_slides(bus, msgs)
+    _step(f"ingested {len(msgs)} slides over Kafka; preprocessing (tiling -> filtering)")
+    return msgs, follow(bus, bus.settings, "demo", [m.slide_id for m in msgs], timeout)
+
+
+def train(
+    bus: Bus, training: TrainingSettings, data: DemoData, args: argparse.Namespace
+) -> dict[str, tpb.ModelPublished]:
+    """Both models, quick profile, through the training service; their announcements."""
+    _step("training both models (quick profile) through the training service")
+    for model, dataset in (("mitosis", data.mitosis), ("resnet50", data.out / "tiles")):
+        req = train_request(
+            model,
+            dataset,
+            run_id=f"demo-{model}",
+            profile="quick",
+            epochs=args.epochs,
+            input_size=args.input_size if model == "resnet50" else 0,
+        )
+        bus.publish(training.topic_requests, req.request_id, req)
+    bus.flush()
+    return _wait_models(bus, training.topic_models, {"mitosis", "resnet50"}, args.timeout)
+
+
+def score(address: str, msgs: list[pb.SlideIngest], args: argparse.Namespace) -> spb.SlideScore:
+    """The chosen slide (else the last ingested) over gRPC, with live progress."""
+    target = next((m for m in msgs if m.slide_id == args.score), msgs[-1])
+    _step(f"scoring {target.slide_id} over gRPC ({address})")
+    request = spb.ScoreRequest(
+        slide_id=target.slide_id, path=target.path, include_heatmap=True, include_tiles=True
+    )
+    return score_remote(address, request, timeout=args.timeout)
+
+
+@contextlib.contextmanager
+def _timed(timings: dict[str, float], name: str) -> Iterator[None]:
+    start = time.time()
+    yield
+    timings[name] = round(time.time() - start, 1)
+
+
+def run(args: argparse.Namespace) -> int:
     if not args.slides.is_dir():
         print(
             f"no slide folder at {args.slides} (set --slides or PROLIF_DEMO_SLIDES)",
@@ -120,93 +215,36 @@ def run(args: argparse.Namespace) -> int:
     started = time.time()
     out: Path = args.out.resolve()
     shutil.rmtree(out, ignore_errors=True)
-    real = args.slides.resolve()
-    _step("making a labelled synthetic set from real tissue (planted mitoses)")
-    synthetic = make_synthetic_slides(
-        out / "synthetic", slides=args.synthetic_slides, size_px=args.synthetic_size, seed=7
-    )
-    mitosis_data = make_mitosis_dataset(
-        out / "mitosis-data",
-        cases=args.mitosis_cases,
-        regions_per_case=args.mitosis_regions,
-        seed=7,
-    )
-    env = {
-        "PROLIF_SLIDE_ROOTS": f"{real},{synthetic}",
-        "PROLIF_TILES_ROOT": str(out / "tiles"),
-        "PROLIF_MODEL_ROOT": str(out / "models"),
-        "PROLIF_RUNS_ROOT": str(out / "runs"),
-        "PROLIF_RESULTS_ROOT": str(out / "results"),
-        "PROLIF_MODEL_SERVER_POLL_S": "1",
-        "PROLIF_LOG_LEVEL": "WARNING",
-    }
+    data = make_data(args, out)
     timings: dict[str, float] = {}
     _step(f"starting broker, Ray, model server and services (logs: {out / 'run'})")
-    with EmbeddedStack(
-        out / "run", env=env, services=("modelserver", "tiling", "filtering", "training", "scoring")
-    ) as stack:
+    with local_stack(out / "run", stack_env(data), SERVICES) as stack:
         timings["startup_s"] = round(time.time() - started, 1)
-        settings = load(KafkaSettings, bootstrap_servers=stack.env["PROLIF_KAFKA_BOOTSTRAP"])
-        bus = Bus(settings, "demo")
-        try:
-            t0 = time.time()
-            paths = sorted(synthetic.glob("*.tiff")) + [
-                p for p in sorted(real.iterdir()) if p.suffix.lower() in SLIDE_SUFFIXES
-            ]
-            ns = argparse.Namespace(
-                paths=paths,
-                labels=synthetic / "ground_truth.csv",
-                tissue_mode=None,
-                stain=None,
-                max_tiles=None,
-            )
-            msgs = build_messages(ns, "demo")
-            for m in msgs:
-                if m.slide_id.startswith("kidney"):  # a macro image: a speck of tissue
-                    m.spec.tile_size, m.spec.target_mpp, m.spec.tissue_threshold = 32, 0.25, 0.5
-                bus.publish(settings.topic_ingest, m.slide_id, m)
-            bus.flush()
-            _step(f"ingested {len(msgs)} slides over Kafka; preprocessing (tiling -> filtering)")
-            progress = follow(bus, settings, "demo", [m.slide_id for m in msgs], args.timeout)
-            timings["preprocess_s"] = round(time.time() - t0, 1)
-            t0 = time.time()
-            _step("training both models (quick profile) through the training service")
-            for model, dataset in (("mitosis", mitosis_data), ("resnet50", out / "tiles")):
-                req = tpb.TrainRequest(
-                    request_id=f"demo-{model}",
-                    model=model,
-                    dataset=str(dataset),
-                    profile="quick",
-                    epochs=args.epochs,
-                    input_size=args.input_size if model == "resnet50" else 0,
-                )
-                bus.publish("prolif.train.requests", req.request_id, req)
-            bus.flush()
-            published = _wait_models(
-                bus, settings, "prolif.models", {"mitosis", "resnet50"}, args.timeout
-            )
-            _wait_served(stack.env["PROLIF_MODEL_SERVER"], published, 120)
-            timings["train_s"] = round(time.time() - t0, 1)
-        finally:
-            bus.close()
-        t0 = time.time()
-        target = next((m for m in msgs if m.slide_id == args.score), msgs[-1])
-        _step(f"scoring {target.slide_id} over gRPC ({stack.processes['scoring'].grpc_address})")
-        score_args = argparse.Namespace(
-            server=stack.processes["scoring"].grpc_address,
-            timeout=args.timeout,
-            token="",
-            tls_ca=None,
-        )
-        request = spb.ScoreRequest(
-            slide_id=target.slide_id, path=target.path, include_heatmap=True, include_tiles=True
-        )
-        result = score_remote(score_args, request)
-        timings["score_s"] = round(time.time() - t0, 1)
+        with Bus(stack.settings(KafkaSettings), "demo") as bus:
+            with _timed(timings, "preprocess_s"):
+                msgs, progress = preprocess(bus, data, args.timeout)
+            with _timed(timings, "train_s"):
+                published = train(bus, stack.settings(TrainingSettings), data, args)
+                _wait_served(stack.processes["modelserver"].grpc_address, published, 120)
+        with _timed(timings, "score_s"):
+            result = score(stack.processes["scoring"].grpc_address, msgs, args)
     timings["total_s"] = round(time.time() - started, 1)
-    (out / "heatmap.png").write_bytes(result.heatmap_png)
+    report(out, progress, published, result, timings)
+    return 0
+
+
+def report(
+    out: Path,
+    progress: dict[str, SlideProgress],
+    published: dict[str, tpb.ModelPublished],
+    result: spb.SlideScore,
+    timings: dict[str, float],
+) -> None:
+    """Heatmap, result and run summary files; a table of slides and the score on stdout, the
+    last line one JSON object."""
     from google.protobuf import json_format
 
+    (out / "heatmap.png").write_bytes(result.heatmap_png)
     full = json_format.MessageToDict(result)
     full.pop("heatmapPng", None)
     (out / "result.json").write_text(json.dumps(full, indent=2))
@@ -233,4 +271,3 @@ def run(args: argparse.Namespace) -> int:
         )
     )
     print(json.dumps({**summary(result), "timings": timings}))
-    return 0

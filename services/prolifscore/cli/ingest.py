@@ -6,6 +6,7 @@ import argparse
 import sys
 import time
 import uuid
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,25 +42,35 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.set_defaults(func=run)
 
 
-def build_messages(args: argparse.Namespace, run_id: str) -> list[pb.SlideIngest]:
-    labels = read_labels(args.labels) if args.labels else {}
+def build_messages(
+    paths: Sequence[Path],
+    run_id: str,
+    *,
+    labels: Path | None = None,
+    tissue_mode: str | None = None,
+    stain: str | None = None,
+    max_tiles: int | None = None,
+) -> list[pb.SlideIngest]:
+    """One ingest message per slide (id = file stem), with its labels from the ground-truth
+    CSV and the tiling options given; with labels, an exact stratified train/validation split."""
+    by_key = read_labels(labels) if labels else {}
     pre = load(PreprocessSettings)
     msgs = []
-    for path in args.paths:
+    for path in paths:
         msg = pb.SlideIngest(slide_id=path.stem, path=str(path.resolve()), run_id=run_id)
-        found = labels_for(path.stem, labels) if labels else None
+        found = labels_for(path.stem, by_key) if by_key else None
         if found:
             msg.labels.tumor_score = found[0]
             if found[1] is not None:
                 msg.labels.molecular_score = found[1]
-        if args.tissue_mode:
-            msg.spec.tissue_mode = _MODES[args.tissue_mode]
-        if args.stain:
-            msg.spec.stain_normalization = _STAINS[args.stain]
-        if args.max_tiles is not None:
-            msg.spec.max_tiles = args.max_tiles
+        if tissue_mode:
+            msg.spec.tissue_mode = _MODES[tissue_mode]
+        if stain:
+            msg.spec.stain_normalization = _STAINS[stain]
+        if max_tiles is not None:
+            msg.spec.max_tiles = max_tiles
         msgs.append(msg)
-    if labels:  # the CLI sees the whole set: an exact stratified split
+    if by_key:  # the CLI sees the whole set: an exact stratified split
         splits = stratified_splits(
             [
                 (m.slide_id, m.labels.tumor_score if m.labels.HasField("tumor_score") else None)
@@ -71,6 +82,15 @@ def build_messages(args: argparse.Namespace, run_id: str) -> list[pb.SlideIngest
         for m in msgs:
             m.split = pb.SPLIT_VALIDATION if splits[m.slide_id] == VALIDATION else pb.SPLIT_TRAIN
     return msgs
+
+
+def publish_slides(bus: Bus, msgs: Iterable[pb.SlideIngest]) -> None:
+    """Publish the slides, keyed by slide id; returns once the broker has them all."""
+    k = bus.settings
+    bus.ensure_topics([k.topic_ingest, k.topic_status])
+    for m in msgs:
+        bus.publish(k.topic_ingest, m.slide_id, m)
+    bus.flush()
 
 
 @dataclass
@@ -95,7 +115,7 @@ def follow(
     """Read status events of this run until every slide is FILTERED or FAILED."""
     from tqdm import tqdm
 
-    from prolifscore.core.runtime.bus import DecodeError, decode
+    from prolifscore.core.runtime.codec import DecodeError, decode
 
     progress = {s: SlideProgress() for s in slide_ids}
     consumer = bus.consumer([settings.topic_status], f"prolifscore-cli-{run_id}")
@@ -137,13 +157,17 @@ def run(args: argparse.Namespace) -> int:
     overrides = {"bootstrap_servers": args.bootstrap} if args.bootstrap else {}
     settings = load(KafkaSettings, **overrides)
     run_id = args.run_id or uuid.uuid4().hex[:12]
-    msgs = build_messages(args, run_id)
+    msgs = build_messages(
+        args.paths,
+        run_id,
+        labels=args.labels,
+        tissue_mode=args.tissue_mode,
+        stain=args.stain,
+        max_tiles=args.max_tiles,
+    )
     bus = Bus(settings, "cli")
     try:
-        bus.ensure_topics([settings.topic_ingest, settings.topic_status])
-        for m in msgs:
-            bus.publish(settings.topic_ingest, m.slide_id, m)
-        bus.flush()
+        publish_slides(bus, msgs)
         print(f"published {len(msgs)} slide(s), run id {run_id}", file=sys.stderr)
         if not args.wait:
             return 0

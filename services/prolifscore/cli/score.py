@@ -39,36 +39,47 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.set_defaults(func=run)
 
 
-def build_request(args: argparse.Namespace) -> spb.ScoreRequest:
-    path = Path(args.slide)
+def build_request(
+    slide: str, *, heatmap: bool = False, tiles: bool = False, aggregation: str | None = None
+) -> spb.ScoreRequest:
+    """`slide` is a path as the server sees it; a local file is sent as its absolute path."""
+    path = Path(slide)
     return spb.ScoreRequest(
         slide_id=path.stem,
-        path=str(path.resolve()) if path.exists() else args.slide,
-        include_heatmap=args.heatmap is not None,
-        include_tiles=args.tiles,
-        aggregation=_AGG.get(args.aggregation or "", 0),
+        path=str(path.resolve()) if path.exists() else slide,
+        include_heatmap=heatmap,
+        include_tiles=tiles,
+        aggregation=_AGG.get(aggregation or "", 0),
     )
 
 
-def score_remote(args: argparse.Namespace, request: spb.ScoreRequest) -> spb.SlideScore:
+def score_remote(
+    server: str,
+    request: spb.ScoreRequest,
+    *,
+    timeout: float,
+    token: str = "",
+    tls_ca: Path | None = None,
+) -> spb.SlideScore:
+    """Score over gRPC, streaming progress to a progress bar on stderr."""
     import grpc
     from tqdm import tqdm
 
     from prolifscore.v1 import scoring_pb2_grpc
 
     options = [("grpc.max_receive_message_length", 64 * 1024 * 1024)]
-    if args.tls_ca:
-        creds = grpc.ssl_channel_credentials(args.tls_ca.read_bytes())
-        channel = grpc.secure_channel(args.server, creds, options=options)
+    if tls_ca:
+        creds = grpc.ssl_channel_credentials(tls_ca.read_bytes())
+        channel = grpc.secure_channel(server, creds, options=options)
     else:
-        channel = grpc.insecure_channel(args.server, options=options)
-    metadata = [("authorization", f"Bearer {args.token}")] if args.token else []
+        channel = grpc.insecure_channel(server, options=options)
+    metadata = [("authorization", f"Bearer {token}")] if token else []
     with (
         channel,
         tqdm(total=0, unit="tile", desc="scoring", file=sys.stderr, dynamic_ncols=True) as bar,
     ):
         stub = scoring_pb2_grpc.ScoringServiceStub(channel)
-        for event in stub.StreamScoreSlide(request, timeout=args.timeout, metadata=metadata):
+        for event in stub.StreamScoreSlide(request, timeout=timeout, metadata=metadata):
             if event.HasField("result"):
                 return event.result
             p = event.progress
@@ -78,18 +89,17 @@ def score_remote(args: argparse.Namespace, request: spb.ScoreRequest) -> spb.Sli
     raise RuntimeError("the server closed the stream without a result")
 
 
-def score_local(args: argparse.Namespace, request: spb.ScoreRequest) -> spb.SlideScore:
+def score_local(model_root: Path, request: spb.ScoreRequest) -> spb.SlideScore:
+    """Score in this process with the models of `model_root` (TF Serving layout)."""
     from prolifscore.core.runtime.settings import PreprocessSettings, load
     from prolifscore.scoring.model_client import InProcessModels
     from prolifscore.scoring.scorer import ScoringOptions, score_slide
 
-    models = InProcessModels(args.model_root)
+    models = InProcessModels(model_root)
     try:
         # The model root is at hand: the detector's exported threshold applies, and untrained
         # models are flagged in the result's warnings.
-        options = ScoringOptions(
-            preprocess=load(PreprocessSettings), metadata_root=str(args.model_root)
-        )
+        options = ScoringOptions(preprocess=load(PreprocessSettings), metadata_root=str(model_root))
         return score_slide(
             request,
             slide_roots=(str(Path(request.path).resolve().parent),),
@@ -121,9 +131,16 @@ def describe_error(exc: BaseException) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    request = build_request(args)
+    request = build_request(
+        args.slide, heatmap=args.heatmap is not None, tiles=args.tiles, aggregation=args.aggregation
+    )
     try:
-        result = score_local(args, request) if args.local else score_remote(args, request)
+        if args.local:
+            result = score_local(args.model_root, request)
+        else:
+            result = score_remote(
+                args.server, request, timeout=args.timeout, token=args.token, tls_ca=args.tls_ca
+            )
     except Exception as exc:  # grpc.RpcError carries the status the server chose
         print(f"error: {describe_error(exc)}", file=sys.stderr)
         return 1

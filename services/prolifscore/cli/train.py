@@ -10,6 +10,8 @@ from pathlib import Path
 
 from google.protobuf import json_format
 
+from prolifscore.v1 import training_pb2 as tpb
+
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("train", help="train and export a model (a Job / RayJob in Kubernetes)")
@@ -30,20 +32,44 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     e.set_defaults(func=run_evaluate)
 
 
+def train_request(
+    model: str,
+    dataset: Path | str,
+    *,
+    run_id: str = "",
+    workers: int = 0,
+    epochs: int = 0,
+    input_size: int = 0,
+    weights: str = "",
+    profile: str = "",
+) -> tpb.TrainRequest:
+    """A training request as `train` runs it here or the training service runs it from
+    prolif.train.requests; 0 or empty means the settings' (or the profile's) value."""
+    return tpb.TrainRequest(
+        request_id=run_id or f"{model}-{uuid.uuid4().hex[:8]}",
+        model=model,
+        dataset=str(Path(dataset).resolve()),
+        workers=workers,
+        epochs=epochs,
+        input_size=input_size,
+        weights=weights,
+        profile=profile,
+    )
+
+
 def run_train(args: argparse.Namespace) -> int:
     from prolifscore.core.runtime.logs import setup_logging
     from prolifscore.core.runtime.ray import init_ray
     from prolifscore.core.runtime.settings import load
     from prolifscore.training.config import TrainingSettings
     from prolifscore.training.runner import TrainingFailed, run_training
-    from prolifscore.v1 import training_pb2 as tpb
 
     settings = load(TrainingSettings)
     setup_logging("train", settings.runtime.log_level)
-    request = tpb.TrainRequest(
-        request_id=args.run_id or f"{args.model}-{uuid.uuid4().hex[:8]}",
-        model=args.model,
-        dataset=str(Path(args.dataset).resolve()),
+    request = train_request(
+        args.model,
+        args.dataset,
+        run_id=args.run_id,
         workers=args.workers,
         epochs=args.epochs,
         input_size=args.input_size,

@@ -9,7 +9,12 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from prolifscore.localstack.stack import EmbeddedStack
 
 STATE = "stack.json"
 
@@ -26,16 +31,30 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     status.set_defaults(func=run_status)
 
 
+def local_stack(run_dir: Path, env: dict[str, str], services: Sequence[str]) -> EmbeddedStack:
+    """The embedded stack running `services`. On one machine scoring reads the served models'
+    export metadata (the detector's threshold, untrained flags) from the model server's root,
+    unless `env` names another folder."""
+    from prolifscore.core.runtime.settings import load
+    from prolifscore.localstack.stack import EmbeddedStack
+    from prolifscore.modelserver.config import ModelServerSettings
+
+    if "modelserver" in services:
+        root = load(ModelServerSettings, environ={**os.environ, **env}).model_root
+        env = {"PROLIF_MODEL_METADATA_ROOT": str(Path(root).resolve()), **env}
+    return EmbeddedStack(run_dir, env=env, services=tuple(services))
+
+
 def run_up(args: argparse.Namespace) -> int:
     """Foreground supervisor: restarts a service that dies (safe: every service redoes
     uncommitted work) and stops everything on Ctrl-C, SIGTERM or `prolifscore down`."""
-    from prolifscore.localstack.stack import ALL_SERVICES, EmbeddedStack
+    from prolifscore.localstack.stack import ALL_SERVICES
 
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     run_dir = args.run_dir.resolve()
-    stack = EmbeddedStack(run_dir, env=dict(os.environ), services=ALL_SERVICES)
+    stack = local_stack(run_dir, dict(os.environ), ALL_SERVICES)
     stack.start()
     state = {
         "pid": os.getpid(),

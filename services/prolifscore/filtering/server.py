@@ -4,15 +4,12 @@ batches in parallel on a pool of Ray actors. Entry point: `prolifscore-filtering
 from __future__ import annotations
 
 import logging
-import time
 from typing import Any
 
 from prolifscore.core.runtime import metrics
 from prolifscore.core.runtime.bus import Bus
-from prolifscore.core.runtime.logs import setup_logging
-from prolifscore.core.runtime.ray import init_ray
-from prolifscore.core.runtime.service import ServiceRuntime, consume_loop
-from prolifscore.core.runtime.settings import load
+from prolifscore.core.runtime.failures import fail_slide
+from prolifscore.core.runtime.service import KafkaWork, ServiceRuntime, configure, run_service
 from prolifscore.core.wsi.shards import completed_markers, write_manifest
 from prolifscore.filtering.config import FilteringSettings
 from prolifscore.filtering.worker import SPLIT_NAMES, BatchFilter
@@ -47,7 +44,17 @@ class FilteringService:
         for index, result in results:
             record, task = by_index[index]
             if "error" in result:
-                self.fail(record, task, result["error"])
+                fail_slide(
+                    self.bus,
+                    record,
+                    result["error"],
+                    "batch",
+                    slide_id=task.slide_id,
+                    path=task.path,
+                    run_id=task.run_id,
+                    batch_index=task.batch_index,
+                    batch_count=task.batch_count,
+                )
             else:
                 self.done(task, result)
 
@@ -116,44 +123,19 @@ class FilteringService:
             log.info("slide filtered", extra={"slide_id": task.slide_id, "kept": status.kept_tiles})
         self.bus.publish(k.topic_status, task.slide_id, status)
 
-    def fail(self, record: Any, task: pb.TileTask, reason: str) -> None:
-        log.warning(
-            "batch failed",
-            extra={"slide_id": task.slide_id, "batch": task.batch_index, "reason": reason},
-        )
-        status = pb.SlideStatus(
-            slide_id=task.slide_id,
-            stage=pb.STAGE_FAILED,
-            service=NAME,
-            reason=reason,
-            path=task.path,
-            run_id=task.run_id,
-            batch_index=task.batch_index,
-            batch_count=task.batch_count,
-        )
-        status.time.GetCurrentTime()
-        self.bus.publish(self.settings.kafka.topic_status, task.slide_id, status)
-        self.bus.dead_letter(record, reason, NAME)
-        metrics.FAILURES.labels(NAME, "batch").inc()
-        metrics.DEAD_LETTERS.labels(NAME).inc()
-
 
 def main() -> None:
-    settings = load(FilteringSettings)
-    setup_logging(NAME, settings.runtime.log_level)
-    runtime = ServiceRuntime(NAME, settings.runtime).start()
-    init_ray(settings.runtime.ray_address, settings.runtime.ray_num_cpus)
-    bus = Bus(settings.kafka, NAME)
+    settings = configure(NAME, FilteringSettings)
     k = settings.kafka
-    bus.ensure_topics([k.topic_tasks, k.topic_shards, k.topic_status, k.topic_dlq])
-    service = FilteringService(settings, bus)
-    start = time.time()
-    try:
-        consume_loop(runtime, bus, [k.topic_tasks], settings.group_id, pb.TileTask, service.handle)
-    finally:
-        bus.close()
-        runtime.stop()
-        log.info("filtering stopped", extra={"uptime_s": round(time.time() - start, 1)})
+    work = KafkaWork(
+        k,
+        consume=k.topic_tasks,
+        produce=[k.topic_shards, k.topic_status],
+        group_id=settings.group_id,
+        msg_type=pb.TileTask,
+        handler=lambda bus: FilteringService(settings, bus).handle,
+    )
+    run_service(ServiceRuntime(NAME, settings.runtime), work)
 
 
 if __name__ == "__main__":

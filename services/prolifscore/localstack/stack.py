@@ -12,12 +12,16 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from prolifscore.core.runtime.settings import load
 from prolifscore.localstack.broker import EmbeddedBroker, free_port
 from prolifscore.localstack.rayhead import RayHead
+
+T = TypeVar("T")
 
 # name -> (module, environment variable naming its gRPC port), in start-up order.
 SERVICE_MODULES = {
@@ -121,14 +125,9 @@ class EmbeddedStack:
     ray: RayHead | None = None
     processes: dict[str, ServiceProcess] = field(default_factory=dict)
 
-    def _model_root(self) -> str:
-        """The model server's root: on one machine, scoring reads the served models' export
-        metadata from it (the detector's threshold, untrained flags)."""
-        from prolifscore.core.runtime.settings import load
-        from prolifscore.modelserver.config import ModelServerSettings
-
-        settings = load(ModelServerSettings, environ={**os.environ, **self.env})
-        return str(Path(settings.model_root).resolve())
+    def settings(self, cls: type[T]) -> T:
+        """`cls` as the stack's services load it: the caller's environment, then the stack's."""
+        return load(cls, environ={**os.environ, **self.env})
 
     def start(self) -> EmbeddedStack:
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -149,7 +148,6 @@ class EmbeddedStack:
                     )
             if "modelserver" in procs:  # clients must know its address before they start
                 self.env["PROLIF_MODEL_SERVER"] = procs["modelserver"].grpc_address
-                self.env.setdefault("PROLIF_MODEL_METADATA_ROOT", self._model_root())
             # Side by side: each waits on its own imports and group join (seconds each), and
             # clients of the model server retry until it serves.
             for name, proc in procs.items():

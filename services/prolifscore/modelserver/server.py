@@ -700,8 +700,7 @@ def main() -> None:
     settings = load(ModelServerSettings)
     setup_logging(NAME, settings.runtime.log_level)
     server, _ = serve(settings)
-    server.runtime.handle_signals()
-    server.runtime.stopping.wait()  # SIGTERM / SIGINT (handled: no KeyboardInterrupt)
+    server.runtime.serve_until_stopped()
     server.stop()
 
 

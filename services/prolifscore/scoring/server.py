@@ -19,10 +19,8 @@ from google.protobuf import json_format
 from prolifscore.core.grading.mitoses import MitosisGrading
 from prolifscore.core.runtime import metrics
 from prolifscore.core.runtime.bus import Bus
-from prolifscore.core.runtime.logs import setup_logging
-from prolifscore.core.runtime.ray import init_ray
-from prolifscore.core.runtime.service import ServiceRuntime, consume_loop
-from prolifscore.core.runtime.settings import load
+from prolifscore.core.runtime.failures import fail_slide
+from prolifscore.core.runtime.service import KafkaWork, ServiceRuntime, configure, run_service
 from prolifscore.core.wsi.slide import SlideNotFound, SlidePathDenied, SlideUnreadable
 from prolifscore.core.wsi.stain import StainFitError
 from prolifscore.core.wsi.tfrecord import write_atomic
@@ -35,7 +33,6 @@ from prolifscore.scoring.scorer import (
     ScoringOptions,
     score_slide,
 )
-from prolifscore.v1 import pipeline_pb2 as pb
 from prolifscore.v1 import scoring_pb2 as spb
 from prolifscore.v1 import scoring_pb2_grpc
 
@@ -244,26 +241,20 @@ class BatchScorer:
             if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL):
                 raise  # not the request's fault: leave it uncommitted, redo it later
             out.error.code, out.error.message = code.name, str(exc)
-            self._report_failure(record, request, str(exc))
+            fail_slide(
+                self.bus,
+                record,
+                str(exc),
+                "request",
+                slide_id=request.slide_id or request.path,
+                path=request.path,
+                run_id=request.request_id,
+            )
         write_atomic(
             self.root / f"{request.request_id}.json",
             json_format.MessageToJson(out, indent=None).encode(),
         )
         return out
-
-    def _report_failure(self, record: Any, request: spb.ScoreRequest, reason: str) -> None:
-        status = pb.SlideStatus(
-            slide_id=request.slide_id or request.path,
-            stage=pb.STAGE_FAILED,
-            service=NAME,
-            reason=reason,
-            path=request.path,
-            run_id=request.request_id,
-        )
-        status.time.GetCurrentTime()
-        self.bus.publish(self.settings.kafka.topic_status, status.slide_id, status)
-        self.bus.dead_letter(record, reason, NAME)
-        metrics.DEAD_LETTERS.labels(NAME).inc()
 
 
 GRPC_OPTIONS = [
@@ -293,38 +284,20 @@ def build(
 
 
 def main() -> None:
-    settings = load(ScoringSettings)
-    setup_logging(NAME, settings.runtime.log_level)
-    if settings.ray_readers:
-        init_ray(settings.runtime.ray_address, settings.runtime.ray_num_cpus)
+    settings = configure(NAME, ScoringSettings)
     runtime, servicer = build(settings)
-    runtime.start()
+    work = KafkaWork(
+        settings.kafka,
+        consume=settings.topic_requests,
+        produce=[settings.topic_results, settings.kafka.topic_status],
+        group_id=settings.group_id,
+        msg_type=spb.ScoreRequest,
+        handler=lambda bus: BatchScorer(settings, servicer, bus).handle,
+    )
     try:
-        if settings.kafka_enabled:
-            bus = Bus(settings.kafka, NAME)
-            k = settings.kafka
-            bus.ensure_topics(
-                [settings.topic_requests, settings.topic_results, k.topic_status, k.topic_dlq]
-            )
-            try:
-                consume_loop(
-                    runtime,
-                    bus,
-                    [settings.topic_requests],
-                    settings.group_id,
-                    spb.ScoreRequest,
-                    BatchScorer(settings, servicer, bus).handle,
-                )
-            finally:
-                bus.close()
-        else:
-            runtime.handle_signals()
-            runtime.set_serving(True)
-            runtime.stopping.wait()
+        run_service(runtime, work if settings.kafka_enabled else None, ray=settings.ray_readers)
     finally:
-        runtime.stop()
         servicer.models.close()
-        log.info("scoring stopped")
 
 
 if __name__ == "__main__":

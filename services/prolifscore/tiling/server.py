@@ -8,10 +8,8 @@ from typing import Any
 
 from prolifscore.core.runtime import metrics
 from prolifscore.core.runtime.bus import Bus
-from prolifscore.core.runtime.logs import setup_logging
-from prolifscore.core.runtime.ray import init_ray
-from prolifscore.core.runtime.service import ServiceRuntime, consume_loop
-from prolifscore.core.runtime.settings import load
+from prolifscore.core.runtime.failures import fail_slide
+from prolifscore.core.runtime.service import KafkaWork, ServiceRuntime, configure, run_service
 from prolifscore.tiling.config import TilingSettings
 from prolifscore.tiling.worker import TilingOutcome, tile_slide
 from prolifscore.v1 import pipeline_pb2 as pb
@@ -40,7 +38,15 @@ class TilingService:
             with metrics.DURATION.labels(NAME, "slide").time():
                 outcome: TilingOutcome = ray.get(ref)
             if outcome.error:
-                self.fail(record, msg, outcome.error)
+                fail_slide(
+                    self.bus,
+                    record,
+                    outcome.error,
+                    "slide",
+                    slide_id=msg.slide_id,
+                    path=msg.path,
+                    run_id=msg.run_id,
+                )
                 continue
             topic = self.settings.kafka.topic_tasks
             for task in outcome.tasks:
@@ -57,39 +63,19 @@ class TilingService:
                 },
             )
 
-    def fail(self, record: Any, msg: pb.SlideIngest, reason: str) -> None:
-        log.warning("slide failed", extra={"slide_id": msg.slide_id, "reason": reason})
-        status = pb.SlideStatus(
-            slide_id=msg.slide_id,
-            stage=pb.STAGE_FAILED,
-            service=NAME,
-            reason=reason,
-            path=msg.path,
-            run_id=msg.run_id,
-        )
-        status.time.GetCurrentTime()
-        self.bus.publish(self.settings.kafka.topic_status, msg.slide_id or msg.path, status)
-        self.bus.dead_letter(record, reason, NAME)
-        metrics.FAILURES.labels(NAME, "slide").inc()
-        metrics.DEAD_LETTERS.labels(NAME).inc()
-
 
 def main() -> None:
-    settings = load(TilingSettings)
-    setup_logging(NAME, settings.runtime.log_level)
-    runtime = ServiceRuntime(NAME, settings.runtime).start()
-    init_ray(settings.runtime.ray_address, settings.runtime.ray_num_cpus)
-    bus = Bus(settings.kafka, NAME)
+    settings = configure(NAME, TilingSettings)
     k = settings.kafka
-    bus.ensure_topics([k.topic_ingest, k.topic_tasks, k.topic_status, k.topic_dlq, k.topic_shards])
-    service = TilingService(settings, bus)
-    try:
-        consume_loop(
-            runtime, bus, [k.topic_ingest], settings.group_id, pb.SlideIngest, service.handle
-        )
-    finally:
-        bus.close()
-        runtime.stop()
+    work = KafkaWork(
+        k,
+        consume=k.topic_ingest,
+        produce=[k.topic_tasks, k.topic_status, k.topic_shards],
+        group_id=settings.group_id,
+        msg_type=pb.SlideIngest,
+        handler=lambda bus: TilingService(settings, bus).handle,
+    )
+    run_service(ServiceRuntime(NAME, settings.runtime), work)
 
 
 if __name__ == "__main__":

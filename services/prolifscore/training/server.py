@@ -17,10 +17,8 @@ from google.protobuf import json_format
 
 from prolifscore.core.runtime import metrics
 from prolifscore.core.runtime.bus import Bus
-from prolifscore.core.runtime.logs import setup_logging
-from prolifscore.core.runtime.ray import init_ray
-from prolifscore.core.runtime.service import ServiceRuntime, consume_loop
-from prolifscore.core.runtime.settings import load
+from prolifscore.core.runtime.failures import give_up
+from prolifscore.core.runtime.service import KafkaWork, ServiceRuntime, configure, run_service
 from prolifscore.core.wsi.tfrecord import write_atomic
 from prolifscore.training.config import TrainingSettings
 from prolifscore.training.runner import TrainingFailed, run_training
@@ -67,40 +65,27 @@ class TrainingService:
                         model=request.model, request_id=request.request_id, error=error
                     )
                     published.time.GetCurrentTime()
-                    self.bus.dead_letter(record, error, NAME)
-                    metrics.FAILURES.labels(NAME, "run").inc()
+                    give_up(self.bus, record, error, "run")
                 write_atomic(path, json_format.MessageToJson(published).encode())
             self.bus.publish(self.settings.topic_models, published.model, published)
 
 
 def main() -> None:
-    settings = load(TrainingSettings)
-    kafka = settings.kafka
-    settings = dataclasses.replace(
-        settings,
-        kafka=dataclasses.replace(
-            kafka,
-            max_poll_records=1,
-            max_poll_interval_ms=max(kafka.max_poll_interval_ms, LONG_POLL_MS),
-        ),
+    settings = configure(NAME, TrainingSettings)
+    kafka = dataclasses.replace(  # one run per poll, and hours allowed between polls
+        settings.kafka,
+        max_poll_records=1,
+        max_poll_interval_ms=max(settings.kafka.max_poll_interval_ms, LONG_POLL_MS),
     )
-    setup_logging(NAME, settings.runtime.log_level)
-    runtime = ServiceRuntime(NAME, settings.runtime).start()
-    init_ray(settings.runtime.ray_address, settings.runtime.ray_num_cpus)
-    bus = Bus(settings.kafka, NAME)
-    bus.ensure_topics([settings.topic_requests, settings.topic_models, settings.kafka.topic_dlq])
-    try:
-        consume_loop(
-            runtime,
-            bus,
-            [settings.topic_requests],
-            settings.group_id,
-            tpb.TrainRequest,
-            TrainingService(settings, bus).handle,
-        )
-    finally:
-        bus.close()
-        runtime.stop()
+    work = KafkaWork(
+        kafka,
+        consume=settings.topic_requests,
+        produce=[settings.topic_models],
+        group_id=settings.group_id,
+        msg_type=tpb.TrainRequest,
+        handler=lambda bus: TrainingService(settings, bus).handle,
+    )
+    run_service(ServiceRuntime(NAME, settings.runtime), work)
 
 
 if __name__ == "__main__":

@@ -1,14 +1,11 @@
-"""The Kafka bus every service uses: protobuf/JSON codec, producer, consumer, dead letters.
+"""The Kafka bus every service uses: producer, topics, dead letters, and the consumers it makes.
 
 Delivery is at-least-once: a service publishes its outputs, `flush()`es (which raises if any send
-failed), and only then commits the explicit offsets of the records it processed. The embedded
-broker (Tansu) differs from Apache Kafka in ways this module works around (DESIGN.md section 6):
-
-- a bare `KafkaConsumer.commit()` commits what poll() returned, not what was processed, so
-  `Consumer.commit(records)` always commits explicit offsets;
-- any metadata request for an unknown topic auto-creates it with ONE partition (even with
-  `allow_auto_create_topics=False`), so the bus creates every topic it touches with
-  `settings.partitions` partitions before its first produce or subscribe.
+failed), and only then commits the explicit offsets of the records it processed (`Consumer`).
+The embedded broker (Tansu) auto-creates an unknown topic with ONE partition on any metadata
+request (even with `allow_auto_create_topics=False`; DESIGN.md section 6), so the bus creates
+every topic it touches with `settings.partitions` partitions before its first produce or
+subscribe.
 """
 
 from __future__ import annotations
@@ -20,27 +17,22 @@ import weakref
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
-from google.protobuf import json_format, timestamp_pb2
 from google.protobuf import message as pb_message
+from google.protobuf import timestamp_pb2
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 from kafka import errors as kafka_errors
 from kafka.consumer.fetcher import ConsumerRecord
 from kafka.producer.future import FutureRecordMetadata
-from kafka.structs import OffsetAndMetadata, TopicPartition
 
+from prolifscore.core.runtime import metrics
+from prolifscore.core.runtime.codec import CONTENT_TYPE, PROTOBUF, Headers, encode, header
+from prolifscore.core.runtime.consumer import Consumer
 from prolifscore.core.runtime.settings import KafkaSettings
 from prolifscore.v1 import pipeline_pb2
 
 log = logging.getLogger(__name__)
 
-PROTOBUF = "application/x-protobuf"
-JSON = "application/json"
-CONTENT_TYPE = "content-type"
-
-M = TypeVar("M", bound=pb_message.Message)
 C = TypeVar("C")
-
-Headers = list[tuple[str, bytes]]
 
 # What kafka-python raises while it cannot reach any bootstrap server (3.x: KafkaTimeoutError
 # "Unable to bootstrap from ..."; older releases: NoBrokersAvailable).
@@ -61,81 +53,12 @@ _LINGER_MS = 5  # small: a few ms of batching, no visible latency
 _TOPIC_EXISTS = kafka_errors.TopicAlreadyExistsError.errno
 
 
-class DecodeError(Exception):
-    """A record whose payload cannot be turned into the expected message (dead-letter it)."""
-
-
 class PublishError(RuntimeError):
     """At least one published record was not acknowledged: do not commit the inputs."""
 
 
 class BrokerUnavailable(ConnectionError):
     """The broker stayed unreachable for `connect_timeout_s`."""
-
-
-# ---------------------------------------------------------------------------------------------
-# codec
-
-
-def header(headers: Iterable[tuple[str, Any]] | None, name: str) -> str | None:
-    """The first header called `name` (case-insensitive), decoded as UTF-8, or None."""
-    for key, value in headers or ():
-        if key.lower() == name:
-            if isinstance(value, bytes):
-                return value.decode("utf-8", errors="replace")
-            return None if value is None else str(value)
-    return None
-
-
-def media_type(content_type: str | None) -> str:
-    """`application/json; charset=utf-8` -> `application/json`; missing means protobuf."""
-    if not content_type or not content_type.strip():
-        return PROTOBUF
-    return content_type.split(";", 1)[0].strip().lower()
-
-
-def encode(msg: pb_message.Message, content_type: str = PROTOBUF) -> tuple[bytes, Headers]:
-    """Record value and headers for `msg`; the `content-type` header tells consumers the format."""
-    kind = media_type(content_type)
-    if kind == PROTOBUF:
-        value = msg.SerializeToString()
-    elif kind == JSON:
-        value = json_format.MessageToJson(msg, indent=None, ensure_ascii=False).encode("utf-8")
-    else:
-        raise ValueError(f"unsupported content type {content_type!r} (use {PROTOBUF} or {JSON})")
-    return value, [(CONTENT_TYPE, content_type.encode("utf-8"))]
-
-
-def decode(value: bytes | None, headers: Iterable[tuple[str, Any]] | None, msg_type: type[M]) -> M:
-    """Parse a record value as `msg_type`, protobuf binary or JSON mapping per `content-type`.
-
-    JSON is parsed strictly (unknown fields are errors) since it is typed by hand or by tools;
-    binary protobuf keeps unknown fields so newer producers stay readable.
-    """
-    content_type = header(headers, CONTENT_TYPE)
-    kind = media_type(content_type)
-    name = msg_type.DESCRIPTOR.full_name
-    if not value:
-        raise DecodeError(f"empty payload (expected {name})")
-    if kind == PROTOBUF:
-        try:
-            return msg_type.FromString(bytes(value))
-        except pb_message.DecodeError as exc:
-            raise DecodeError(f"invalid protobuf for {name} ({len(value)} bytes): {exc}") from exc
-    if kind == JSON:
-        try:
-            text = bytes(value).decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise DecodeError(f"JSON payload for {name} is not UTF-8: {exc}") from exc
-        try:
-            return json_format.Parse(text, msg_type())
-        except json_format.ParseError as exc:
-            raise DecodeError(f"invalid JSON for {name}: {exc}") from exc
-    raise DecodeError(f"unsupported content-type {content_type!r} (expected {PROTOBUF} or {JSON})")
-
-
-# ---------------------------------------------------------------------------------------------
-# connecting
 
 
 def connect_with_backoff(what: str, settings: KafkaSettings, factory: Callable[[int], C]) -> C:
@@ -180,70 +103,52 @@ def connect_with_backoff(what: str, settings: KafkaSettings, factory: Callable[[
         return client
 
 
-# ---------------------------------------------------------------------------------------------
-# consumer
+def _connect(what: str, s: KafkaSettings, client: Callable[..., C], **config: Any) -> C:
+    """`client(**config)` on `s`'s brokers, through `connect_with_backoff`."""
+    return connect_with_backoff(
+        what,
+        s,
+        lambda bootstrap_ms: client(
+            bootstrap_servers=s.bootstrap_servers,
+            reconnect_backoff_max_ms=int(_BACKOFF_MAX_S * 1000),
+            bootstrap_timeout_ms=bootstrap_ms,
+            **config,
+        ),
+    )
 
 
-class Consumer:
-    """A group consumer that commits only what the caller says it has finished."""
-
-    def __init__(self, consumer: KafkaConsumer, group_id: str, topics: Sequence[str]) -> None:
-        self.raw = consumer
-        self.group_id = group_id
-        self.topics = tuple(topics)
-        self._closed = False
-
-    def poll(self, timeout_ms: int = 1000) -> list[ConsumerRecord]:
-        """Up to `max_poll_records` records, flattened in (topic, partition, offset) order."""
-        batches = self.raw.poll(timeout_ms=timeout_ms)
-        return [r for tp in sorted(batches) for r in batches[tp]]
-
-    def commit(self, records: Iterable[ConsumerRecord]) -> None:
-        """Commit offset+1 of the highest given record per partition, and nothing else.
-
-        Never a bare `KafkaConsumer.commit()`: that commits everything poll() returned, so a
-        crash after a partial batch loses the rest (DESIGN.md section 6: 25 of 200 lost).
-        Raises CommitFailedError if the partition was reassigned meanwhile (records will be
-        redelivered to the new owner: effects must be idempotent).
-        """
-        top: dict[TopicPartition, int] = {}
-        for r in records:
-            tp = TopicPartition(r.topic, r.partition)
-            top[tp] = max(top.get(tp, -1), r.offset)
-        if top:
-            self.raw.commit({tp: OffsetAndMetadata(off + 1, "", -1) for tp, off in top.items()})
-
-    def rewind(self, records: Iterable[ConsumerRecord]) -> None:
-        """Seek back so the next poll() returns these records again (retry without restart).
-
-        Partitions no longer assigned are skipped: their new owner resumes from the commit.
-        """
-        low: dict[TopicPartition, int] = {}
-        for r in records:
-            tp = TopicPartition(r.topic, r.partition)
-            low[tp] = min(low.get(tp, r.offset), r.offset)
-        for tp, off in low.items():
-            if tp in self.raw.assignment():
-                self.raw.seek(tp, off)
-
-    def assignment(self) -> set[TopicPartition]:
-        return set(self.raw.assignment())
-
-    def close(self) -> None:
-        """Leave the group (no auto commit) so the partitions move on at once."""
-        if not self._closed:
-            self._closed = True
-            self.raw.close(autocommit=False)
-
-    def __enter__(self) -> Consumer:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+def _connect_producer(s: KafkaSettings, client_id: str) -> KafkaProducer:
+    return _connect(
+        "producer",
+        s,
+        KafkaProducer,
+        client_id=client_id,
+        acks="all",
+        enable_idempotence=True,  # retries (until delivery_timeout_ms), no dups
+        linger_ms=_LINGER_MS,
+        max_request_size=s.max_request_size,
+        delivery_timeout_ms=s.delivery_timeout_ms,
+        # kafka-python demands delivery >= linger + request timeout
+        request_timeout_ms=max(1, min(30_000, s.delivery_timeout_ms - _LINGER_MS)),
+    )
 
 
-# ---------------------------------------------------------------------------------------------
-# bus
+def _connect_consumer(s: KafkaSettings, client_id: str, group_id: str) -> KafkaConsumer:
+    """Auto-commit off: `Consumer.commit` names the offsets the service has finished."""
+    return _connect(
+        f"consumer {group_id}",
+        s,
+        KafkaConsumer,
+        client_id=client_id,
+        group_id=group_id,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        max_poll_records=s.max_poll_records,
+        max_poll_interval_ms=s.max_poll_interval_ms,
+        session_timeout_ms=s.session_timeout_ms,
+        # must be below the session timeout; Kafka's advice is a third of it
+        heartbeat_interval_ms=max(100, s.session_timeout_ms // 3),
+    )
 
 
 class Bus:
@@ -266,40 +171,15 @@ class Bus:
     def producer(self) -> KafkaProducer:
         with self._lock:
             if self._producer is None:
-                s = self.settings
-                self._producer = connect_with_backoff(
-                    "producer",
-                    s,
-                    lambda bootstrap_ms: KafkaProducer(
-                        bootstrap_servers=s.bootstrap_servers,
-                        client_id=self.client_id,
-                        acks="all",
-                        enable_idempotence=True,  # retries (until delivery_timeout_ms), no dups
-                        linger_ms=_LINGER_MS,
-                        max_request_size=s.max_request_size,
-                        delivery_timeout_ms=s.delivery_timeout_ms,
-                        # kafka-python demands delivery >= linger + request timeout
-                        request_timeout_ms=max(1, min(30_000, s.delivery_timeout_ms - _LINGER_MS)),
-                        reconnect_backoff_max_ms=int(_BACKOFF_MAX_S * 1000),
-                        bootstrap_timeout_ms=bootstrap_ms,
-                    ),
-                )
+                self._producer = _connect_producer(self.settings, self.client_id)
             return self._producer
 
     @property
     def admin(self) -> KafkaAdminClient:
         with self._lock:
             if self._admin is None:
-                s = self.settings
-                self._admin = connect_with_backoff(
-                    "admin",
-                    s,
-                    lambda bootstrap_ms: KafkaAdminClient(
-                        bootstrap_servers=s.bootstrap_servers,
-                        client_id=f"{self.client_id}-admin",
-                        reconnect_backoff_max_ms=int(_BACKOFF_MAX_S * 1000),
-                        bootstrap_timeout_ms=bootstrap_ms,
-                    ),
+                self._admin = _connect(
+                    "admin", self.settings, KafkaAdminClient, client_id=f"{self.client_id}-admin"
                 )
             return self._admin
 
@@ -360,7 +240,8 @@ class Bus:
     def dead_letter(
         self, record: ConsumerRecord, error: str | BaseException, service: str | None = None
     ) -> FutureRecordMetadata:
-        """Park a record the service cannot handle on the DLQ, keyed like the original.
+        """Park a record the service cannot handle on the DLQ, keyed like the original, and
+        count it (`prolif_dead_letters_total`).
 
         The raw payload is kept so it can be inspected and replayed; it is cut to fit
         `max_request_size` so that a poison record can never block the consumer.
@@ -394,7 +275,9 @@ class Bus:
             error,
             extra={"topic": record.topic, "partition": record.partition, "offset": record.offset},
         )
-        return self._send(self.settings.topic_dlq, record.key, value, headers)
+        future = self._send(self.settings.topic_dlq, record.key, value, headers)
+        metrics.DEAD_LETTERS.labels(letter.service).inc()
+        return future
 
     # -- topics -----------------------------------------------------------------------------
 
@@ -458,25 +341,7 @@ class Bus:
         """
         topics = list(topics)
         self._ensure_known(*topics)
-        s = self.settings
-        raw = connect_with_backoff(
-            f"consumer {group_id}",
-            s,
-            lambda bootstrap_ms: KafkaConsumer(
-                bootstrap_servers=s.bootstrap_servers,
-                client_id=self.client_id,
-                group_id=group_id,
-                enable_auto_commit=False,
-                auto_offset_reset="earliest",
-                max_poll_records=s.max_poll_records,
-                max_poll_interval_ms=s.max_poll_interval_ms,
-                session_timeout_ms=s.session_timeout_ms,
-                # must be below the session timeout; Kafka's advice is a third of it
-                heartbeat_interval_ms=max(100, s.session_timeout_ms // 3),
-                reconnect_backoff_max_ms=int(_BACKOFF_MAX_S * 1000),
-                bootstrap_timeout_ms=bootstrap_ms,
-            ),
-        )
+        raw = _connect_consumer(self.settings, self.client_id, group_id)
         raw.subscribe(topics)
         consumer = Consumer(raw, group_id, topics)
         self._consumers.add(consumer)

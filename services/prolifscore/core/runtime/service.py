@@ -1,8 +1,10 @@
 """What every service process shares: health + reflection gRPC server, Prometheus endpoint,
-SIGTERM handling, and the consume -> work -> publish -> commit loop."""
+SIGTERM handling, the consume -> work -> publish -> commit loop, and `run_service`, the whole
+life of a process from settings to shutdown."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import signal
@@ -11,7 +13,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 import grpc
 from google.protobuf.message import Message
@@ -20,12 +22,23 @@ from grpc_reflection.v1alpha import reflection
 from kafka.errors import KafkaError
 from prometheus_client import start_http_server
 
-from prolifscore.core.runtime import metrics
-from prolifscore.core.runtime.bus import Bus, DecodeError, decode
-from prolifscore.core.runtime.settings import RuntimeSettings
+from prolifscore.core.runtime.bus import Bus
+from prolifscore.core.runtime.codec import DecodeError, decode
+from prolifscore.core.runtime.logs import setup_logging
+from prolifscore.core.runtime.ray import init_ray
+from prolifscore.core.runtime.settings import KafkaSettings, RuntimeSettings, load
 
 log = logging.getLogger(__name__)
 M = TypeVar("M", bound=Message)
+Handler = Callable[[list[tuple[Any, M]]], None]
+
+
+class _ServiceSettings(Protocol):
+    @property
+    def runtime(self) -> RuntimeSettings: ...
+
+
+S = TypeVar("S", bound=_ServiceSettings)
 
 
 class ServiceRuntime:
@@ -121,6 +134,13 @@ class ServiceRuntime:
         log.warning("in-flight work did not finish within the grace period; exiting uncommitted")
         os._exit(1)
 
+    def serve_until_stopped(self) -> None:
+        """For a service without a consumer: SERVING until SIGTERM / SIGINT (handled, so no
+        KeyboardInterrupt)."""
+        self.handle_signals()
+        self.set_serving(True)
+        self.stopping.wait()
+
     def stop(self) -> None:
         self.set_serving(False)
         self.server.stop(grace=2).wait()
@@ -159,7 +179,6 @@ def consume_loop(
                         extra={"topic": record.topic, "offset": record.offset, "error": str(exc)},
                     )
                     bus.dead_letter(record, f"undecodable message: {exc}", runtime.name)
-                    metrics.DEAD_LETTERS.labels(runtime.name).inc()
             try:
                 if items:
                     handle(items)
@@ -181,3 +200,51 @@ def consume_loop(
     finally:
         runtime.set_serving(False)
         consumer.close()
+
+
+def configure(name: str, cls: type[S]) -> S:
+    """A service's settings from the environment, logging set up at their level first thing."""
+    settings = load(cls)
+    setup_logging(name, settings.runtime.log_level)
+    return settings
+
+
+@dataclasses.dataclass(frozen=True)
+class KafkaWork(Generic[M]):
+    """The Kafka side of a service: the topic it consumes in its group, the topics it publishes
+    to, and how it makes the handler of a decoded batch once the bus (and Ray) are up."""
+
+    kafka: KafkaSettings
+    consume: str
+    group_id: str
+    msg_type: type[M]
+    handler: Callable[[Bus], Handler[M]]
+    produce: Sequence[str] = ()
+
+
+def run_service(runtime: ServiceRuntime, work: KafkaWork[M] | None, *, ray: bool = True) -> None:
+    """Run a service process until SIGTERM: start `runtime` (health says NOT_SERVING while the
+    rest starts), join Ray, create the topics (the dead-letter topic too), then consume in
+    `consume_loop`; without `work`, serve gRPC alone. Closes the bus and the runtime on exit."""
+    started = time.monotonic()
+    runtime.start()
+    try:
+        if ray:
+            init_ray(runtime.settings.ray_address, runtime.settings.ray_num_cpus)
+        if work is None:
+            runtime.serve_until_stopped()
+            return
+        bus = Bus(work.kafka, runtime.name)
+        try:
+            bus.ensure_topics([work.consume, *work.produce, work.kafka.topic_dlq])
+            handle = work.handler(bus)
+            consume_loop(runtime, bus, [work.consume], work.group_id, work.msg_type, handle)
+        finally:
+            bus.close()
+    finally:
+        runtime.stop()
+        log.info(
+            "%s stopped",
+            runtime.name,
+            extra={"uptime_s": round(time.monotonic() - started, 1)},
+        )

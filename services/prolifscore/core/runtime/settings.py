@@ -75,6 +75,15 @@ def nested(cls: type[T]) -> T:
     return dataclasses.field(default_factory=cls)  # type: ignore[return-value]
 
 
+def _format(value: Any) -> str:
+    """A value as its variable would hold it (what `_parse` reads back)."""
+    if value is None:
+        return ""
+    if isinstance(value, tuple):
+        return ",".join(str(v) for v in value)
+    return str(value)
+
+
 def describe(cls: type) -> list[tuple[str, str, str]]:
     """(variable, default, meaning) rows for documentation, nested groups included."""
     rows = []
@@ -86,10 +95,21 @@ def describe(cls: type) -> list[tuple[str, str, str]]:
         if "env" not in f.metadata:
             continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        if isinstance(default, tuple):
-            default = ",".join(str(d) for d in default)
-        rows.append((f.metadata["env"], "" if default is None else str(default), f.metadata["doc"]))
+        rows.append((f.metadata["env"], _format(default), f.metadata["doc"]))
     return rows
+
+
+def to_env(settings: Any) -> dict[str, str]:
+    """The environment that `load` turns back into `settings` (nested groups included): how a
+    process hands its settings to the service processes it starts."""
+    out: dict[str, str] = {}
+    for f in dataclasses.fields(settings):
+        value = getattr(settings, f.name)
+        if dataclasses.is_dataclass(value):
+            out.update(to_env(value))
+        elif "env" in f.metadata:
+            out[f.metadata["env"]] = _format(value)
+    return out
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,0 +1,57 @@
+"""Reporting a work item that would fail again if retried, the same way in every service: its
+record goes to the dead-letter topic (to inspect and replay) and is counted, and a slide's
+failure is also announced on the status topic, where clients follow their slides."""
+
+from __future__ import annotations
+
+import logging
+
+from kafka.consumer.fetcher import ConsumerRecord
+
+from prolifscore.core.runtime import metrics
+from prolifscore.core.runtime.bus import Bus
+from prolifscore.v1 import pipeline_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+
+def give_up(bus: Bus, record: ConsumerRecord, reason: str, unit: str) -> None:
+    """Dead-letter `record` and count one failed `unit` (slide, batch, run...) of the service.
+
+    The caller still publishes the item's outcome, so the batch can be committed."""
+    bus.dead_letter(record, reason)
+    metrics.FAILURES.labels(bus.service, unit).inc()
+
+
+def fail_slide(
+    bus: Bus,
+    record: ConsumerRecord,
+    reason: str,
+    unit: str,
+    *,
+    slide_id: str,
+    path: str,
+    run_id: str,
+    batch_index: int = 0,
+    batch_count: int = 0,
+) -> pb.SlideStatus:
+    """Publish a FAILED status for the slide (keyed by slide id, else path) on the bus's status
+    topic, then `give_up` on its record. Returns the status published."""
+    extra: dict[str, object] = {"slide_id": slide_id, "reason": reason}
+    if batch_count:
+        extra["batch"] = batch_index
+    log.warning("%s failed", unit, extra=extra)
+    status = pb.SlideStatus(
+        slide_id=slide_id,
+        stage=pb.STAGE_FAILED,
+        service=bus.service,
+        reason=reason,
+        path=path,
+        run_id=run_id,
+        batch_index=batch_index,
+        batch_count=batch_count,
+    )
+    status.time.GetCurrentTime()
+    bus.publish(bus.settings.topic_status, slide_id or path, status)
+    give_up(bus, record, reason, unit)
+    return status
