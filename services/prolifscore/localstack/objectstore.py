@@ -6,12 +6,13 @@ one stores objects as files under a folder: the broker then keeps its work acros
 itself, of this store and of the machine.
 
 Served: create bucket, list buckets, PUT (with S3's conditional writes `If-None-Match: *` and
-`If-Match: <etag>`, which Tansu relies on for consistency), GET, HEAD, DELETE and
+`If-Match: <etag>`, which Tansu relies on for consistency; the ETag is the MD5 of the bytes, as
+S3's is for single-part uploads), GET, HEAD, DELETE and
 ListObjectsV2 (prefix, delimiter, continuation). Anything else answers 501 with an S3 error body,
 so an unsupported call shows up in the broker's log instead of passing silently. Requests are not
 authenticated: the store binds 127.0.0.1 and is meant for one local broker only.
 
-    python -m prolifscore.localstack.objectstore --root DIR [--port N]
+    python -m prolifscore.localstack.objectstore --root DIR [--port N] [--bucket B] [--no-fsync]
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import argparse
 import hashlib
 import logging
 import os
+import signal
 import sys
 import threading
 import time
@@ -45,79 +47,92 @@ def _iso(mtime: float) -> str:
 
 
 class FileStore:
-    """Objects as files: `<root>/<bucket>/objects/<key>`, their ETags in `<bucket>/etags/<key>`.
+    """Objects as files under `<root>/<bucket>/objects/<key>`; an object's ETag is the MD5 of its
+    bytes, computed when first needed and kept in memory (this process is the only writer).
 
-    Writes go to a temporary file that is fsynced and renamed over the object, then the ETag, so
-    a crash leaves either the old or the new object. One lock serialises conditional writes.
+    A write goes to a temporary file that is renamed over the object, so a crash leaves either the
+    old or the new object. With `fsync` (the default) the file and its folder are flushed to disk
+    before the write is acknowledged: the broker's data then survives a power loss, not only a
+    crash of the broker, of this store or of whatever started them. One lock serialises writes.
     """
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, fsync: bool = True) -> None:
         self.root = root.resolve()
         self.root.mkdir(parents=True, exist_ok=True)
+        self.fsync = fsync
         self.lock = threading.Lock()
+        self._etags: dict[Path, tuple[int, int, str]] = {}  # path -> (mtime_ns, size, etag)
 
     def _bucket(self, bucket: str) -> Path:
         if not bucket or bucket in (".", "..") or "/" in bucket or "\0" in bucket:
             raise _KeyError(f"invalid bucket name {bucket!r}")
         return self.root / bucket
 
-    def _paths(self, bucket: str, key: str) -> tuple[Path, Path]:
+    def _path(self, bucket: str, key: str) -> Path:
         parts = key.split("/")
         if not key or "\0" in key or any(p in ("", ".", "..") for p in parts):
             raise _KeyError(f"invalid object key {key!r}")
-        base = self._bucket(bucket)
-        return base / "objects" / key, base / "etags" / key
+        return self._bucket(bucket) / "objects" / key
 
     def buckets(self) -> list[str]:
         return sorted(p.name for p in self.root.iterdir() if p.is_dir())
 
     def create_bucket(self, bucket: str) -> None:
-        for sub in ("objects", "etags"):
-            (self._bucket(bucket) / sub).mkdir(parents=True, exist_ok=True)
+        (self._bucket(bucket) / "objects").mkdir(parents=True, exist_ok=True)
 
     def bucket_exists(self, bucket: str) -> bool:
         return (self._bucket(bucket) / "objects").is_dir()
 
-    def etag(self, bucket: str, key: str) -> str | None:
-        obj, tag = self._paths(bucket, key)
-        if not obj.is_file():
-            return None
+    def _etag_of(self, path: Path) -> str | None:
+        """The ETag of the object file at `path`, None if there is none."""
         try:
-            return tag.read_text()
-        except FileNotFoundError:  # written before its tag (crash in between): recompute
-            return f'"{hashlib.md5(obj.read_bytes()).hexdigest()}"'
+            stat = path.stat()
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        if not path.is_file():
+            return None
+        cached = self._etags.get(path)
+        if cached and cached[:2] == (stat.st_mtime_ns, stat.st_size):
+            return cached[2]
+        etag = f'"{hashlib.md5(path.read_bytes()).hexdigest()}"'
+        self._etags[path] = (stat.st_mtime_ns, stat.st_size, etag)
+        return etag
+
+    def etag(self, bucket: str, key: str) -> str | None:
+        return self._etag_of(self._path(bucket, key))
 
     def put(
         self, bucket: str, key: str, data: bytes, if_match: str | None, if_none: str | None
     ) -> str:
         """Store `data`; the new ETag. Raises FileExistsError when a condition fails."""
-        obj, tag = self._paths(bucket, key)
+        obj = self._path(bucket, key)
         etag = f'"{hashlib.md5(data).hexdigest()}"'
         with self.lock:
-            current = self.etag(bucket, key)
+            current = self._etag_of(obj)
             if if_none == "*" and current is not None:
                 raise FileExistsError(key)
             if if_match is not None and if_match not in ("*", current):
                 raise FileExistsError(key)
             if if_match == "*" and current is None:
                 raise FileExistsError(key)
-            _write_durably(obj, data)
-            _write_durably(tag, etag.encode())
+            _write_file(obj, data, self.fsync)
+            stat = obj.stat()
+            self._etags[obj] = (stat.st_mtime_ns, stat.st_size, etag)
         return etag
 
     def get(self, bucket: str, key: str) -> tuple[bytes, str, float] | None:
-        obj, _ = self._paths(bucket, key)
+        obj = self._path(bucket, key)
         with self.lock:
-            etag = self.etag(bucket, key)
+            etag = self._etag_of(obj)
             if etag is None:
                 return None
             return obj.read_bytes(), etag, obj.stat().st_mtime
 
     def delete(self, bucket: str, key: str) -> None:
-        obj, tag = self._paths(bucket, key)
+        obj = self._path(bucket, key)
         with self.lock:
-            for path in (obj, tag):
-                path.unlink(missing_ok=True)
+            obj.unlink(missing_ok=True)
+            self._etags.pop(obj, None)
 
     def list(self, bucket: str, prefix: str) -> list[tuple[str, int, float, str]]:
         """(key, size, mtime, etag) of every object whose key starts with `prefix`, sorted."""
@@ -125,27 +140,31 @@ class FileStore:
         start = base / prefix.rsplit("/", 1)[0] if "/" in prefix else base
         out = []
         if start.is_dir():
-            for path in start.rglob("*"):
-                key = path.relative_to(base).as_posix()
-                if path.is_file() and key.startswith(prefix):
-                    stat = path.stat()
-                    out.append((key, stat.st_size, stat.st_mtime, self.etag(bucket, key) or ""))
+            with self.lock:
+                for path in start.rglob("*"):
+                    key = path.relative_to(base).as_posix()
+                    if key.startswith(prefix) and not path.name.startswith(".") and path.is_file():
+                        stat = path.stat()
+                        etag = self._etag_of(path) or ""
+                        out.append((key, stat.st_size, stat.st_mtime, etag))
         return sorted(out)
 
 
-def _write_durably(path: Path, data: bytes) -> None:
+def _write_file(path: Path, data: bytes, fsync: bool) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{threading.get_ident()}.tmp")
     with open(tmp, "wb") as f:
         f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+        if fsync:
+            f.flush()
+            os.fsync(f.fileno())
     os.replace(tmp, path)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    if fsync:
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def _list_xml(bucket: str, prefix: str, query: dict[str, str], entries: list) -> bytes:
@@ -302,8 +321,8 @@ class _Handler(BaseHTTPRequestHandler):
 class ObjectStoreServer(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, root: Path, port: int = 0) -> None:
-        self.store = FileStore(root)
+    def __init__(self, root: Path, port: int = 0, fsync: bool = True) -> None:
+        self.store = FileStore(root, fsync)
         super().__init__((HOST, port), _Handler)
 
     @property
@@ -320,12 +339,20 @@ class ObjectStoreServer(ThreadingHTTPServer):
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Serve in the foreground until SIGINT / SIGTERM (how the embedded broker runs it)."""
     parser = argparse.ArgumentParser(prog="python -m prolifscore.localstack.objectstore")
     parser.add_argument("--root", type=Path, required=True, help="folder that holds the objects")
     parser.add_argument("--port", type=int, default=0, help="port on 127.0.0.1 (default: free)")
+    parser.add_argument("--bucket", action="append", default=[], help="create this bucket")
+    parser.add_argument(
+        "--no-fsync", action="store_true", help="survive process crashes only, not power loss"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    server = ObjectStoreServer(args.root, args.port)
+    server = ObjectStoreServer(args.root, args.port, fsync=not args.no_fsync)
+    for bucket in args.bucket:
+        server.store.create_bucket(bucket)
+    signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown).start())
     print(f"object store ready: {server.endpoint} (root {server.store.root})", flush=True)
     try:
         server.serve_forever()
