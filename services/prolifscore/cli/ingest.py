@@ -9,9 +9,11 @@ import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from prolifscore.cli.labels import labels_for, read_labels
-from prolifscore.core.runtime.bus import Bus
+from prolifscore.core.runtime.bus import BrokerUnavailable, Bus
+from prolifscore.core.runtime.events import SlideEvents
 from prolifscore.core.runtime.settings import KafkaSettings, PreprocessSettings, load
 from prolifscore.core.wsi.split import VALIDATION, stratified_splits
 from prolifscore.v1 import pipeline_pb2 as pb
@@ -33,6 +35,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     )
     p.add_argument(
         "--timeout", type=float, default=600.0, help="--wait gives up after this many seconds"
+    )
+    p.add_argument(
+        "--broker-timeout",
+        type=float,
+        default=30.0,
+        help="--wait gives up (exit code 3) when the broker is unreachable this long",
     )
     p.add_argument("--bootstrap", help="Kafka bootstrap servers (default: PROLIF_KAFKA_BOOTSTRAP)")
     p.add_argument("--run-id", default="", help="tag carried by every event of these slides")
@@ -109,48 +117,109 @@ class SlideProgress:
         return self.stage in ("filtered", "failed")
 
 
+class BrokerLost(RuntimeError):
+    """The broker became unreachable for too long, or came back without the records the slides'
+    work depended on (an in-memory broker restarted): following cannot end well."""
+
+
+class BrokerCheck:
+    """While following: is the broker still there, and still the one that holds our topics?
+
+    A topic that vanished or came back with another id means the broker lost its records (an
+    in-memory broker restarted empty): the slides' queued work is gone and would be waited for
+    in vain. A broker that stays unreachable for `grace_s` is given up on too."""
+
+    def __init__(self, bus: Bus, topics: Sequence[str], grace_s: float, every_s: float = 2.0):
+        self.bus = bus
+        self.topics = list(topics)
+        self.grace_s = grace_s
+        self.every_s = every_s
+        self.ids: dict[str, str] | None = None  # learnt at the first answer
+        self.down_since: float | None = None
+        self.next = 0.0
+
+    def check(self) -> None:
+        now = time.monotonic()
+        if now < self.next:
+            return
+        self.next = now + self.every_s
+        broker = self.bus.settings.bootstrap_servers
+        try:
+            ids = self.bus.topic_ids(self.topics, timeout=self.every_s)
+        except BrokerUnavailable:
+            self.down_since = self.down_since or now
+            if now - self.down_since >= self.grace_s:
+                raise BrokerLost(
+                    f"Kafka broker {broker} unreachable for {now - self.down_since:.0f} s; "
+                    "giving up (is `prolifscore up` running? see `prolifscore status`)"
+                ) from None
+            return
+        self.down_since = None
+        if self.ids is None:
+            self.ids = ids
+        changed = sorted(t for t in self.topics if ids.get(t) != self.ids.get(t))
+        if changed:
+            raise BrokerLost(
+                f"Kafka broker {broker} lost its records (topics {', '.join(changed)} are gone "
+                "or new: it restarted without durable storage); the queued work of these slides "
+                "is lost: ingest them again"
+            )
+
+
 def follow(
-    bus: Bus, settings: KafkaSettings, run_id: str, slide_ids: list[str], timeout: float
+    bus: Bus,
+    settings: KafkaSettings,
+    run_id: str,
+    slide_ids: list[str],
+    timeout: float,
+    broker_grace_s: float = 30.0,
 ) -> dict[str, SlideProgress]:
-    """Read status events of this run until every slide is FILTERED or FAILED."""
+    """Read status events of this run until every slide is FILTERED or FAILED. Repeated events
+    (at-least-once delivery) count once. Raises BrokerLost if the broker stays unreachable for
+    `broker_grace_s` or loses the records of these slides."""
     from tqdm import tqdm
 
     from prolifscore.core.runtime.codec import DecodeError, decode
 
     progress = {s: SlideProgress() for s in slide_ids}
+    view = SlideEvents()
+    check = BrokerCheck(bus, [settings.topic_ingest, settings.topic_status], broker_grace_s)
     consumer = bus.consumer([settings.topic_status], f"prolifscore-cli-{run_id}")
     bar = tqdm(total=0, unit="batch", desc="filtering", file=sys.stderr, dynamic_ncols=True)
     deadline = time.monotonic() + timeout
     try:
         while time.monotonic() < deadline and not all(p.finished for p in progress.values()):
+            check.check()
             for record in consumer.poll(timeout_ms=500):
                 try:
                     ev = decode(record.value, record.headers, pb.SlideStatus)
                 except DecodeError:
                     continue
                 p = progress.get(ev.slide_id)
-                if ev.run_id != run_id or p is None or p.finished:
+                if ev.run_id != run_id or p is None or p.finished or not view.add(ev):
                     continue
-                if ev.stage == pb.STAGE_TILED:
-                    p.stage, p.candidates, p.batches = "tiled", ev.candidate_tiles, ev.batch_count
-                    p.warnings = list(ev.warnings)
-                    bar.total += ev.batch_count
-                elif (
-                    ev.stage in (pb.STAGE_FILTERING, pb.STAGE_FILTERED)
-                    and ev.batch_index not in p.done
-                ):
-                    p.done.add(ev.batch_index)
-                    bar.update(1)
-                if ev.stage == pb.STAGE_FILTERED:
-                    p.stage, p.kept, p.manifest = "filtered", ev.kept_tiles, ev.manifest_path
-                    bar.update(max(0, p.batches - len(p.done)))
-                elif ev.stage == pb.STAGE_FAILED:
-                    p.stage, p.reason = "failed", ev.reason
-                bar.refresh()
+                _apply(p, ev, bar)
     finally:
         bar.close()
         consumer.close()
     return progress
+
+
+def _apply(p: SlideProgress, ev: pb.SlideStatus, bar: Any) -> None:
+    """One new (not repeated) event of a slide still in progress."""
+    if ev.stage == pb.STAGE_TILED:
+        p.stage, p.candidates, p.batches = "tiled", ev.candidate_tiles, ev.batch_count
+        p.warnings = list(ev.warnings)
+        bar.total += ev.batch_count
+    elif ev.stage in (pb.STAGE_FILTERING, pb.STAGE_FILTERED) and ev.batch_index not in p.done:
+        p.done.add(ev.batch_index)
+        bar.update(1)
+    if ev.stage == pb.STAGE_FILTERED:
+        p.stage, p.kept, p.manifest = "filtered", ev.kept_tiles, ev.manifest_path
+        bar.update(max(0, p.batches - len(p.done)))
+    elif ev.stage == pb.STAGE_FAILED:
+        p.stage, p.reason = "failed", ev.reason
+    bar.refresh()
 
 
 def run(args: argparse.Namespace) -> int:
@@ -171,7 +240,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"published {len(msgs)} slide(s), run id {run_id}", file=sys.stderr)
         if not args.wait:
             return 0
-        progress = follow(bus, settings, run_id, [m.slide_id for m in msgs], args.timeout)
+        ids = [m.slide_id for m in msgs]
+        progress = follow(bus, settings, run_id, ids, args.timeout, args.broker_timeout)
+    except BrokerLost as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 3
     finally:
         bus.close()
     print(f"{'slide':<32} {'stage':<9} {'candidates':>10} {'kept':>6}  note")

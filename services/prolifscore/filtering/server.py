@@ -1,15 +1,21 @@
 """Filtering service: prolif.tiles.tasks -> TFRecord shards + prolif.tiles.shards (+ status),
-batches in parallel on a pool of Ray actors. Entry point: `prolifscore-filtering`."""
+batches in parallel on a pool of Ray actors. Entry point: `prolifscore-filtering`.
+
+An actor that dies (killed, out of memory) is restarted by Ray, so the pool never stays short;
+the batch it was doing fails once and is retried (`core/runtime/delivery.py`). Temporaries left
+by writers that died are removed at start-up and when their batch is redone."""
 
 from __future__ import annotations
 
 import logging
 from typing import Any
 
-from prolifscore.core.runtime import metrics
+from prolifscore.core.runtime import inflight, metrics
 from prolifscore.core.runtime.bus import Bus
-from prolifscore.core.runtime.failures import fail_slide
+from prolifscore.core.runtime.events import stamp
+from prolifscore.core.runtime.failures import fail_slide, slide_failed
 from prolifscore.core.runtime.service import KafkaWork, ServiceRuntime, configure, run_service
+from prolifscore.core.wsi.leftovers import remove_stale_temporaries
 from prolifscore.core.wsi.shards import completed_markers, write_manifest
 from prolifscore.filtering.config import FilteringSettings
 from prolifscore.filtering.worker import SPLIT_NAMES, BatchFilter
@@ -22,41 +28,83 @@ NAME = "filtering"
 class FilteringService:
     def __init__(self, settings: FilteringSettings, bus: Bus) -> None:
         import ray
-        from ray.util import ActorPool
 
         self.settings = settings
         self.bus = bus
         rt = settings.runtime
+        removed = remove_stale_temporaries(rt.tiles_root)
+        if removed:
+            log.info("removed temporaries of writers that died", extra={"files": len(removed)})
         n = settings.workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
-        actor = ray.remote(num_cpus=settings.actor_cpus)(BatchFilter)
-        roots = tuple(str(r) for r in rt.slide_roots)
-        self.pool = ActorPool(
-            [
-                actor.remote(str(rt.tiles_root), roots, settings.slide_cache, settings.read_threads)
-                for _ in range(n)
-            ]
+        # Restarted by Ray whenever it dies; the task it was running fails (no silent retry),
+        # so the consumer counts the attempt against the record.
+        actor = ray.remote(num_cpus=settings.actor_cpus, max_restarts=-1, max_task_retries=0)(
+            BatchFilter
         )
+        roots = tuple(str(r) for r in rt.slide_roots)
+        self.actors = [
+            actor.remote(str(rt.tiles_root), roots, settings.slide_cache, settings.read_threads)
+            for _ in range(n)
+        ]
 
     def handle(self, items: list[tuple[Any, pb.TileTask]]) -> None:
-        by_index = {i: item for i, item in enumerate(items)}
-        payloads = [(i, msg.SerializeToString()) for i, (_, msg) in by_index.items()]
-        results = self.pool.map_unordered(lambda a, v: a.process_indexed.remote(*v), payloads)
-        for index, result in results:
-            record, task = by_index[index]
+        """Every batch on a free actor; results reported as they come. If an actor died under a
+        batch, the other batches still finish, then the first such error is raised."""
+        import ray
+
+        queue = list(enumerate(items))
+        free = list(self.actors)
+        running: dict[Any, tuple[int, Any]] = {}
+        errors: list[Exception] = []
+        while queue or running:
+            while queue and free:
+                index, (_, task) = queue.pop(0)
+                actor = free.pop()
+                running[actor.process.remote(task.SerializeToString())] = (index, actor)
+            ready, _ = ray.wait(list(running), num_returns=1)
+            index, actor = running.pop(ready[0])
+            free.append(actor)
+            try:
+                result = ray.get(ready[0])
+            except ray.exceptions.RayActorError as exc:
+                errors.append(exc)
+                continue
+            record, task = items[index]
             if "error" in result:
-                fail_slide(
-                    self.bus,
-                    record,
-                    result["error"],
-                    "batch",
-                    slide_id=task.slide_id,
-                    path=task.path,
-                    run_id=task.run_id,
-                    batch_index=task.batch_index,
-                    batch_count=task.batch_count,
-                )
+                self.failed(record, task, result["error"])
             else:
                 self.done(task, result)
+        if errors:
+            raise errors[0]
+
+    def failed(self, record: Any, task: pb.TileTask, reason: str) -> None:
+        fail_slide(
+            self.bus,
+            record,
+            reason,
+            "batch",
+            slide_id=task.slide_id,
+            path=task.path,
+            run_id=task.run_id,
+            batch_index=task.batch_index,
+            batch_count=task.batch_count,
+            spec_hash=task.spec.spec_hash,
+        )
+        inflight.end(self.settings.runtime.tiles_root, task.slide_id, task.spec.spec_hash)
+
+    def abandon(self, record: Any, task: pb.TileTask, reason: str) -> None:
+        """The batch's record was given up (dead-lettered after repeated failures)."""
+        slide_failed(
+            self.bus,
+            reason,
+            slide_id=task.slide_id,
+            path=task.path,
+            run_id=task.run_id,
+            batch_index=task.batch_index,
+            batch_count=task.batch_count,
+            spec_hash=task.spec.spec_hash,
+        )
+        inflight.end(self.settings.runtime.tiles_root, task.slide_id, task.spec.spec_hash)
 
     def done(self, task: pb.TileTask, result: dict[str, Any]) -> None:
         k = self.settings.kafka
@@ -121,7 +169,8 @@ class FilteringService:
             status.manifest_path = str(manifest)
             metrics.SLIDES.labels(NAME, "filtered").inc()
             log.info("slide filtered", extra={"slide_id": task.slide_id, "kept": status.kept_tiles})
-        self.bus.publish(k.topic_status, task.slide_id, status)
+            inflight.end(root, task.slide_id, task.spec.spec_hash)
+        self.bus.publish(k.topic_status, task.slide_id, stamp(status, task.spec.spec_hash))
 
 
 def main() -> None:
@@ -133,7 +182,7 @@ def main() -> None:
         produce=[k.topic_shards, k.topic_status],
         group_id=settings.group_id,
         msg_type=pb.TileTask,
-        handler=lambda bus: FilteringService(settings, bus).handle,
+        handler=lambda bus: FilteringService(settings, bus),
     )
     run_service(ServiceRuntime(NAME, settings.runtime), work)
 

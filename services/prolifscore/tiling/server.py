@@ -6,9 +6,10 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from prolifscore.core.runtime import metrics
+from prolifscore.core.runtime import inflight, metrics
 from prolifscore.core.runtime.bus import Bus
-from prolifscore.core.runtime.failures import fail_slide
+from prolifscore.core.runtime.events import stamp
+from prolifscore.core.runtime.failures import fail_slide, slide_failed
 from prolifscore.core.runtime.service import KafkaWork, ServiceRuntime, configure, run_service
 from prolifscore.tiling.config import TilingSettings
 from prolifscore.tiling.worker import TilingOutcome, tile_slide
@@ -48,20 +49,39 @@ class TilingService:
                     run_id=msg.run_id,
                 )
                 continue
-            topic = self.settings.kafka.topic_tasks
-            for task in outcome.tasks:
-                self.bus.publish_bytes(topic, msg.slide_id, task)
-            self.bus.publish_bytes(self.settings.kafka.topic_status, msg.slide_id, outcome.status)
-            metrics.SLIDES.labels(NAME, "tiled").inc()
-            metrics.TILES.labels(NAME, "candidate").inc(outcome.candidates)
-            log.info(
-                "slide tiled",
-                extra={
-                    "slide_id": msg.slide_id,
-                    "candidates": outcome.candidates,
-                    "batches": len(outcome.tasks),
-                },
-            )
+            self.publish(msg, outcome)
+
+    def publish(self, msg: pb.SlideIngest, outcome: TilingOutcome) -> None:
+        """The slide's tile tasks and its TILED status; the slide is in flight from now on."""
+        k = self.settings.kafka
+        for task in outcome.tasks:
+            self.bus.publish_bytes(k.topic_tasks, msg.slide_id, task)
+        status = pb.SlideStatus.FromString(outcome.status)
+        first = pb.TileTask.FromString(outcome.tasks[0]) if outcome.tasks else pb.TileTask()
+        spec_hash = first.spec.spec_hash
+        self.bus.publish(k.topic_status, msg.slide_id, stamp(status, spec_hash))
+        inflight.begin(
+            self.settings.runtime.tiles_root,
+            msg.slide_id,
+            spec_hash,
+            path=status.path,
+            run_id=msg.run_id,
+            batch_count=status.batch_count,
+        )
+        metrics.SLIDES.labels(NAME, "tiled").inc()
+        metrics.TILES.labels(NAME, "candidate").inc(outcome.candidates)
+        log.info(
+            "slide tiled",
+            extra={
+                "slide_id": msg.slide_id,
+                "candidates": outcome.candidates,
+                "batches": len(outcome.tasks),
+            },
+        )
+
+    def abandon(self, record: Any, msg: pb.SlideIngest, reason: str) -> None:
+        """The slide's ingest record was given up (dead-lettered after repeated failures)."""
+        slide_failed(self.bus, reason, slide_id=msg.slide_id, path=msg.path, run_id=msg.run_id)
 
 
 def main() -> None:
@@ -73,7 +93,7 @@ def main() -> None:
         produce=[k.topic_tasks, k.topic_status, k.topic_shards],
         group_id=settings.group_id,
         msg_type=pb.SlideIngest,
-        handler=lambda bus: TilingService(settings, bus).handle,
+        handler=lambda bus: TilingService(settings, bus),
     )
     run_service(ServiceRuntime(NAME, settings.runtime), work)
 

@@ -10,6 +10,7 @@ subscribe.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -164,6 +165,7 @@ class Bus:
         self._pending: list[FutureRecordMetadata] = []
         self._known_topics: set[str] = set()
         self._consumers: weakref.WeakSet[Consumer] = weakref.WeakSet()
+        self._probe: KafkaAdminClient | None = None
 
     # -- clients, created on first use so importing or building a Bus never blocks -------------
 
@@ -182,6 +184,43 @@ class Bus:
                     "admin", self.settings, KafkaAdminClient, client_id=f"{self.client_id}-admin"
                 )
             return self._admin
+
+    def reachable(self, timeout: float = 2.0) -> bool:
+        """Whether the broker answers a metadata request (all topics: naming one would make
+        Tansu create it) within about `timeout` seconds.
+
+        On a client of its own, so a probe never waits behind a topic creation, and with a single
+        connection attempt, so an unreachable broker is reported at once instead of retried.
+        """
+        try:
+            if self._probe is None:
+                once = dataclasses.replace(self.settings, connect_timeout_s=timeout)
+                self._probe = _connect(
+                    "probe",
+                    once,
+                    KafkaAdminClient,
+                    client_id=f"{self.client_id}-probe",
+                    request_timeout_ms=max(500, int(timeout * 1000)),
+                )
+            self._probe.list_topics()
+            return True
+        except Exception:  # any failure means: not reachable now; the next probe tries again
+            return False
+
+    def topic_ids(self, names: Iterable[str], timeout: float = 2.0) -> dict[str, str]:
+        """The broker's id of each existing topic among `names` (a topic deleted and created
+        again gets a new id; so does every topic of a broker that restarted empty). Raises
+        BrokerUnavailable if the broker does not answer."""
+        if not self.reachable(timeout):
+            raise BrokerUnavailable(f"Kafka broker {self.settings.bootstrap_servers} unreachable")
+        assert self._probe is not None
+        wanted = set(names)
+        try:
+            described = self._probe.describe_topics()  # all topics: naming one creates it
+        except Exception as exc:
+            broker = self.settings.bootstrap_servers
+            raise BrokerUnavailable(f"Kafka broker {broker}: {exc}") from exc
+        return {t["name"]: str(t.get("topic_id")) for t in described if t["name"] in wanted}
 
     # -- producing --------------------------------------------------------------------------
 
@@ -238,10 +277,15 @@ class Bus:
             ) from first
 
     def dead_letter(
-        self, record: ConsumerRecord, error: str | BaseException, service: str | None = None
+        self,
+        record: ConsumerRecord,
+        error: str | BaseException,
+        service: str | None = None,
+        attempts: int = 0,
     ) -> FutureRecordMetadata:
-        """Park a record the service cannot handle on the DLQ, keyed like the original, and
-        count it (`prolif_dead_letters_total`).
+        """Park a record the service cannot handle on the DLQ, keyed like the original, with the
+        reason and how many times its handler was tried, and count it
+        (`prolif_dead_letters_total`).
 
         The raw payload is kept so it can be inspected and replayed; it is cut to fit
         `max_request_size` so that a poison record can never block the consumer.
@@ -265,6 +309,7 @@ class Bus:
             error=error,
             service=service or self.service,
             time=when,
+            attempts=attempts,
         )
         value, headers = encode(letter)
         log.warning(
@@ -356,10 +401,12 @@ class Bus:
         with self._lock:
             producer, self._producer = self._producer, None
             admin, self._admin = self._admin, None
+            probe, self._probe = self._probe, None
         if producer is not None:
             producer.close(timeout=timeout)
-        if admin is not None:
-            admin.close()
+        for client in (admin, probe):
+            if client is not None:
+                client.close()
 
     def __enter__(self) -> Bus:
         return self

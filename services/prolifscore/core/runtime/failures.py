@@ -10,6 +10,7 @@ from kafka.consumer.fetcher import ConsumerRecord
 
 from prolifscore.core.runtime import metrics
 from prolifscore.core.runtime.bus import Bus
+from prolifscore.core.runtime.events import stamp
 from prolifscore.v1 import pipeline_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -23,6 +24,40 @@ def give_up(bus: Bus, record: ConsumerRecord, reason: str, unit: str) -> None:
     metrics.FAILURES.labels(bus.service, unit).inc()
 
 
+def slide_failed(
+    bus: Bus,
+    reason: str,
+    *,
+    slide_id: str,
+    path: str,
+    run_id: str,
+    batch_index: int = 0,
+    batch_count: int = 0,
+    spec_hash: str = "",
+    service: str | None = None,
+) -> pb.SlideStatus:
+    """Publish a FAILED status for the slide (keyed by slide id, else path) on the bus's status
+    topic, with its event id and sequence (`events.stamp`). Returns the status published."""
+    extra: dict[str, object] = {"slide_id": slide_id, "reason": reason}
+    if batch_count:
+        extra["batch"] = batch_index
+    log.warning("slide failed", extra=extra)
+    status = pb.SlideStatus(
+        slide_id=slide_id,
+        stage=pb.STAGE_FAILED,
+        service=service or bus.service,
+        reason=reason,
+        path=path,
+        run_id=run_id,
+        batch_index=batch_index,
+        batch_count=batch_count,
+    )
+    status.time.GetCurrentTime()
+    stamp(status, spec_hash)
+    bus.publish(bus.settings.topic_status, slide_id or path, status)
+    return status
+
+
 def fail_slide(
     bus: Bus,
     record: ConsumerRecord,
@@ -34,24 +69,18 @@ def fail_slide(
     run_id: str,
     batch_index: int = 0,
     batch_count: int = 0,
+    spec_hash: str = "",
 ) -> pb.SlideStatus:
-    """Publish a FAILED status for the slide (keyed by slide id, else path) on the bus's status
-    topic, then `give_up` on its record. Returns the status published."""
-    extra: dict[str, object] = {"slide_id": slide_id, "reason": reason}
-    if batch_count:
-        extra["batch"] = batch_index
-    log.warning("%s failed", unit, extra=extra)
-    status = pb.SlideStatus(
+    """`slide_failed`, then `give_up` on its record (one failed `unit`). Returns the status."""
+    status = slide_failed(
+        bus,
+        reason,
         slide_id=slide_id,
-        stage=pb.STAGE_FAILED,
-        service=bus.service,
-        reason=reason,
         path=path,
         run_id=run_id,
         batch_index=batch_index,
         batch_count=batch_count,
+        spec_hash=spec_hash,
     )
-    status.time.GetCurrentTime()
-    bus.publish(bus.settings.topic_status, slide_id or path, status)
     give_up(bus, record, reason, unit)
     return status

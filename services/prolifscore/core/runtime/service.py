@@ -1,6 +1,7 @@
 """What every service process shares: health + reflection gRPC server, Prometheus endpoint,
-SIGTERM handling, the consume -> work -> publish -> commit loop, and `run_service`, the whole
-life of a process from settings to shutdown."""
+SIGTERM handling, the broker watch (health NOT_SERVING and `prolif_broker_up` 0 while the broker
+is unreachable), the consume -> work -> publish -> commit loop, and `run_service`, the whole life
+of a process from settings to shutdown."""
 
 from __future__ import annotations
 
@@ -13,17 +14,17 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar, runtime_checkable
 
 import grpc
 from google.protobuf.message import Message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from kafka.errors import KafkaError
 from prometheus_client import start_http_server
 
+from prolifscore.core.runtime import metrics
 from prolifscore.core.runtime.bus import Bus
-from prolifscore.core.runtime.codec import DecodeError, decode
+from prolifscore.core.runtime.delivery import Delivery
 from prolifscore.core.runtime.logs import setup_logging
 from prolifscore.core.runtime.ray import init_ray
 from prolifscore.core.runtime.settings import KafkaSettings, RuntimeSettings, load
@@ -31,6 +32,17 @@ from prolifscore.core.runtime.settings import KafkaSettings, RuntimeSettings, lo
 log = logging.getLogger(__name__)
 M = TypeVar("M", bound=Message)
 Handler = Callable[[list[tuple[Any, M]]], None]
+BROKER_PROBE_S = 2.0  # how often a service checks that its broker answers
+
+
+@runtime_checkable
+class Worker(Protocol[M]):
+    """A service's handler that also reports an item it gives up on (a poison record) where the
+    item's users look, e.g. a FAILED slide status."""
+
+    def handle(self, items: list[tuple[Any, M]]) -> None: ...
+
+    def abandon(self, record: Any, msg: M, reason: str) -> None: ...
 
 
 class _ServiceSettings(Protocol):
@@ -68,6 +80,8 @@ class ServiceRuntime:
         self.port = 0
         self.metrics_port = 0
         self._extra_services: list[str] = []
+        self._serving = False
+        self._broker_up: bool | None = None  # None: the service uses no broker
 
     def add_service(self, full_name: str) -> None:
         """Register another gRPC service (its servicer already added to `self.server`)."""
@@ -105,13 +119,35 @@ class ServiceRuntime:
         return self
 
     def set_serving(self, serving: bool) -> None:
-        status = (
-            health_pb2.HealthCheckResponse.SERVING
-            if serving
-            else health_pb2.HealthCheckResponse.NOT_SERVING
-        )
-        for name in ("", self.name, *self._extra_services):
-            self.health.set(name, status)
+        self._serving = serving
+        self._publish_health()
+
+    def set_broker_up(self, up: bool) -> None:
+        """What the broker watch saw: while the broker is unreachable, the process's overall
+        health ("") and its own name say NOT_SERVING and `prolif_broker_up` is 0. gRPC APIs it
+        hosts that work without the broker (`add_service`) keep their own status."""
+        if up != self._broker_up:
+            if self._broker_up is not None:
+                (log.info if up else log.warning)(
+                    "broker %s", "reachable again" if up else "unreachable: health NOT_SERVING"
+                )
+            metrics.BROKER_UP.labels(self.name).set(1 if up else 0)
+        self._broker_up = up
+        self._publish_health()
+
+    def _publish_health(self) -> None:
+        def status(ok: bool) -> health_pb2.HealthCheckResponse.ServingStatus.ValueType:
+            return (
+                health_pb2.HealthCheckResponse.SERVING
+                if ok
+                else health_pb2.HealthCheckResponse.NOT_SERVING
+            )
+
+        whole = self._serving and self._broker_up is not False
+        for name in ("", self.name):
+            self.health.set(name, status(whole))
+        for name in self._extra_services:
+            self.health.set(name, status(self._serving))
 
     def handle_signals(self) -> None:
         """Install SIGTERM/SIGINT handling. Call after ray.init(), which installs its own."""
@@ -153,53 +189,40 @@ def consume_loop(
     group_id: str,
     msg_type: type[M],
     handle: Callable[[list[tuple[Any, M]]], None],
+    abandon: Callable[[Any, M, str], None] | None = None,
 ) -> None:
-    """Poll a batch, decode it (undecodable records go to the dead-letter topic), let `handle`
-    do the work and publish its outputs, flush, and only then commit the batch's offsets.
+    """Poll a batch and hand it to `Delivery`: decode (undecodable records go to the dead-letter
+    topic), let `handle` do the work and publish its outputs, flush, and only then commit.
 
-    `handle` reports per-item failures itself (status event + dead letter). If it raises, or
-    the flush fails, nothing is committed: the consumer rewinds and the batch is redone.
+    `handle` reports per-item failures itself (status event + dead letter). If it raises, the
+    batch's records are retried one by one, and one that keeps failing is dead-lettered after
+    PROLIF_MAX_ATTEMPTS tries and reported through `abandon`; an unreachable broker or
+    dependency is retried until it is back.
     """
     consumer = bus.consumer(list(topics), group_id)
     runtime.handle_signals()
     runtime.set_serving(True)
-    backoff = 0.5
+    delivery = Delivery(runtime.name, bus, consumer, msg_type, handle, abandon, runtime.stopping)
     try:
         while not runtime.stopping.is_set():
             records = consumer.poll(timeout_ms=500)
-            if not records:
-                continue
-            items: list[tuple[Any, M]] = []
-            for record in records:
-                try:
-                    items.append((record, decode(record.value, record.headers, msg_type)))
-                except DecodeError as exc:
-                    log.warning(
-                        "undecodable message",
-                        extra={"topic": record.topic, "offset": record.offset, "error": str(exc)},
-                    )
-                    bus.dead_letter(record, f"undecodable message: {exc}", runtime.name)
-            try:
-                if items:
-                    handle(items)
-                bus.flush()
-            except Exception:
-                log.exception("batch failed; it will be redone", extra={"records": len(records)})
-                consumer.rewind(records)
-                time.sleep(backoff)
-                backoff = min(backoff * 2, 10.0)
-                continue
-            try:
-                consumer.commit(records)
-            except KafkaError as exc:  # e.g. evicted after a slow batch: the group rebalances,
-                # the new owner redoes these records (effects are idempotent); keep serving.
-                log.warning(
-                    "offset commit failed; the batch will be redone", extra={"error": str(exc)}
-                )
-            backoff = 0.5
+            if records:
+                delivery.process(records)
     finally:
         runtime.set_serving(False)
         consumer.close()
+
+
+def watch_broker(runtime: ServiceRuntime, bus: Bus, every_s: float = BROKER_PROBE_S) -> None:
+    """Probe the broker every `every_s` seconds until the runtime stops (a daemon thread)."""
+
+    def loop() -> None:
+        while True:
+            runtime.set_broker_up(bus.reachable(timeout=every_s))
+            if runtime.stopping.wait(every_s):
+                return
+
+    threading.Thread(target=loop, name="broker-watch", daemon=True).start()
 
 
 def configure(name: str, cls: type[S]) -> S:
@@ -218,14 +241,15 @@ class KafkaWork(Generic[M]):
     consume: str
     group_id: str
     msg_type: type[M]
-    handler: Callable[[Bus], Handler[M]]
+    handler: Callable[[Bus], Handler[M] | Worker[M]]
     produce: Sequence[str] = ()
 
 
 def run_service(runtime: ServiceRuntime, work: KafkaWork[M] | None, *, ray: bool = True) -> None:
     """Run a service process until SIGTERM: start `runtime` (health says NOT_SERVING while the
-    rest starts), join Ray, create the topics (the dead-letter topic too), then consume in
-    `consume_loop`; without `work`, serve gRPC alone. Closes the bus and the runtime on exit."""
+    rest starts), join Ray, watch the broker, create the topics (the dead-letter topic too), then
+    consume in `consume_loop`; without `work`, serve gRPC alone. Closes the bus and the runtime
+    on exit."""
     started = time.monotonic()
     runtime.start()
     try:
@@ -236,9 +260,14 @@ def run_service(runtime: ServiceRuntime, work: KafkaWork[M] | None, *, ray: bool
             return
         bus = Bus(work.kafka, runtime.name)
         try:
+            watch_broker(runtime, bus)
             bus.ensure_topics([work.consume, *work.produce, work.kafka.topic_dlq])
-            handle = work.handler(bus)
-            consume_loop(runtime, bus, [work.consume], work.group_id, work.msg_type, handle)
+            made = work.handler(bus)
+            handle = made.handle if isinstance(made, Worker) else made
+            abandon = made.abandon if isinstance(made, Worker) else None
+            consume_loop(
+                runtime, bus, [work.consume], work.group_id, work.msg_type, handle, abandon
+            )
         finally:
             bus.close()
     finally:

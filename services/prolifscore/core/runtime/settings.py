@@ -143,6 +143,19 @@ class KafkaSettings:
         120_000,
         "How long the producer retries a record before flush() reports it failed",
     )
+    max_attempts: int = env(
+        "PROLIF_MAX_ATTEMPTS",
+        3,
+        "Times a consumer tries a record whose handler raises before it dead-letters it (with "
+        "the reason and the count) and moves on; an unreachable broker or model server is "
+        "retried without limit and not counted",
+    )
+    test_fail_key: str = env(
+        "PROLIF_TEST_FAIL_KEY",
+        "",
+        "Test-only fault injection: the handler raises for every record with this key (the "
+        "poison-message tests use it). Leave empty",
+    )
     connect_timeout_s: float = env(
         "PROLIF_KAFKA_CONNECT_TIMEOUT_S",
         120.0,

@@ -11,7 +11,6 @@ import ctypes
 import functools
 import os
 import struct
-import uuid
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import BinaryIO
@@ -19,6 +18,7 @@ from typing import BinaryIO
 import google_crc32c
 import numpy as np
 
+from prolifscore.core.wsi.leftovers import open_locked, remove_stale_temporaries_of, temporary_for
 from prolifscore.v1 import tf_example_pb2 as tfx
 
 _LEN = struct.Struct("<Q")
@@ -109,9 +109,11 @@ class AtomicShardWriter:
     def __init__(self, path: Path) -> None:
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-        # Unbuffered: each record goes out in one writev of its pieces.
-        self._f: BinaryIO = open(self._tmp, "wb", buffering=0)  # noqa: SIM115 - closed in commit/abort
+        remove_stale_temporaries_of(path)  # a writer of this shard that died left them
+        self._tmp = temporary_for(path)
+        # Unbuffered: each record goes out in one writev of its pieces. Locked while open, so
+        # no one takes it for a dead writer's leftover (leftovers.py).
+        self._f: BinaryIO = open_locked(self._tmp, buffering=0)
         self._crc = google_crc32c.Checksum()
         self.count = 0
         self.size = 0
@@ -173,8 +175,8 @@ def fsync_dir(path: Path) -> None:
 def write_atomic(path: Path, data: bytes) -> None:
     """Small files (manifests, batch markers): temp file, fsync, rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    with open(tmp, "wb") as f:
+    tmp = temporary_for(path)
+    with open_locked(tmp) as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
