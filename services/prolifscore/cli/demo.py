@@ -25,7 +25,7 @@ from pathlib import Path
 from prolifscore.cli.ingest import SlideProgress, build_messages, follow, publish_slides
 from prolifscore.cli.score import score_remote, summary
 from prolifscore.cli.train import train_request
-from prolifscore.cli.up import local_stack
+from prolifscore.cli.up import add_storage_option, local_stack
 from prolifscore.core.runtime.bus import Bus
 from prolifscore.core.runtime.codec import DecodeError, decode
 from prolifscore.core.runtime.settings import KafkaSettings
@@ -57,6 +57,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument("--epochs", type=int, default=0, help="training epochs (0: the quick profile's)")
     p.add_argument("--score", default="cmu-1-small-region", help="real slide (id) to score")
     p.add_argument("--timeout", type=float, default=900.0)
+    add_storage_option(p)
     p.set_defaults(func=run)
 
 
@@ -218,7 +219,7 @@ def run(args: argparse.Namespace) -> int:
     data = make_data(args, out)
     timings: dict[str, float] = {}
     _step(f"starting broker, Ray, model server and services (logs: {out / 'run'})")
-    with local_stack(out / "run", stack_env(data), SERVICES) as stack:
+    with local_stack(out / "run", stack_env(data), SERVICES, args.broker_storage) as stack:
         timings["startup_s"] = round(time.time() - started, 1)
         with Bus(stack.settings(KafkaSettings), "demo") as bus:
             with _timed(timings, "preprocess_s"):

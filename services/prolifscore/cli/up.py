@@ -17,11 +17,25 @@ if TYPE_CHECKING:
     from prolifscore.localstack.stack import EmbeddedStack
 
 STATE = "stack.json"
+STORAGE = ("durable", "memory")
+
+
+def add_storage_option(parser: argparse.ArgumentParser) -> None:
+    """`--broker-storage durable|memory` (default PROLIF_BROKER_STORAGE, else durable)."""
+    default = os.environ.get("PROLIF_BROKER_STORAGE", "durable")
+    parser.add_argument(
+        "--broker-storage",
+        choices=STORAGE,
+        default=default if default in STORAGE else "durable",
+        help="durable: the broker keeps topics, records and offsets under the run directory "
+        "across restarts (default); memory: faster, lost when the broker stops",
+    )
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     up = sub.add_parser("up", help="start broker, Ray, model server and services on 127.0.0.1")
     up.add_argument("--run-dir", type=Path, default=Path("data/run"))
+    add_storage_option(up)
     up.set_defaults(func=run_up)
     down = sub.add_parser("down", help="stop what `up` started")
     down.add_argument("--run-dir", type=Path, default=Path("data/run"))
@@ -31,10 +45,13 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     status.set_defaults(func=run_status)
 
 
-def local_stack(run_dir: Path, env: dict[str, str], services: Sequence[str]) -> EmbeddedStack:
-    """The embedded stack running `services`. On one machine scoring reads the served models'
-    export metadata (the detector's threshold, untrained flags) from the model server's root,
-    unless `env` names another folder."""
+def local_stack(
+    run_dir: Path, env: dict[str, str], services: Sequence[str], broker_storage: str = "durable"
+) -> EmbeddedStack:
+    """The embedded stack running `services`, its broker's durable storage (if chosen) in
+    `run_dir/broker`. On one machine scoring reads the served models' export metadata (the
+    detector's threshold, untrained flags) from the model server's root, unless `env` names
+    another folder."""
     from prolifscore.core.runtime.settings import load
     from prolifscore.localstack.stack import EmbeddedStack
     from prolifscore.modelserver.config import ModelServerSettings
@@ -42,40 +59,42 @@ def local_stack(run_dir: Path, env: dict[str, str], services: Sequence[str]) -> 
     if "modelserver" in services:
         root = load(ModelServerSettings, environ={**os.environ, **env}).model_root
         env = {"PROLIF_MODEL_METADATA_ROOT": str(Path(root).resolve()), **env}
-    return EmbeddedStack(run_dir, env=env, services=tuple(services))
+    storage = run_dir / "broker" if broker_storage == "durable" else None
+    return EmbeddedStack(run_dir, env=env, services=tuple(services), broker_storage=storage)
 
 
 def run_up(args: argparse.Namespace) -> int:
-    """Foreground supervisor: restarts a service that dies (safe: every service redoes
-    uncommitted work) and stops everything on Ctrl-C, SIGTERM or `prolifscore down`."""
+    """Foreground supervisor (`localstack/supervisor.py`): restarts whatever dies, the broker
+    included (safe: every service redoes uncommitted work), survives restarts that fail, and
+    stops everything on Ctrl-C, SIGTERM or `prolifscore down`."""
     from prolifscore.localstack.stack import ALL_SERVICES
+    from prolifscore.localstack.supervisor import Supervisor
 
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     run_dir = args.run_dir.resolve()
-    stack = local_stack(run_dir, dict(os.environ), ALL_SERVICES)
+    stack = local_stack(run_dir, dict(os.environ), ALL_SERVICES, args.broker_storage)
     stack.start()
-    state = {
-        "pid": os.getpid(),
-        "broker": stack.env["PROLIF_KAFKA_BOOTSTRAP"],
-        "ray": stack.env["PROLIF_RAY_ADDRESS"],
-        "services": {n: p.grpc_address for n, p in stack.processes.items()},
-        "logs": str(run_dir),
-    }
-    (run_dir / STATE).write_text(json.dumps(state, indent=2))
-    print(json.dumps(state, indent=2), flush=True)
+    supervisor = Supervisor(stack, log_path=run_dir / "supervisor.log")
+
+    def save() -> None:
+        state = {
+            "pid": os.getpid(),
+            "broker": stack.env["PROLIF_KAFKA_BOOTSTRAP"],
+            "ray": stack.env["PROLIF_RAY_ADDRESS"],
+            "services": {n: p.grpc_address for n, p in stack.processes.items()},
+            "logs": str(run_dir),
+            "components": supervisor.state(),
+        }
+        tmp = run_dir / f".{STATE}.tmp"
+        tmp.write_text(json.dumps(state, indent=2))
+        tmp.replace(run_dir / STATE)
+
+    save()
+    print((run_dir / STATE).read_text(), flush=True)
     try:
-        while not stop.wait(2.0):
-            for name, proc in stack.processes.items():
-                if not proc.alive():
-                    code = proc.proc.returncode if proc.proc else None
-                    print(
-                        f"{name} exited ({code}); restarting, log {proc.log_path}",
-                        file=sys.stderr,
-                        flush=True,
-                    )
-                    proc.start(timeout=180)
+        supervisor.run(stop, every_s=1.0, on_change=save)
     finally:
         stack.stop()
         (run_dir / STATE).unlink(missing_ok=True)
@@ -123,23 +142,61 @@ def _alive(pid: int) -> bool:
 
 
 def run_status(args: argparse.Namespace) -> int:
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    """Every component with its PID and its real state: a PID that is gone shows DOWN, the
+    broker answers a Kafka metadata request or not, services answer gRPC health. Exit code 0
+    only if everything is SERVING."""
+    from prolifscore.localstack.stack import check_health
 
     state = _state(args.run_dir)
     if state is None:
         print("not running")
         return 1
-    print(f"{'broker':<12} {state['broker']}")
-    print(f"{'ray':<12} {state['ray']}")
-    for name, address in state["services"].items():
-        try:
-            with grpc.insecure_channel(address) as ch:
-                resp = health_pb2_grpc.HealthStub(ch).Check(
-                    health_pb2.HealthCheckRequest(), timeout=2
-                )
-            health = health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
-        except grpc.RpcError as exc:
-            health = f"unreachable ({exc.code().name})"  # type: ignore[attr-defined]
-        print(f"{name:<12} {address:<22} {health}")
-    return 0
+    components = state.get("components") or {}
+    up_alive = _alive(state["pid"])
+    print(f"{'stack':<12} {state['pid']:<8} {'':<22} {'SERVING' if up_alive else 'DOWN'}")
+    if not up_alive:
+        print(f"the supervisor (`prolifscore up`, pid {state['pid']}) is gone", file=sys.stderr)
+    ok = up_alive
+    rows = [("broker", state["broker"]), ("ray", state["ray"]), *state["services"].items()]
+    for name, address in rows:
+        info = components.get(name, {})
+        pid = info.get("pid")
+        if pid is not None and not _alive(pid):
+            health = f"DOWN (pid {pid} gone)"
+        elif name == "broker":
+            health = _broker_health(address, info)
+        elif name == "ray":
+            health = "SERVING" if _port_open(address) else "DOWN (no answer)"
+        else:
+            health = check_health(address)
+        if health != "SERVING" and info.get("state", "running") != "running":
+            health += f"; supervisor: {info['state']}"
+        ok = ok and health == "SERVING"
+        print(f"{name:<12} {pid or '-':<8} {address:<22} {health}")
+    storage = components.get("broker", {}).get("storage")
+    if storage:
+        print(f"broker storage: {storage}")
+    return 0 if ok else 1
+
+
+def _port_open(address: str) -> bool:
+    import socket
+
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=2):
+            return True
+    except OSError:
+        return False
+
+
+def _broker_health(address: str, info: dict) -> str:
+    """SERVING if the broker answers a Kafka metadata request (and its store process lives)."""
+    from prolifscore.core.runtime.bus import Bus
+    from prolifscore.core.runtime.settings import KafkaSettings, load
+
+    store = info.get("store_pid")
+    if store is not None and not _alive(store):
+        return f"DOWN (object store pid {store} gone)"
+    with Bus(load(KafkaSettings, bootstrap_servers=address), "status") as bus:
+        return "SERVING" if bus.reachable(timeout=3.0) else "NOT_SERVING (no Kafka answer)"

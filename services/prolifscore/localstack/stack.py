@@ -46,10 +46,15 @@ class ServiceProcess:
         self.port_env = port_env
         self.grpc_port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
+        self.started_at = 0.0
 
     @property
     def grpc_address(self) -> str:
         return f"127.0.0.1:{self.grpc_port}"
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
 
     def launch(self) -> ServiceProcess:
         """Start the process without waiting: several services start side by side."""
@@ -59,6 +64,7 @@ class ServiceProcess:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", self.module], env=env, stdout=log, stderr=subprocess.STDOUT
             )
+        self.started_at = time.monotonic()
         return self
 
     def start(self, timeout: float = 90.0) -> ServiceProcess:
@@ -67,6 +73,10 @@ class ServiceProcess:
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
+
+    def health(self, timeout: float = 2.0) -> str:
+        """The gRPC health of the whole process ("SERVING", "NOT_SERVING", ...), or why none."""
+        return check_health(self.grpc_address, timeout)
 
     def wait_serving(self, timeout: float) -> None:
         """Until the gRPC health check says SERVING (the consumer has joined its group)."""
@@ -110,17 +120,34 @@ class ServiceProcess:
         return self.proc.returncode
 
 
+def check_health(address: str, timeout: float = 2.0) -> str:
+    """`grpc.health.v1` status of `address` ("" service) by name, or `unreachable (CODE)`."""
+    try:
+        with grpc.insecure_channel(address) as channel:
+            resp = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=""), timeout=timeout
+            )
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
+    except grpc.RpcError as exc:
+        return f"unreachable ({exc.code().name})"  # type: ignore[attr-defined]
+
+
 @dataclass
 class EmbeddedStack:
     """Everything `make demo` needs, started in dependency order and stopped in reverse.
 
     Services get one environment: the caller's `env` plus the broker, Ray and model server
-    addresses chosen here (all on 127.0.0.1, free ports)."""
+    addresses chosen here (all on 127.0.0.1, free ports). `broker_storage` is the folder of the
+    broker's durable storage (None: in memory); `ray_address` joins a running Ray instead of
+    starting a head."""
 
     run_dir: Path
     env: dict[str, str] = field(default_factory=dict)
     services: tuple[str, ...] = ("tiling", "filtering")
     ray_cpus: int = 0
+    broker_storage: Path | None = None
+    broker_fsync: bool = True
+    ray_address: str = ""
     broker: EmbeddedBroker | None = None
     ray: RayHead | None = None
     processes: dict[str, ServiceProcess] = field(default_factory=dict)
@@ -132,12 +159,17 @@ class EmbeddedStack:
     def start(self) -> EmbeddedStack:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         try:
-            self.broker = EmbeddedBroker(log_path=self.run_dir / "broker.log").start()
-            self.ray = RayHead(free_port(), self.ray_cpus, self.run_dir / "ray.log").start()
+            self.broker = EmbeddedBroker(
+                log_path=self.run_dir / "broker.log",
+                storage=self.broker_storage,
+                fsync=self.broker_fsync,
+            ).start()
+            if not self.ray_address:
+                self.ray = RayHead(free_port(), self.ray_cpus, self.run_dir / "ray.log").start()
             self.env = {
                 **self.env,
                 "PROLIF_KAFKA_BOOTSTRAP": self.broker.bootstrap,
-                "PROLIF_RAY_ADDRESS": self.ray.address,
+                "PROLIF_RAY_ADDRESS": self.ray.address if self.ray else self.ray_address,
             }
             procs = {}
             for name in SERVICE_MODULES:
