@@ -161,8 +161,7 @@ class Render:
         """A Helm value of this render (the chart's default when not set); kustomize: `default`."""
         if not self.is_helm:
             return default
-        found = dig(self.helm_values or {}, path)
-        return dig(chart_defaults(), path) if found is None else found
+        return _merged(dig(chart_defaults(), path), dig(self.helm_values or {}, path))
 
 
 def kubectl() -> str:
@@ -183,6 +182,14 @@ def render_kustomize(name: str) -> Render:
         [kubectl(), "kustomize", str(path)], capture_output=True, text=True, timeout=120, check=True
     ).stdout
     return Render(f"kustomize/{name}", _load_all(out), ALWAYS | KUSTOMIZE_CASES[name])
+
+
+def _merged(default: Any, value: Any) -> Any:
+    """Helm's values merge: maps merge key by key, anything else replaces."""
+    if isinstance(default, dict) and isinstance(value, dict):
+        return {k: _merged(default.get(k), value.get(k)) if k in value else default[k]
+                for k in {*default, *value}}
+    return default if value is None else value
 
 
 @functools.cache
