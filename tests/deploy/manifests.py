@@ -95,7 +95,10 @@ HELM_CASES: dict[str, Obj | None] = {
         "ray": {"existingAuthSecret": "my-ray-token", "workers": {"maxReplicas": 30}},
         "storage": {"slides": {"existingClaim": "hospital-slides"}},
         "networkPolicy": {"enabled": False},
-        "tls": {"enabled": True, "certManager": {"issuerRef": {"kind": "ClusterIssuer", "name": "corp"}}},
+        "tls": {
+            "enabled": True,
+            "certManager": {"issuerRef": {"kind": "ClusterIssuer", "name": "corp"}},
+        },
         "monitoring": {"enabled": True, "labels": {"release": "kube-prometheus-stack"}},
         "training": {"job": {"enabled": False}, "rayJob": {"gpu": True, "workers": 4}},
         "config": {"extraEnv": {"PROLIF_KAFKA_DELIVERY_TIMEOUT_MS": 3000000}},
@@ -107,7 +110,9 @@ HELM_CASES: dict[str, Obj | None] = {
 KUSTOMIZE_CASES: dict[str, frozenset[str]] = {
     "base": frozenset(),
     "dev": frozenset({"keda", "network-policies"}),
-    "prod": frozenset({"keda", "network-policies", "gpu", "cert-manager", "grpc-tls", "monitoring"}),
+    "prod": frozenset(
+        {"keda", "network-policies", "gpu", "cert-manager", "grpc-tls", "monitoring"}
+    ),
 }
 ALWAYS = frozenset({"ray", "ray-autoscaling", "bundled-kafka", "training-service", "job", "rayjob"})
 
@@ -166,7 +171,9 @@ class Render:
 
 def kubectl() -> str:
     """kubectl (its built-in kustomize): required, so a missing one fails with this message."""
-    found = shutil.which("kubectl") or ("/usr/bin/kubectl" if Path("/usr/bin/kubectl").exists() else None)
+    found = shutil.which("kubectl") or (
+        "/usr/bin/kubectl" if Path("/usr/bin/kubectl").exists() else None
+    )
     if found is None:
         raise AssertionError("kubectl (kustomize) is required for tests/deploy: install kubectl")
     return found
@@ -187,8 +194,10 @@ def render_kustomize(name: str) -> Render:
 def _merged(default: Any, value: Any) -> Any:
     """Helm's values merge: maps merge key by key, anything else replaces."""
     if isinstance(default, dict) and isinstance(value, dict):
-        return {k: _merged(default.get(k), value.get(k)) if k in value else default[k]
-                for k in {*default, *value}}
+        return {
+            k: _merged(default.get(k), value.get(k)) if k in value else default[k]
+            for k in {*default, *value}
+        }
     return default if value is None else value
 
 
@@ -431,7 +440,9 @@ def volume_of(pod: PodSpec, mount: Obj) -> Obj:
 
 def grpc_services(render: Render) -> tuple[str, ...]:
     """The gRPC service Deployments this render has (training only with its service)."""
-    return tuple(s for s in GRPC_SERVICES if s != "training" or "training-service" in render.features)
+    return tuple(
+        s for s in GRPC_SERVICES if s != "training" or "training-service" in render.features
+    )
 
 
 def port_number(container: Obj, port: int | str) -> int:

@@ -324,7 +324,9 @@ def test_resources_requests_and_limits(render: Render) -> None:
 
 
 def _gpus(pod: PodSpec) -> bool:
-    return any("nvidia.com/gpu" in (dig(c, "resources.limits") or {}) for c in pod.spec["containers"])
+    return any(
+        "nvidia.com/gpu" in (dig(c, "resources.limits") or {}) for c in pod.spec["containers"]
+    )
 
 
 def test_gpu_placement(render: Render) -> None:
@@ -340,7 +342,8 @@ def test_gpu_placement(render: Render) -> None:
         affinity = dig(tf_pod.spec, "affinity.podAntiAffinity") or {}
         assert render.is_helm or affinity["requiredDuringSchedulingIgnoredDuringExecution"]
     rayjob_model = {
-        rj["metadata"]["name"]: rj["spec"]["entrypoint"].split()[2] for rj in render.of_kind("RayJob")
+        rj["metadata"]["name"]: rj["spec"]["entrypoint"].split()[2]
+        for rj in render.of_kind("RayJob")
     }
     for pod in pod_specs(render):
         c = pod.spec["containers"][0]
@@ -886,11 +889,15 @@ def _training_runs(render: Render) -> list[tuple[str, list[str], PodSpec, Obj]]:
     runs = []
     for job in render.of_kind("Job"):
         pod = next(p for p in pod_specs(render) if p.where == f"Job/{job['metadata']['name']}")
-        runs.append((pod.where, pod.spec["containers"][0]["command"], pod, pod.spec["containers"][0]))
+        runs.append(
+            (pod.where, pod.spec["containers"][0]["command"], pod, pod.spec["containers"][0])
+        )
     for rj in render.of_kind("RayJob"):
         name = rj["metadata"]["name"]
         head = next(p for p in pod_specs(render) if p.where == f"RayJob/{name}/head")
-        runs.append((f"RayJob/{name}", rj["spec"]["entrypoint"].split(), head, head.spec["containers"][0]))
+        runs.append(
+            (f"RayJob/{name}", rj["spec"]["entrypoint"].split(), head, head.spec["containers"][0])
+        )
     return runs
 
 

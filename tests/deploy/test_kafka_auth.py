@@ -136,7 +136,9 @@ def expected_acls(render: Render, service: str) -> dict[tuple[str, str], set[str
     acls: dict[tuple[str, str], set[str]] = {}
     for var in use.reads | use.writes | use.lists:
         ops = {"Describe"} | ({"Read"} if var in use.reads else set())
-        acls[("topic", _value(render, env, var))] = ops | ({"Write"} if var in use.writes else set())
+        acls[("topic", _value(render, env, var))] = ops | (
+            {"Write"} if var in use.writes else set()
+        )
     for var in use.groups:
         acls[("group", _value(render, env, var))] = {"Read"}
     return acls
@@ -152,7 +154,9 @@ def rendered_acls(user: Obj) -> dict[tuple[str, str], set[str]]:
 
 
 def kafka_user(render: Render, service: str) -> Obj:
-    users = [u for u in render.of_kind("KafkaUser") if u["metadata"]["name"].endswith(f"-{service}")]
+    users = [
+        u for u in render.of_kind("KafkaUser") if u["metadata"]["name"].endswith(f"-{service}")
+    ]
     assert len(users) == 1, f"{render.name}: one KafkaUser for {service}"
     return users[0]
 
@@ -204,7 +208,12 @@ def kafka_clients(render: Render) -> list[tuple[PodSpec, Obj, str]]:
 def expected_security(render: Render) -> Obj:
     if "bundled-kafka" in render.features:
         kafka = render.of_kind("Kafka")[0]["metadata"]["name"]
-        return {"protocol": "SASL_SSL", "mechanism": "SCRAM-SHA-512", "ca": (f"{kafka}-cluster-ca-cert", "ca.crt"), "cert": ""}
+        return {
+            "protocol": "SASL_SSL",
+            "mechanism": "SCRAM-SHA-512",
+            "ca": (f"{kafka}-cluster-ca-cert", "ca.crt"),
+            "cert": "",
+        }
     e = render.value("kafka.external")
     tls = e["securityProtocol"] in ("SSL", "SASL_SSL")
     return {
@@ -243,8 +252,14 @@ def test_every_kafka_client_uses_its_own_credentials(render: Render) -> None:
         if sec["ca"]:
             assert file_source(pod, c, env["PROLIF_KAFKA_SSL_CA_FILE"] or "") == sec["ca"]
         if sec["cert"]:
-            assert file_source(pod, c, env["PROLIF_KAFKA_SSL_CERT_FILE"] or "") == (sec["cert"], "tls.crt")
-            assert file_source(pod, c, env["PROLIF_KAFKA_SSL_KEY_FILE"] or "") == (sec["cert"], "tls.key")
+            assert file_source(pod, c, env["PROLIF_KAFKA_SSL_CERT_FILE"] or "") == (
+                sec["cert"],
+                "tls.crt",
+            )
+            assert file_source(pod, c, env["PROLIF_KAFKA_SSL_KEY_FILE"] or "") == (
+                sec["cert"],
+                "tls.key",
+            )
 
 
 def test_keda_reads_lag_with_its_own_credentials(render: Render) -> None:
@@ -254,8 +269,12 @@ def test_keda_reads_lag_with_its_own_credentials(render: Render) -> None:
     for so in render.of_kind("ScaledObject"):
         (trigger,) = so["spec"]["triggers"]
         md = trigger["metadata"]
-        sasl = {"": "none", "PLAIN": "plaintext", "SCRAM-SHA-256": "scram_sha256",
-                "SCRAM-SHA-512": "scram_sha512"}[sec["mechanism"]]
+        sasl = {
+            "": "none",
+            "PLAIN": "plaintext",
+            "SCRAM-SHA-256": "scram_sha256",
+            "SCRAM-SHA-512": "scram_sha512",
+        }[sec["mechanism"]]
         assert md.get("sasl", "none") == sasl
         assert md.get("tls", "disable") == ("enable" if "SSL" in sec["protocol"] else "disable")
         if sec["protocol"] == "PLAINTEXT":
@@ -267,7 +286,10 @@ def test_keda_reads_lag_with_its_own_credentials(render: Render) -> None:
         if sec["ca"]:
             assert refs["ca"] == sec["ca"]
         if sec["cert"]:
-            assert refs["cert"] == (sec["cert"], "tls.crt") and refs["key"] == (sec["cert"], "tls.key")
+            assert refs["cert"] == (sec["cert"], "tls.crt") and refs["key"] == (
+                sec["cert"],
+                "tls.key",
+            )
         if sec["mechanism"]:
             user, secret, key = expected_user(render, "keda")
             assert refs["password"] == (secret, key)

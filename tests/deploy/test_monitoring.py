@@ -22,7 +22,7 @@ ALERTS = {
     "ProlifBrokerUnreachable",
     "ProlifServiceDown",
 }
-# Metrics from outside the code: target health (Prometheus), consumer lag (Strimzi's Kafka Exporter).
+# Metrics from outside the code: target health (Prometheus), lag (Strimzi's Kafka Exporter).
 EXTERNAL_METRICS = {"up", "kafka_consumergroup_lag"}
 # LEAD-CHECK (issue 16): the gauge the lead adds to core/runtime/metrics.py (1 while the service
 # reaches a Kafka broker, 0 when it cannot); once it is there, code_metrics() finds it itself.
@@ -93,7 +93,12 @@ def test_promql_checks_catch_mistakes() -> None:
 
 
 def _rules(render: Render) -> list[Obj]:
-    return [r for rule in render.of_kind("PrometheusRule") for g in rule["spec"]["groups"] for r in g["rules"]]
+    return [
+        r
+        for rule in render.of_kind("PrometheusRule")
+        for g in rule["spec"]["groups"]
+        for r in g["rules"]
+    ]
 
 
 def test_alerts(render: Render) -> None:
@@ -136,7 +141,10 @@ def test_every_service_is_scraped(render: Render) -> None:
             assert render.of_kind("Kafka")[0]["spec"]["kafkaExporter"], "the exporter is on"
             continue
         scraped = [p for p in pods if matches(pm["spec"]["selector"], p.labels)]
-        assert {p.labels["app.kubernetes.io/component"] for p in scraped} == {"ray-head", "ray-worker"}
+        assert {p.labels["app.kubernetes.io/component"] for p in scraped} == {
+            "ray-head",
+            "ray-worker",
+        }
         for p in scraped:
             assert "metrics" in {port.get("name") for port in p.spec["containers"][0]["ports"]}
     for m in [*monitors, *render.of_kind("PodMonitor")]:
@@ -145,7 +153,9 @@ def test_every_service_is_scraped(render: Render) -> None:
 
 
 def test_dashboard(render: Render) -> None:
-    maps = [c for c in render.of_kind("ConfigMap") if c["metadata"]["labels"].get("grafana_dashboard")]
+    maps = [
+        c for c in render.of_kind("ConfigMap") if c["metadata"]["labels"].get("grafana_dashboard")
+    ]
     if "monitoring" not in render.features:
         assert not maps
         return
@@ -177,11 +187,18 @@ def test_rules_and_dashboard_are_written_once() -> None:
         "prometheusrule.yaml": RULES,
         "prolifscore-dashboard.json": DASHBOARD,
         "tfserving-probe.sh": K8S_DIR / "base" / "config" / "tfserving-probe.sh",
-        "tfserving-ssl-config.sh": K8S_DIR / "components" / "grpc-tls" / "config" / "tfserving-ssl-config.sh",
+        "tfserving-ssl-config.sh": K8S_DIR
+        / "components"
+        / "grpc-tls"
+        / "config"
+        / "tfserving-ssl-config.sh",
     }.items():
         link = CHART_DIR / "files" / name
         assert link.is_symlink(), f"{link} must link to {target}, not copy it"
         assert (link.parent / os.readlink(link)).resolve() == target.resolve()
     assert {p.name for p in (CHART_DIR / "files").iterdir()} == {
-        "prometheusrule.yaml", "prolifscore-dashboard.json", "tfserving-probe.sh", "tfserving-ssl-config.sh"
+        "prometheusrule.yaml",
+        "prolifscore-dashboard.json",
+        "tfserving-probe.sh",
+        "tfserving-ssl-config.sh",
     }

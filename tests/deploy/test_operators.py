@@ -23,8 +23,6 @@ import subprocess
 from collections.abc import Callable, Collection
 from pathlib import Path
 
-import pytest
-
 from tests.deploy.manifests import (
     HELM_NAMESPACE,
     RENDER_NAMES,
@@ -182,7 +180,11 @@ def _ray_cluster_errors(where: str, spec: Obj, validate: Callable[[Obj], str]) -
             errors.append(f"{w}.idleTimeoutSeconds")
         # the sidecar's container fields are core types: validate them inside the head pod
         sidecar = {"name": "autoscaler", "image": "x"}
-        sidecar |= {k: options[k] for k in ("securityContext", "resources", "volumeMounts", "env") if k in options}
+        sidecar |= {
+            k: options[k]
+            for k in ("securityContext", "resources", "volumeMounts", "env")
+            if k in options
+        }
         head_spec = head["template"]["spec"]
         validate(_pod_template({**head_spec, "containers": [*head_spec["containers"], sidecar]}))
         volumes = {v["name"] for v in head_spec.get("volumes", [])}
@@ -249,7 +251,9 @@ def _kafka_errors(where: str, spec: Obj, validate: Validate) -> list[str]:
             errors.append(f"{w}.authentication.type")
     authz = spec["kafka"].get("authorization")
     if authz is not None:
-        errors += check_keys(f"{where}.kafka.authorization", authz, {"type", "superUsers"}, {"type"})
+        errors += check_keys(
+            f"{where}.kafka.authorization", authz, {"type", "superUsers"}, {"type"}
+        )
         if authz["type"] not in ("simple", "opa", "keycloak", "custom"):
             errors.append(f"{where}.kafka.authorization.type")
     eo = spec.get("entityOperator", {})
@@ -268,9 +272,20 @@ def _kafka_errors(where: str, spec: Obj, validate: Validate) -> list[str]:
             )
     exporter = spec.get("kafkaExporter")
     if exporter is not None:
-        keys = {"groupRegex", "topicRegex", "groupExcludeRegex", "topicExcludeRegex", "resources",
-                "template", "logging", "enableSaramaLogging", "showAllOffsets", "image",
-                "livenessProbe", "readinessProbe"}
+        keys = {
+            "groupRegex",
+            "topicRegex",
+            "groupExcludeRegex",
+            "topicExcludeRegex",
+            "resources",
+            "template",
+            "logging",
+            "enableSaramaLogging",
+            "showAllOffsets",
+            "image",
+            "livenessProbe",
+            "readinessProbe",
+        }
         errors += check_keys(f"{where}.kafkaExporter", exporter, keys)
         for regex in ("groupRegex", "topicRegex"):
             re.compile(exporter.get(regex, ".*"))
@@ -325,7 +340,9 @@ def _user_errors(where: str, spec: Obj, validate: Validate) -> list[str]:
         errors += check_keys(f"{where}.authorization", authz, {"type", "acls"}, {"type", "acls"})
         for i, acl in enumerate(authz["acls"]):
             w = f"{where}.authorization.acls[{i}]"
-            errors += check_keys(w, acl, {"resource", "operations", "host", "type"}, {"resource", "operations"})
+            errors += check_keys(
+                w, acl, {"resource", "operations", "host", "type"}, {"resource", "operations"}
+            )
             res = acl["resource"]
             errors += check_keys(f"{w}.resource", res, {"type", "name", "patternType"}, {"type"})
             if res["type"] not in ("topic", "group", "cluster", "transactionalId"):
@@ -424,14 +441,12 @@ def crd_errors(o: Obj, validate: Validate) -> list[str]:
     errors: list[str] = []
     if o["apiVersion"] != CRD_API[kind]:
         errors.append(f"{where}: apiVersion {o['apiVersion']} (expected {CRD_API[kind]})")
-    errors += check_keys(
-        where, o, {"apiVersion", "kind", "metadata", "spec"}, {"metadata", "spec"}
-    )
+    errors += check_keys(where, o, {"apiVersion", "kind", "metadata", "spec"}, {"metadata", "spec"})
     if not re.fullmatch(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?", name) or len(name) > 253:
         errors.append(f"{where}: invalid name")
-    if kind in ("KafkaNodePool", "KafkaTopic", "KafkaUser") and "strimzi.io/cluster" not in o["metadata"].get(
-        "labels", {}
-    ):
+    if kind in ("KafkaNodePool", "KafkaTopic", "KafkaUser") and "strimzi.io/cluster" not in o[
+        "metadata"
+    ].get("labels", {}):
         errors.append(f"{where}: missing label strimzi.io/cluster")
     return errors + CRD_CHECKS[kind](f"{where}.spec", o["spec"], validate)
 
@@ -490,7 +505,6 @@ def test_crd_checks_catch_mistakes(k8s_validate: Callable[[Obj], str]) -> None:
     assert len(errors) == 2 and "authentication" in errors[0] and "Consume" in errors[1]
 
 
-
 # ---------------------------------------------------------------------------------------------
 # The operators' published schemas (npm @kubernetes-models, through node)
 
@@ -534,15 +548,34 @@ def test_published_crd_schemas(renders: dict[str, Render]) -> None:
 def test_published_crd_schemas_catch_mistakes() -> None:
     base = {"metadata": {"name": "x"}}
     bad = [
-        {**base, "apiVersion": "keda.sh/v1alpha1", "kind": "ScaledObject",
-         "spec": {"scaleTargetRef": {"name": "d"}, "minReplicaCount": "one",
-                  "triggers": [{"type": "kafka", "metadata": {}}]}},
-        {**base, "apiVersion": "cert-manager.io/v1", "kind": "Certificate",
-         "spec": {"secretName": "s", "issuerRef": {"name": "i"}, "usages": ["server"]}},
-        {**base, "apiVersion": "monitoring.coreos.com/v1", "kind": "ServiceMonitor",
-         "spec": {"selector": {}, "endpoints": [{"port": "metrics", "interval": "often"}]}},
-        {**base, "apiVersion": "monitoring.coreos.com/v1", "kind": "PrometheusRule",
-         "spec": {"groups": [{"rules": [{"alert": "A", "expr": "up"}]}]}},  # group needs a name
+        {
+            **base,
+            "apiVersion": "keda.sh/v1alpha1",
+            "kind": "ScaledObject",
+            "spec": {
+                "scaleTargetRef": {"name": "d"},
+                "minReplicaCount": "one",
+                "triggers": [{"type": "kafka", "metadata": {}}],
+            },
+        },
+        {
+            **base,
+            "apiVersion": "cert-manager.io/v1",
+            "kind": "Certificate",
+            "spec": {"secretName": "s", "issuerRef": {"name": "i"}, "usages": ["server"]},
+        },
+        {
+            **base,
+            "apiVersion": "monitoring.coreos.com/v1",
+            "kind": "ServiceMonitor",
+            "spec": {"selector": {}, "endpoints": [{"port": "metrics", "interval": "often"}]},
+        },
+        {
+            **base,
+            "apiVersion": "monitoring.coreos.com/v1",
+            "kind": "PrometheusRule",
+            "spec": {"groups": [{"rules": [{"alert": "A", "expr": "up"}]}]},
+        },  # group needs a name
     ]
     results = published_schema_errors(bad)
     assert [bool(errs) for _, errs in results] == [True] * len(bad), results
@@ -579,5 +612,10 @@ def test_ray_autoscaler_reads_the_rayclusters(render: Render) -> None:
             node = types[group["groupName"]]
             limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
             assert node["resources"]["CPU"] == quantity(limits["cpu"])
-            assert node["min_workers"] == group["minReplicas"] < node["max_workers"] == group["maxReplicas"]
+            assert (
+                node["min_workers"]
+                == group["minReplicas"]
+                < node["max_workers"]
+                == group["maxReplicas"]
+            )
             assert "replicas" not in group, "the autoscaler owns the worker count"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -79,7 +80,10 @@ def test_tf_serving_grpc_uses_mutual_tls(render: Render) -> None:
     volume = next(v for v in tf_pod.spec["volumes"] if v["name"] == out_mount["name"])
     assert volume["emptyDir"]["medium"] == "Memory", "the private key stays off disk"
     for key in ("tls.crt", "tls.key", "ca.crt"):
-        assert file_source(tf_pod, init, f"{source}/{key}") == (_tls_secret(render, "model-server"), key)
+        assert file_source(tf_pod, init, f"{source}/{key}") == (
+            _tls_secret(render, "model-server"),
+            key,
+        )
     assert configmap_file(render, tf_pod, init, script) == SSL_SCRIPT.read_text()
     # scoring dials TF Serving by a name the TF Serving certificate carries
     if "cert-manager" in render.features:
@@ -136,14 +140,38 @@ def _issue(cwd: Path, name: str, dns: list[str]) -> None:
     """An ECDSA P-256 certificate for `dns`, server + client auth, signed by ca.crt/ca.key (the
     Certificates' privateKey and usages)."""
     _openssl("ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", f"{name}.key", cwd=cwd)
-    _openssl("req", "-new", "-key", f"{name}.key", "-subj", f"/CN={dns[0]}", "-out", f"{name}.csr", cwd=cwd)
+    _openssl(
+        "req",
+        "-new",
+        "-key",
+        f"{name}.key",
+        "-subj",
+        f"/CN={dns[0]}",
+        "-out",
+        f"{name}.csr",
+        cwd=cwd,
+    )
     (cwd / f"{name}.ext").write_text(
         "subjectAltName=" + ",".join(f"DNS:{d}" for d in dns) + "\n"
         "extendedKeyUsage=serverAuth,clientAuth\nkeyUsage=digitalSignature\n"
     )
     _openssl(
-        "x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
-        "-CAcreateserial", "-days", "2", "-extfile", f"{name}.ext", "-out", f"{name}.crt", cwd=cwd,
+        "x509",
+        "-req",
+        "-in",
+        f"{name}.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-extfile",
+        f"{name}.ext",
+        "-out",
+        f"{name}.crt",
+        cwd=cwd,
     )
 
 
@@ -151,7 +179,20 @@ def _issue(cwd: Path, name: str, dns: list[str]) -> None:
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
     cwd = tmp_path_factory.mktemp("pki")
     _openssl("ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", "ca.key", cwd=cwd)
-    _openssl("req", "-x509", "-new", "-key", "ca.key", "-subj", "/CN=prolifscore-ca", "-days", "2", "-out", "ca.crt", cwd=cwd)
+    _openssl(
+        "req",
+        "-x509",
+        "-new",
+        "-key",
+        "ca.key",
+        "-subj",
+        "/CN=prolifscore-ca",
+        "-days",
+        "2",
+        "-out",
+        "ca.crt",
+        cwd=cwd,
+    )
     _issue(cwd, "tfserving", ["prolifscore-tfserving", "prolifscore-tfserving.prolifscore.svc"])
     _issue(cwd, "scoring", ["prolifscore-scoring", "prolifscore-scoring.prolifscore.svc"])
     return cwd
@@ -162,20 +203,40 @@ def _ssl_config_type() -> type:
     package does not ship: built from its four fields."""
     from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
-    f = descriptor_pb2.FileDescriptorProto(name="ssl_config_test.proto", package="tensorflow.serving", syntax="proto3")
+    f = descriptor_pb2.FileDescriptorProto(
+        name="ssl_config_test.proto", package="tensorflow.serving", syntax="proto3"
+    )
     m = f.message_type.add(name="SSLConfig")
-    string, boolean = descriptor_pb2.FieldDescriptorProto.TYPE_STRING, descriptor_pb2.FieldDescriptorProto.TYPE_BOOL
+    string, boolean = (
+        descriptor_pb2.FieldDescriptorProto.TYPE_STRING,
+        descriptor_pb2.FieldDescriptorProto.TYPE_BOOL,
+    )
     for number, (field, kind) in enumerate(
-        [("server_key", string), ("server_cert", string), ("custom_ca", string), ("client_verify", boolean)], 1
+        [
+            ("server_key", string),
+            ("server_cert", string),
+            ("custom_ca", string),
+            ("client_verify", boolean),
+        ],
+        1,
     ):
-        m.field.add(name=field, number=number, type=kind, label=descriptor_pb2.FieldDescriptorProto.LABEL_OPTIONAL)
+        m.field.add(
+            name=field,
+            number=number,
+            type=kind,
+            label=descriptor_pb2.FieldDescriptorProto.LABEL_OPTIONAL,
+        )
     pool = descriptor_pool.DescriptorPool()
     pool.Add(f)
-    return message_factory.GetMessageClass(pool.FindMessageTypeByName("tensorflow.serving.SSLConfig"))
+    return message_factory.GetMessageClass(
+        pool.FindMessageTypeByName("tensorflow.serving.SSLConfig")
+    )
 
 
 @pytest.mark.parametrize("with_ca", [True, False])
-def test_ssl_config_script_builds_tf_servings_sslconfig(pki: Path, tmp_path: Path, with_ca: bool) -> None:
+def test_ssl_config_script_builds_tf_servings_sslconfig(
+    pki: Path, tmp_path: Path, with_ca: bool
+) -> None:
     """The init container's script, run with bash on a Secret's files, writes a text SSLConfig
     that protobuf parses back to exactly those PEM texts (client_verify with a CA)."""
     from google.protobuf import text_format
@@ -189,8 +250,12 @@ def test_ssl_config_script_builds_tf_servings_sslconfig(pki: Path, tmp_path: Pat
     if with_ca:
         (secret / "ca.crt").write_text((pki / "ca.crt").read_text())
     out = tmp_path / "ssl.config"
-    subprocess.run([bash, str(SSL_SCRIPT), str(secret), str(out)], check=True, timeout=30,
-                   env={"PATH": "/usr/bin:/bin"})
+    subprocess.run(
+        [bash, str(SSL_SCRIPT), str(secret), str(out)],
+        check=True,
+        timeout=30,
+        env={"PATH": "/usr/bin:/bin"},
+    )
     config = text_format.Parse(out.read_text(), _ssl_config_type()())
     assert config.server_key == (pki / "tfserving.key").read_text()
     assert config.server_cert == (pki / "tfserving.crt").read_text()
@@ -206,25 +271,34 @@ def test_mutual_tls_handshake_with_such_certificates(pki: Path) -> None:
     import grpc
     from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-    read = lambda name: (pki / name).read_bytes()  # noqa: E731
-    server = grpc.server(__import__("concurrent.futures").futures.ThreadPoolExecutor(2))
+    def read(name: str) -> bytes:
+        return (pki / name).read_bytes()
+
+    server = grpc.server(ThreadPoolExecutor(2))
     health_pb2_grpc.add_HealthServicer_to_server(health.HealthServicer(), server)
     creds = grpc.ssl_server_credentials(
-        [(read("tfserving.key"), read("tfserving.crt"))], root_certificates=read("ca.crt"),
+        [(read("tfserving.key"), read("tfserving.crt"))],
+        root_certificates=read("ca.crt"),
         require_client_auth=True,
     )
     port = server.add_secure_port("127.0.0.1:0", creds)
     server.start()
     options = [("grpc.ssl_target_name_override", "prolifscore-tfserving")]
     try:
-        client = grpc.ssl_channel_credentials(read("ca.crt"), read("scoring.key"), read("scoring.crt"))
+        client = grpc.ssl_channel_credentials(
+            read("ca.crt"), read("scoring.key"), read("scoring.crt")
+        )
         with grpc.secure_channel(f"127.0.0.1:{port}", client, options) as channel:
-            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(), timeout=10
+            )
             assert reply.status == health_pb2.HealthCheckResponse.SERVING
         anonymous = grpc.ssl_channel_credentials(read("ca.crt"))
-        with grpc.secure_channel(f"127.0.0.1:{port}", anonymous, options) as channel:
-            with pytest.raises(grpc.RpcError):
-                health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+        with (
+            grpc.secure_channel(f"127.0.0.1:{port}", anonymous, options) as channel,
+            pytest.raises(grpc.RpcError),
+        ):
+            health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
     finally:
         server.stop(None)
 
