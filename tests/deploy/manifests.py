@@ -183,20 +183,31 @@ def _load_all(text: str) -> list[Obj]:
     return [d for d in yaml.safe_load_all(text) if d]
 
 
-def render_kustomize(name: str) -> Render:
-    path = K8S_DIR / "base" if name == "base" else K8S_DIR / "overlays" / name
-    out = subprocess.run(
-        [kubectl(), "kustomize", str(path)], capture_output=True, text=True, timeout=120, check=True
-    ).stdout
+def _kustomize_path(name: str) -> Path:
+    return K8S_DIR / "base" if name == "base" else K8S_DIR / "overlays" / name
+
+
+def _kustomize_render(name: str, out: str) -> Render:
     return Render(f"kustomize/{name}", _load_all(out), ALWAYS | KUSTOMIZE_CASES[name])
+
+
+def render_kustomize(name: str) -> Render:
+    out = subprocess.run(
+        [kubectl(), "kustomize", str(_kustomize_path(name))],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout
+    return _kustomize_render(name, out)
 
 
 def _merged(default: Any, value: Any) -> Any:
     """Helm's values merge: maps merge key by key, anything else replaces."""
     if isinstance(default, dict) and isinstance(value, dict):
+        keys = {*default, *value}
         return {
-            k: _merged(default.get(k), value.get(k)) if k in value else default[k]
-            for k in {*default, *value}
+            k: _merged(default.get(k), value.get(k)) if k in value else default[k] for k in keys
         }
     return default if value is None else value
 
@@ -247,10 +258,22 @@ def render_helm(case: str, values: Obj | None) -> Render:
 
 
 def render_all() -> dict[str, Render]:
-    result = {f"kustomize/{name}": render_kustomize(name) for name in KUSTOMIZE_CASES}
-    for case, values in HELM_CASES.items():
-        result[f"helm/{case}"] = render_helm(case, values)
-    return result
+    """Every render; the kustomize builds run in the background while Helm renders."""
+    builds = {
+        name: subprocess.Popen(
+            [kubectl(), "kustomize", str(_kustomize_path(name))],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for name in KUSTOMIZE_CASES
+    }
+    result = {f"helm/{case}": render_helm(case, values) for case, values in HELM_CASES.items()}
+    for name, build in builds.items():
+        out, err = build.communicate(timeout=120)
+        assert build.returncode == 0, f"kubectl kustomize {_kustomize_path(name)}: {err}"
+        result[f"kustomize/{name}"] = _kustomize_render(name, out)
+    return {n: result[n] for n in RENDER_NAMES}
 
 
 RENDER_NAMES = [f"kustomize/{n}" for n in KUSTOMIZE_CASES] + [f"helm/{c}" for c in HELM_CASES]
