@@ -170,6 +170,8 @@ def _ray_cluster_errors(where: str, spec: Obj, validate: Callable[[Obj], str]) -
     errors += check_keys(
         f"{where}.headGroupSpec", head, RAY_HEAD_GROUP, {"template", "rayStartParams"}
     )
+    if dig(spec, "upgradeStrategy.type") not in (None, "Recreate", "None"):
+        errors.append(f"{where}.upgradeStrategy.type")
     options = spec.get("autoscalerOptions")
     if options is not None:
         w = f"{where}.autoscalerOptions"
