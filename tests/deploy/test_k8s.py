@@ -1057,3 +1057,44 @@ def test_readme_kubernetes_section() -> None:
         "make k8s-validate",
     ):
         assert needle in section, needle
+
+
+def test_operator_guide(renders: dict[str, Render]) -> None:
+    """docs/kubernetes.md walks through install, scale, upgrade and rollback, names every
+    component, and its table of Kafka users says what the base's KafkaUsers grant."""
+    text = (ROOT / "docs" / "kubernetes.md").read_text()
+    for needle in (
+        "kubectl apply -k",
+        "helm install",
+        "helm upgrade",
+        "helm rollback",
+        "rollout undo",
+        "## Scaling",
+        "## Upgrade",
+        "## Rollback",
+        "make k8s-validate",
+    ):
+        assert needle in text, needle
+    for component in (K8S_DIR / "components").iterdir():
+        assert f"components/{component.name}" in text, component.name
+    from tests.deploy.test_kafka_auth import rendered_acls
+
+    base = {
+        u["metadata"]["name"]: rendered_acls(u)
+        for u in renders["kustomize/base"].of_kind("KafkaUser")
+    }
+    rows = re.findall(r"^\| `(prolifscore-\w+)`[^|]*\|([^|]*)\|([^|]*)\|([^|]*)\|", text, re.M)
+    documented = {}
+    for user, *columns in rows:
+        ops = {}
+        for column, op in zip(columns, ("Read", "Write", "Describe"), strict=True):
+            for topic in re.findall(r"`(prolif\.[a-z.]+)`", column):
+                ops[topic] = op
+        documented[user] = ops
+    for user, acls in base.items():
+        strongest = {
+            name: next(op for op in ("Read", "Write", "Describe") if op in ops)
+            for (kind, name), ops in acls.items()
+            if kind == "topic"
+        }
+        assert documented[user] == strongest, user
