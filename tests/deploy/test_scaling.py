@@ -48,7 +48,12 @@ def replicas(render: Render, component: str) -> tuple[int, int]:
 def test_lag_turns_into_ray_workers(render: Render) -> None:
     clusters = render.of_kind("RayCluster")
     if not clusters:
-        return  # each pod runs a local Ray: its compute scales with the pods
+        # each pod runs a local Ray: its compute scales with the pods, and each pod's own
+        # requests must fit its own Ray
+        for component, (largest, busy) in ray_requests(render).items():
+            local = _setting(render, component, "PROLIF_RAY_NUM_CPUS")
+            assert largest <= busy <= local, f"{component}: {busy} Ray CPUs in a {local}-CPU Ray"
+        return
     (cluster,) = clusters
     groups = cluster["spec"]["workerGroupSpecs"]
     (group,) = groups
