@@ -220,6 +220,17 @@ def _one_container_pod(
     return _pod_template({"securityContext": pod_security or {}, "containers": [container]})
 
 
+def _strimzi_container(
+    validate: Validate, template: Obj | None, container: str, resources: Obj | None
+) -> None:
+    """A Strimzi component's pod template (its pod and container security contexts) and
+    resources: core types, validated as a pod."""
+    pod = dig(template or {}, "pod.securityContext")
+    validate(
+        _one_container_pod(pod, "c", dig(template or {}, f"{container}.securityContext"), resources)
+    )
+
+
 def _netpol_with_peer(peer: Obj) -> Obj:
     return {
         "apiVersion": "networking.k8s.io/v1",
@@ -264,14 +275,8 @@ def _kafka_errors(where: str, spec: Obj, validate: Validate) -> list[str]:
     )
     for operator in ("topicOperator", "userOperator"):
         if operator in eo:
-            validate(
-                _one_container_pod(
-                    dig(eo, "template.pod.securityContext"),
-                    operator.lower(),
-                    dig(eo, f"template.{operator}Container.securityContext"),
-                    dig(eo, f"{operator}.resources"),
-                )
-            )
+            resources = dig(eo, f"{operator}.resources")
+            _strimzi_container(validate, eo.get("template"), f"{operator}Container", resources)
     exporter = spec.get("kafkaExporter")
     if exporter is not None:
         keys = {
@@ -291,13 +296,8 @@ def _kafka_errors(where: str, spec: Obj, validate: Validate) -> list[str]:
         errors += check_keys(f"{where}.kafkaExporter", exporter, keys)
         for regex in ("groupRegex", "topicRegex"):
             re.compile(exporter.get(regex, ".*"))
-        validate(
-            _one_container_pod(
-                dig(exporter, "template.pod.securityContext"),
-                "kafka-exporter",
-                dig(exporter, "template.container.securityContext"),
-                exporter.get("resources"),
-            )
+        _strimzi_container(
+            validate, exporter.get("template"), "container", exporter.get("resources")
         )
     return errors
 
@@ -312,14 +312,7 @@ def _node_pool_errors(where: str, spec: Obj, validate: Validate) -> list[str]:
     for v in storage.get("volumes", []):
         if v.get("type") not in ("ephemeral", "persistent-claim") or "id" not in v:
             errors.append(f"{where}.storage.volumes: {v}")
-    validate(
-        _one_container_pod(
-            dig(spec, "template.pod.securityContext"),
-            "kafka",
-            dig(spec, "template.kafkaContainer.securityContext"),
-            spec.get("resources"),
-        )
-    )
+    _strimzi_container(validate, spec.get("template"), "kafkaContainer", spec.get("resources"))
     return errors
 
 
