@@ -240,7 +240,6 @@ def _netpol_with_peer(peer: Obj) -> Obj:
     }
 
 
-Validate = Callable[[Obj], str]
 LISTENER_TYPES = ("internal", "route", "loadbalancer", "nodeport", "ingress", "cluster-ip")
 SUBMISSION_MODES = ("K8sJobMode", "HTTPMode", "InteractiveMode", "SidecarMode")
 
