@@ -28,8 +28,7 @@ from tests.deploy.manifests import (
 )
 
 SERVICES_DIR = ROOT / "services" / "prolifscore"
-# Where each Kafka-using service's code publishes, consumes and lists topics. consume_loop
-# (core/runtime/service.py) dead-letters undecodable records for every consumer; `prolifscore train
+# Where each Kafka-using service's code publishes, consumes and lists topics; `prolifscore train
 # --publish` (cli/train.py) announces models with the training user.
 CODE = {
     "tiling": ["tiling/server.py"],
@@ -37,7 +36,9 @@ CODE = {
     "scoring": ["scoring/server.py"],
     "training": ["training/server.py", "cli/train.py"],
 }
-CONSUMER_CODE = "core/runtime/service.py"
+# Shared code the services call: the consume loop (dead-letters undecodable records) and the
+# failure helpers (dead letter + FAILED status), where they exist.
+SHARED_CODE = ["core/runtime/service.py", "core/runtime/failures.py"]
 
 
 @dataclasses.dataclass
@@ -48,6 +49,11 @@ class KafkaUse:
     writes: set[str] = dataclasses.field(default_factory=set)
     lists: set[str] = dataclasses.field(default_factory=set)
     groups: set[str] = dataclasses.field(default_factory=set)
+    calls: set[str] = dataclasses.field(default_factory=set)
+
+    def add(self, other: KafkaUse) -> None:
+        for f in ("reads", "writes", "lists", "groups"):
+            getattr(self, f).update(getattr(other, f))
 
 
 def _setting_vars(service: str) -> dict[str, str]:
@@ -66,48 +72,84 @@ def _attrs(node: ast.AST) -> list[str]:
     return [n.attr for n in ast.walk(node) if isinstance(n, ast.Attribute)]
 
 
-@functools.cache
-def code_kafka_use(service: str) -> KafkaUse:
-    """The service's Kafka use, read from its code: publish / publish_bytes / dead_letter targets,
-    consume_loop topics and group, ensure_topics lists."""
-    names = _setting_vars(service)
+def _read_use(tree: ast.AST, names: dict[str, str]) -> KafkaUse:
+    """The Kafka calls in some code: publish / publish_bytes / dead_letter targets, consume_loop
+    and KafkaWork (consumed topic, group, topics listed at start), ensure_topics lists, and the
+    names of the functions it calls."""
     use = KafkaUse()
-    consumes = False
+    assigned: dict[str, set[str]] = {}
 
-    def topics(node: ast.AST) -> set[str]:
+    def topics(node: ast.AST | None) -> set[str]:
+        if node is None:
+            return set()
         found = {names[a] for a in _attrs(node) if a.startswith("topic_") and a in names}
         if isinstance(node, ast.Name):  # a local holding a topic (`topic = k.topic_tasks`)
             found |= assigned.get(node.id, set())
         return found
 
-    for rel in CODE[service]:
-        tree = ast.parse((SERVICES_DIR / rel).read_text())
-        assigned: dict[str, set[str]] = {}
-        for node in ast.walk(tree):
-            if isinstance(node, ast.Assign) and len(node.targets) == 1:
-                target = node.targets[0]
-                if isinstance(target, ast.Name):
-                    assigned.setdefault(target.id, set()).update(topics(node.value))
-        for call in ast.walk(tree):
-            if not isinstance(call, ast.Call):
-                continue
-            func = call.func
-            name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
-            if name in ("publish", "publish_bytes"):
-                use.writes |= topics(call.args[0])
-            elif name == "dead_letter":
-                use.writes.add(names["topic_dlq"])
-            elif name == "ensure_topics":
-                use.lists |= topics(call.args[0])
-            elif name == "consume_loop":
-                consumes = True
-                use.reads |= topics(call.args[2])
-                use.groups |= {names[a] for a in _attrs(call.args[3]) if a in names}
-    if consumes:
-        consumer = ast.parse((SERVICES_DIR / CONSUMER_CODE).read_text())
-        if any(a == "dead_letter" for a in _attrs(consumer)):
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name):
+            assigned.setdefault(node.targets[0].id, set()).update(topics(node.value))
+    for call in ast.walk(tree):
+        if not isinstance(call, ast.Call):
+            continue
+        func = call.func
+        name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
+        use.calls.add(name)
+        keywords = {k.arg: k.value for k in call.keywords}
+        if name in ("publish", "publish_bytes"):
+            use.writes |= topics(call.args[0])
+        elif name == "dead_letter":
             use.writes.add(names["topic_dlq"])
+        elif name == "ensure_topics":
+            use.lists |= topics(call.args[0])
+        elif name == "consume_loop" and len(call.args) >= 4:
+            use.reads |= topics(call.args[2])
+            use.groups |= {names[a] for a in _attrs(call.args[3]) if a in names}
+        elif name == "KafkaWork":
+            use.reads |= topics(keywords.get("consume"))
+            use.lists |= topics(keywords.get("produce")) | {names["topic_dlq"]}
+            use.groups |= {names[a] for a in _attrs(keywords["group_id"]) if a in names}
     return use
+
+
+def _shared_functions(names: dict[str, str]) -> dict[str, KafkaUse]:
+    """Kafka use of each function of the shared code, with what the functions it calls there do."""
+    found: dict[str, KafkaUse] = {}
+    for rel in SHARED_CODE:
+        path = SERVICES_DIR / rel
+        if path.exists():
+            for node in ast.parse(path.read_text()).body:
+                if isinstance(node, ast.FunctionDef) and node.name != "consume_loop":
+                    found[node.name] = _read_use(node, names)
+    for _ in range(3):  # helpers calling helpers
+        for use in found.values():
+            for callee in use.calls & set(found):
+                use.add(found[callee])
+    return found
+
+
+@functools.cache
+def code_kafka_use(service: str) -> KafkaUse:
+    """The service's Kafka use, read from its code and the shared code it calls."""
+    names = _setting_vars(service)
+    shared = _shared_functions(names)
+    use = KafkaUse()
+    for rel in CODE[service]:
+        found = _read_use(ast.parse((SERVICES_DIR / rel).read_text()), names)
+        use.add(found)
+        for callee in found.calls & set(shared):
+            use.add(shared[callee])
+        if {"consume_loop", "KafkaWork", "run_service"} & found.calls and _loop_dead_letters():
+            use.writes.add(names["topic_dlq"])  # records the consume loop cannot decode
+    return use
+
+
+@functools.cache
+def _loop_dead_letters() -> bool:
+    tree = ast.parse((SERVICES_DIR / "core/runtime/service.py").read_text())
+    loop = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "consume_loop")
+    return "dead_letter" in _attrs(loop)
 
 
 def test_code_reading_finds_what_the_services_do() -> None:
