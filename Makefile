@@ -11,7 +11,7 @@ PROTO_STAMP := $(PROTO_OUT)/.generated
 
 .PHONY: setup protos demo test test-fast lint bench bench-training lock clean
 
-setup: $(STAMP) $(PROTO_STAMP)
+setup: $(STAMP) $(PROTO_STAMP) k8s-tools
 
 $(DEPS): requirements/lock.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -52,11 +52,22 @@ bench: setup
 	$(PY) -m bench.run
 	$(PY) -m bench.table --write-readme
 
-# Offline Kubernetes checks: render k8s/ overlays and the Helm chart, validate them against the
-# pinned Kubernetes schemas (kubernetes-validate --strict) and check policy and code consistency.
-.PHONY: k8s-validate
+# Offline Kubernetes checks (tests/deploy): render the k8s/ base and overlays and the Helm chart
+# with several value sets, validate core objects against the pinned Kubernetes schemas
+# (kubernetes-validate --strict) and custom resources against the operators' published schemas
+# (npm @kubernetes-models: KEDA, cert-manager, Prometheus Operator; Ray's own autoscaler config
+# for RayClusters), PromQL with promql-parser, and check policy and code consistency.
+.PHONY: k8s-validate k8s-tools
 k8s-validate: setup
-	$(PY) -m pytest -q tests/deploy/test_k8s.py
+	$(PY) -m pytest -q tests/deploy
+
+# The npm packages those checks read (tests/deploy/package.json, pinned by its package-lock.json).
+K8S_NPM_STAMP := tests/deploy/node_modules/.installed
+k8s-tools: $(K8S_NPM_STAMP)
+
+$(K8S_NPM_STAMP): tests/deploy/package.json tests/deploy/package-lock.json
+	npm ci --prefix tests/deploy --no-audit --no-fund --loglevel=error
+	touch $@
 
 # Not part of CI (~90 min on 2 cores): does training learn? Writes bench/validate.json.
 bench-training: setup
