@@ -27,12 +27,18 @@ from prolifscore.core.wsi.geometry import (
 )
 from prolifscore.core.wsi.prefetch import prefetched
 from prolifscore.core.wsi.slide import Slide
-from prolifscore.core.wsi.tissue import CoverageMap, FastCriterion, compute_coverage_map, seed_keep
+from prolifscore.core.wsi.tissue import (
+    CoverageMap,
+    FastCriterion,
+    compute_coverage_map,
+    reference_keep,
+)
 from prolifscore.v1 import pipeline_pb2 as pb
 
 # Bump when a change alters which pixels a spec produces: it renames every shard.
 PIPELINE_VERSION = 1
 
+# Mode `seed` is the reference (seed) study's per-tile test (`reference_keep`), not a random seed.
 _MODES = {"fast": pb.TISSUE_MODE_FAST, "seed": pb.TISSUE_MODE_SEED}
 _STAINS = {
     "none": pb.STAIN_NORMALIZATION_NONE,
@@ -140,12 +146,12 @@ def plan_slide(
     spec, geometry, warnings = resolve_spec(slide, overrides, defaults)
     cmap = compute_coverage_map(slide, mask_downsample_for(geometry), threads=defaults.read_threads)
     criterion = FastCriterion(spec.tissue_threshold)
-    seed_mode = spec.tissue_mode == pb.TISSUE_MODE_SEED
+    every_tile = spec.tissue_mode == pb.TISSUE_MODE_SEED  # the reference study reads them all
     cols, rows = np.meshgrid(np.arange(geometry.cols), np.arange(geometry.rows))
     cols, rows = cols.ravel(), rows.ravel()  # row-major grid order
     xs, ys = cols * geometry.stride0, rows * geometry.stride0
     cov = cmap.coverages(xs, ys, geometry.footprint0)
-    chosen = np.arange(len(cov)) if seed_mode else np.flatnonzero(cov >= criterion.candidate_min)
+    chosen = np.arange(len(cov)) if every_tile else np.flatnonzero(cov >= criterion.candidate_min)
     candidates = [
         pb.Tile(
             col=int(cols[i]),
@@ -215,7 +221,7 @@ class TileSource:
 
     def keep(self, tile: pb.Tile, rgb: np.ndarray) -> tuple[bool, float]:
         if self.spec.tissue_mode == pb.TISSUE_MODE_SEED:
-            return seed_keep(rgb, self.spec.tissue_threshold)
+            return reference_keep(rgb, self.spec.tissue_threshold)
         return self.criterion.keep(tile.coarse_tissue, rgb)
 
     def process(self, tile: pb.Tile) -> tuple[np.ndarray, float] | None:
