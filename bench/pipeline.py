@@ -20,7 +20,7 @@ from prolifscore.core.runtime.settings import PreprocessSettings, load
 from prolifscore.core.wsi.preprocess import SlidePlan, TileSource, batches, plan_slide
 from prolifscore.core.wsi.shards import write_marker
 from prolifscore.core.wsi.slide import open_slide
-from prolifscore.core.wsi.tfrecord import AtomicShardWriter, tile_example
+from prolifscore.core.wsi.tfrecord import AtomicShardWriter, TileLabels, TileRecord, tile_example
 from prolifscore.filtering.worker import BatchFilter
 from prolifscore.v1 import pipeline_pb2 as pb
 
@@ -230,6 +230,7 @@ def stage_breakdown(work: Workload, out_dir: Path, sample: int = 300) -> dict[st
         ("bare_read_region", "slide_read", "keep", "contiguous_copy", "tile_example", "write"),
         0.0,
     )
+    labels = TileLabels(work.name, spec.spec_hash, spec.level, split="train")
     kept = borderline = 0
     shutil.rmtree(out_dir, ignore_errors=True)
     clock = time.perf_counter
@@ -256,10 +257,8 @@ def stage_breakdown(work: Workload, out_dir: Path, sample: int = 300) -> dict[st
                 pixels = np.ascontiguousarray(rgb)
                 t5 = clock()
                 record = tile_example(
-                    pixels, slide_id=work.name, col=tile.col, row=tile.row, x=tile.x, y=tile.y,
-                    level=spec.level, tumor_score=-1, molecular_score=float("nan"),
-                    split="train", spec_hash=spec.spec_hash, tissue=fraction,
-                )  # fmt: skip
+                    TileRecord(pixels, tile.col, tile.row, tile.x, tile.y, fraction), labels
+                )
                 t6 = clock()
                 writer.write(record)
                 t7 = clock()
