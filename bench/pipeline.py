@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from prolifscore.core.runtime.settings import PreprocessSettings, load
-from prolifscore.core.wsi.preprocess import SlidePlan, TileSource, batches, plan_slide
+from prolifscore.core.wsi.preprocess import SlidePlan, TileSource, plan_slide, tile_tasks
 from prolifscore.core.wsi.shards import write_marker
 from prolifscore.core.wsi.slide import open_slide
 from prolifscore.core.wsi.tfrecord import AtomicShardWriter, TileLabels, TileRecord, tile_example
@@ -89,19 +89,9 @@ def make_workload(
     tiles = plan.candidates
     if rows is not None:
         tiles = [t for t in tiles if rows[0] <= t.row < rows[1]]
-    groups = batches(tiles, settings.batch_size)
     tasks = [
-        pb.TileTask(
-            slide_id=name,
-            path=str(path),
-            spec=plan.spec,
-            stain=plan.stain,
-            batch_index=i,
-            batch_count=len(groups),
-            tiles=group,
-            candidate_tiles=len(tiles),
-        ).SerializeToString()
-        for i, group in enumerate(groups)
+        task.SerializeToString()
+        for task in tile_tasks(plan, name, path, settings.batch_size, tiles=tiles)
     ]
     return Workload(name, path, overrides, plan, tasks, len(tiles), rows)
 

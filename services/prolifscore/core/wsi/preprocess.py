@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import zlib
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Executor
@@ -270,3 +271,37 @@ def batches(candidates: list[pb.Tile], batch_size: int) -> list[list[pb.Tile]]:
     if not candidates:
         return [[]]
     return [candidates[i : i + batch_size] for i in range(0, len(candidates), batch_size)]
+
+
+def tile_tasks(
+    plan: SlidePlan,
+    slide_id: str,
+    path: str | os.PathLike[str],
+    batch_size: int,
+    *,
+    tiles: Sequence[pb.Tile] | None = None,
+    labels: pb.Labels | None = None,
+    split: int = pb.SPLIT_UNSPECIFIED,
+    run_id: str = "",
+) -> list[pb.TileTask]:
+    """The plan's candidates (or `tiles`, some of them) as the filter workers' tile tasks, one
+    per batch (`batches`), each with the slide, its labels, the spec and the stain fit: what
+    the tiling service publishes, and what tests and benchmarks feed a `BatchFilter`."""
+    tiles = plan.candidates if tiles is None else list(tiles)
+    groups = batches(tiles, batch_size)
+    return [
+        pb.TileTask(
+            slide_id=slide_id,
+            path=str(path),
+            labels=labels,
+            split=split,
+            spec=plan.spec,
+            stain=plan.stain,
+            batch_index=i,
+            batch_count=len(groups),
+            tiles=group,
+            run_id=run_id,
+            candidate_tiles=len(tiles),
+        )
+        for i, group in enumerate(groups)
+    ]
