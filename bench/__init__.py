@@ -12,6 +12,8 @@ from pathlib import Path
 
 BENCH_DIR = Path(__file__).resolve().parent
 WORK_DIR = BENCH_DIR / "work"
+RESULTS = BENCH_DIR / "results.json"  # the committed figures (`make bench-update`)
+OUTPUT = BENCH_DIR.parent / "build" / "bench" / "results.json"  # a `make bench` run's
 # ../shared/data/slides beside the checkout, or PROLIF_TEST_SLIDES.
 SLIDES = Path(
     os.environ.get("PROLIF_TEST_SLIDES", BENCH_DIR.parents[1] / "shared" / "data" / "slides")

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench import CMU, TCGA, WORK_DIR
+from bench import CMU, OUTPUT, RESULTS, TCGA, WORK_DIR
 from bench.child import run_child
 from bench.large_slide import PyramidInfo, PyramidSpec, build_pyramid
 from bench.pipeline import (
@@ -38,17 +38,9 @@ from bench.pipeline import (
 )
 from bench.rayrun import ray_scaling
 from bench.scoring import ScoringConfig, bench_scoring
+from bench.table import TARGETS, update_readme
 from prolifscore.v1 import pipeline_pb2 as pb
 
-RESULTS = Path(__file__).resolve().parent / "results.json"  # the committed figures
-OUTPUT = Path(__file__).resolve().parents[1] / "build" / "bench" / "results.json"  # a run's
-TARGETS = {
-    "preprocess_vs_raw_decode_ratio": ">= 0.8",
-    "fast_vs_seed_jaccard": ">= 0.8",
-    "ray_2_vs_1_worker_speedup": ">= 1.7",
-    "filter_worker_peak_rss_mb": "< 2048",
-    "scoring_vs_direct_model_ratio": "<= 1.15",
-}
 SECTIONS = ("pyramid", "ratio", "breakdown", "fast_vs_seed", "rss", "ray", "scoring")
 NEEDS = {"ratio": ("pyramid",), "breakdown": ("ratio",), "fast_vs_seed": ("ratio",)}
 NEEDS |= {"rss": ("ratio",), "ray": ("ratio",)}
@@ -389,8 +381,6 @@ def main(argv: list[str] | None = None) -> None:
     print(table(results))
     print(f"\nwrote {out}")
     if args.update:
-        from bench.table import update_readme  # bench.table imports this module
-
         update_readme(results)
 
 

@@ -13,8 +13,16 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from bench.run import RESULTS, TARGETS
+from bench import RESULTS
 
+# The targets the headline figures are held to (bench/run.py measures them).
+TARGETS = {
+    "preprocess_vs_raw_decode_ratio": ">= 0.8",
+    "fast_vs_seed_jaccard": ">= 0.8",
+    "ray_2_vs_1_worker_speedup": ">= 1.7",
+    "filter_worker_peak_rss_mb": "< 2048",
+    "scoring_vs_direct_model_ratio": "<= 1.15",
+}
 README = Path(__file__).resolve().parents[1] / "README.md"
 START = "<!-- bench-table:start -->"
 END = "<!-- bench-table:end -->"
@@ -26,7 +34,7 @@ def _is_number(value: Any) -> bool:
 
 def markdown_table(results: dict[str, Any]) -> str:
     """One row per numeric metric of `results` (keys starting with `_` are notes, skipped):
-    name, value, and the target where bench/run.py defines one."""
+    name, value, and its target in TARGETS, if any."""
     lines = ["| Metric | Value | Target |", "|---|---:|---|"]
     for key, value in results.items():
         if key.startswith("_") or not _is_number(value):
