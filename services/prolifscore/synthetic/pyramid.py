@@ -19,8 +19,8 @@ from PIL import Image
 
 from prolifscore.core.runtime.settings import PreprocessSettings, load
 from prolifscore.core.wsi.geometry import resolve_geometry
-from prolifscore.core.wsi.od import od_tissue_mask
 from prolifscore.core.wsi.slide import open_slide
+from prolifscore.core.wsi.tissue import od_tissue_mask
 
 TILE = 256
 

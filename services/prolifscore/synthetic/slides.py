@@ -32,7 +32,7 @@ import tifffile
 from scipy import ndimage as ndi
 
 from prolifscore.core.grading.mitoses import MitosisGrading
-from prolifscore.core.wsi.od import od_tissue_mask
+from prolifscore.core.wsi.tissue import od_tissue_mask
 from prolifscore.synthetic.pyramid import TILE, tissue_level, write_image_pyramid
 
 DEFAULT_SOURCES = ("cmu-1-small-region.svs", "tcga-cr-7395-01a-01-ts1.svs")

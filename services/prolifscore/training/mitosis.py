@@ -39,7 +39,7 @@ from scipy import ndimage as ndi
 from prolifscore.core.grading.matching import Counts, evaluate_regions, match_radius_px
 from prolifscore.core.grading.mitoses import non_max_suppression
 from prolifscore.core.models.contract import MITOSIS_OFFSET, MITOSIS_PATCH, MITOSIS_STRIDE
-from prolifscore.core.wsi.od import od_tissue_mask
+from prolifscore.core.wsi.tissue import od_tissue_mask
 from prolifscore.training.schedule import cosine_lr
 
 if TYPE_CHECKING:
