@@ -9,7 +9,7 @@ PROTO_SRC := $(wildcard protos/prolifscore/v1/*.proto)
 PROTO_OUT := services/prolifscore/v1
 PROTO_STAMP := $(PROTO_OUT)/.generated
 
-.PHONY: setup protos demo test test-fast lint bench bench-training lock clean
+.PHONY: setup protos demo test test-fast lint bench bench-update bench-training lock clean
 
 setup: $(STAMP) $(PROTO_STAMP) k8s-tools
 
@@ -47,10 +47,14 @@ lint: setup
 	$(VENV)/bin/ruff check services tests bench
 	$(VENV)/bin/ruff format --check services tests bench
 
-# Writes bench/results.json, then the README's benchmark table (tests/unit/test_readme.py checks it).
+# Writes build/bench/results.json and prints the table; the committed figures stay as they are.
 bench: setup
 	$(PY) -m bench.run
-	$(PY) -m bench.table --write-readme
+
+# The same run, written to the committed figures: bench/results.json and the README's benchmark
+# table (tests/unit/test_readme.py checks that they match).
+bench-update: setup
+	$(PY) -m bench.run --update
 
 # Offline Kubernetes checks (tests/deploy): render the k8s/ base and overlays and the Helm chart
 # with several value sets, validate core objects against the pinned Kubernetes schemas
