@@ -19,11 +19,12 @@ from pathlib import Path
 
 import pytest
 
-SHARED = Path(__file__).resolve().parents[3] / "shared" / "data" / "slides"
+from tests.slides import SLIDES
+
 MARK = "PROLIF_TEST_PROCESS_MARK"
 CLI = [sys.executable, "-m", "prolifscore.cli.main"]
 
-pytestmark = pytest.mark.skipif(not SHARED.is_dir(), reason=f"no sample slides at {SHARED}")
+pytestmark = pytest.mark.skipif(not SLIDES.is_dir(), reason=f"no sample slides at {SLIDES}")
 
 
 def marked_processes(mark: str) -> list[str]:
@@ -58,7 +59,7 @@ def test_demo_scores_a_real_slide_end_to_end(tmp_path: Path) -> None:
     slides = tmp_path / "slides"
     slides.mkdir()
     for name in ("cmu-1-small-region.svs", "broken.svs"):
-        shutil.copy(SHARED / name, slides / name)
+        shutil.copy(SLIDES / name, slides / name)
     out = tmp_path / "demo-output"
     mark = uuid.uuid4().hex
     # Reduced size: 9 small synthetic slides (one held out per score), 3 mitosis cases,

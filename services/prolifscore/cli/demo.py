@@ -29,6 +29,7 @@ from prolifscore.cli.up import local_stack
 from prolifscore.core.runtime.bus import Bus
 from prolifscore.core.runtime.codec import DecodeError, decode
 from prolifscore.core.runtime.settings import KafkaSettings
+from prolifscore.synthetic.sources import default_source_dir
 from prolifscore.training.config import TrainingSettings
 from prolifscore.v1 import pipeline_pb2 as pb
 from prolifscore.v1 import scoring_pb2 as spb
@@ -43,7 +44,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument(
         "--slides",
         type=Path,
-        default=Path(os.environ.get("PROLIF_DEMO_SLIDES", "../shared/data/slides")),
+        default=Path(os.environ.get("PROLIF_DEMO_SLIDES") or default_source_dir()),
         help="folder of real slides to ingest (default: ../shared/data/slides)",
     )
     p.add_argument("--out", type=Path, default=Path("demo-output"), help="output folder")
