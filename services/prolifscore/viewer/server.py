@@ -372,6 +372,7 @@ class _Handler(BaseHTTPRequestHandler):
 
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
+    request_queue_size = 64  # a viewer opens several tile connections at once
     viewer: Viewer
 
 
