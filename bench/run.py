@@ -35,6 +35,7 @@ from bench.pipeline import (
 from bench.pyramid import PyramidInfo, PyramidSpec, build_pyramid
 from bench.rayrun import ray_scaling
 from bench.scoring import ScoringConfig, bench_scoring
+from bench.viewer import ViewerBenchConfig, bench_viewer
 from prolifscore.v1 import pipeline_pb2 as pb
 
 RESULTS = Path(__file__).resolve().parent / "results.json"
@@ -44,10 +45,11 @@ TARGETS = {
     "ray_2_vs_1_worker_speedup": ">= 1.7",
     "filter_worker_peak_rss_mb": "< 2048",
     "scoring_vs_direct_model_ratio": "<= 1.15",
+    "viewer_vs_decode_ratio": ">= 0.7",
 }
-SECTIONS = ("pyramid", "ratio", "breakdown", "fast_vs_seed", "rss", "ray", "scoring")
+SECTIONS = ("pyramid", "ratio", "breakdown", "fast_vs_seed", "rss", "ray", "viewer", "scoring")
 NEEDS = {"ratio": ("pyramid",), "breakdown": ("ratio",), "fast_vs_seed": ("ratio",)}
-NEEDS |= {"rss": ("ratio",), "ray": ("ratio",)}
+NEEDS |= {"rss": ("ratio",), "ray": ("ratio",), "viewer": ("pyramid",)}
 SEED = pb.TilingSpec(tissue_mode=pb.TISSUE_MODE_SEED)
 PIPELINE_SIDE = (
     "Pipeline side: one process, the service code (open + plan_slide, then BatchFilter.process "
@@ -79,6 +81,7 @@ class Config:
     slides: tuple[tuple[str, Path], ...] = (("cmu", CMU), ("tcga", TCGA))
     pyramid_sources: tuple[Path, ...] = (CMU, TCGA)
     scoring: ScoringConfig | None = field(default_factory=ScoringConfig)  # None: skipped
+    viewer: ViewerBenchConfig = field(default_factory=ViewerBenchConfig)
 
 
 Results = dict[str, Any]
@@ -303,6 +306,7 @@ def run(
     step("fast_vs_seed", lambda: bench_fast_vs_seed(cfg, work, out))
     step("rss", lambda: bench_rss(cfg, large, work, out))  # before Ray: keep children few
     step("ray", lambda: bench_ray(cfg, large, work, out))
+    step("viewer", lambda: bench_viewer(cfg.viewer, large, out))
     if cfg.scoring is not None:
         scoring = cfg.scoring
         step("scoring", lambda: bench_scoring(scoring, out, log))

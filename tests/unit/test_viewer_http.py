@@ -11,6 +11,7 @@ import json
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import replace
+from pathlib import Path
 from typing import NamedTuple
 
 import grpc
@@ -257,3 +258,15 @@ def test_refusals_say_why(viewer: str) -> None:
     assert raw_get(viewer, "/slide/missing.svs")[0] == 404
     assert raw_get(viewer, "/api/slide/notes.svs")[0] == 422  # there, but not a slide
     assert raw_get(viewer, "/slide/x%00")[0] == 400
+
+
+def test_relative_slide_roots(monkeypatch: pytest.MonkeyPatch) -> None:
+    """PROLIF_SLIDE_ROOTS defaults to a relative folder: names resolve against it."""
+    from prolifscore.viewer import slides as sl
+
+    monkeypatch.chdir(SLIDES.parent)
+    roots = [Path(SLIDES.name)]
+    assert sl.resolve(CMU.name, roots) == CMU.resolve()
+    assert CMU.name in [f.name for f in sl.list_slides(roots)]
+    with pytest.raises(sl.BadSlideName):
+        sl.resolve("../slides/" + CMU.name, roots)

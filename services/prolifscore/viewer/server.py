@@ -338,6 +338,7 @@ class Viewer:
 class _Handler(BaseHTTPRequestHandler):
     server: _Server
     protocol_version = "HTTP/1.1"  # keep-alive: OpenSeadragon fetches many tiles per view
+    disable_nagle_algorithm = True  # headers and body are two writes: no 40 ms delayed-ACK stall
 
     def do_GET(self) -> None:
         self._serve(body=True)

@@ -44,7 +44,7 @@ def resolve(name: str, roots: Sequence[Path]) -> Path:
     to the roots (SlidePathDenied otherwise), SlideNotFound when no root has it."""
     rel = check_name(name)
     for root in roots:
-        candidate = Path(root) / rel
+        candidate = Path(root).absolute() / rel  # confine_path reads relative paths otherwise
         if os.path.lexists(candidate):
             return confine_path(candidate, roots)
     raise SlideNotFound(f"{name} is in no slide root")
@@ -62,7 +62,7 @@ def list_slides(roots: Sequence[Path]) -> list[SlideFile]:
     for a name; symlinks that leave the roots are left out."""
     seen: dict[str, SlideFile] = {}
     for root in roots:
-        base = Path(root)
+        base = Path(root).absolute()
         if not base.is_dir():
             continue
         for folder, dirs, files in os.walk(base):
