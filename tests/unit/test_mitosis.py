@@ -73,6 +73,13 @@ def test_densest_region_says_where_the_square_is():
     assert square.count == densest_region_count(spread + cluster, 2000)
     assert _inside(spread + cluster, square) == square.count
     assert 48_000 <= square.x <= 52_000 and 58_000 <= square.y <= 62_000  # on the cluster
+    region = square.as_region()  # as SlideScore.densest_region carries it
+    assert (region.x, region.y, region.width, region.height) == (
+        round(square.x),
+        round(square.y),
+        2000,
+        2000,
+    )
     assert densest_region([], 10) is None
     # the grid approximation places its square too, holding at least the points it counts
     many = [tuple(p) for p in rng.uniform(0, 20_000, size=(1600, 2))]

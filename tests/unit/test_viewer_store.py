@@ -98,6 +98,10 @@ def test_reads_the_batch_scorers_flat_files_and_skips_failures(tmp_path: Path) -
     assert list(found) == ["s1"]
     assert found["s1"].heatmap == tmp_path / "prolif.score.requests-0-7.png"
     assert found["s1"].score.tiles[0].x == 512
+    # the same scoring also stored per slide (as the scorer will): listed once, per slide
+    store = ResultStore(tmp_path)
+    per_slide = store.save(ok.score)
+    assert [r.path for r in store.history("s1")] == [per_slide]
 
 
 def test_reads_the_demo_output(tmp_path: Path) -> None:

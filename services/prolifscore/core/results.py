@@ -115,18 +115,23 @@ class ResultStore:
 
     def results(self) -> list[StoredResult]:
         """Every readable result under the root, both layouts, oldest first."""
-        found: list[StoredResult] = []
+        flat: list[StoredResult] = []
+        per_slide: list[StoredResult] = []
         if not self.root.is_dir():
-            return found
+            return []
         for entry in sorted(self.root.iterdir()):
             if entry.name.startswith("."):
                 continue
             if entry.is_file() and entry.suffix == ".json":
-                found.extend(self._load(entry, folder_id=None))
+                flat.extend(self._load(entry, folder_id=None))
             elif entry.is_dir() and not entry.is_symlink() and is_safe_id(entry.name):
                 for path in sorted(entry.glob("*.json")):
                     if not path.name.startswith(".") and not path.is_symlink():
-                        found.extend(self._load(path, folder_id=entry.name))
+                        per_slide.extend(self._load(path, folder_id=entry.name))
+        # A scoring stored both ways (the batch scorer's redelivery file and the per-slide
+        # one) counts once, as its per-slide file.
+        seen = {(r.score.slide_id, r.request_id) for r in per_slide}
+        found = per_slide + [r for r in flat if (r.score.slide_id, r.request_id) not in seen]
         found.sort(key=lambda r: (r.mtime, r.request_id))
         return found
 

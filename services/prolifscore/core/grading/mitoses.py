@@ -15,6 +15,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from prolifscore.v1 import pipeline_pb2 as pb
+from prolifscore.v1 import scoring_pb2 as spb
 
 
 @dataclass(frozen=True)
@@ -88,6 +89,11 @@ class DenseSquare:
     x: float
     y: float
     side: float
+
+    def as_region(self) -> spb.Region:
+        """The square as `SlideScore.densest_region` (level-0 pixels, rounded)."""
+        side = round(self.side)
+        return spb.Region(x=round(self.x), y=round(self.y), width=side, height=side)
 
 
 def densest_region(points: list[tuple[float, float]], side0: float) -> DenseSquare | None:
