@@ -146,15 +146,8 @@ def shrink(pixels: np.ndarray, width: int, height: int, factor: int) -> np.ndarr
 
 
 def encode_jpeg(rgb: np.ndarray, quality: int) -> bytes:
-    """libjpeg-turbo through imagecodecs (4:2:0, as the slides' own JPEG tiles)."""
-    data = imagecodecs.jpeg_encode(
-        np.ascontiguousarray(rgb),
-        level=quality,
-        subsampling=(2, 2),
-        colorspace="RGB",
-        outcolorspace="YCBCR",
-    )
-    return bytes(data)
+    """libjpeg-turbo through imagecodecs; its defaults are YCbCr 4:2:0, as slides' own tiles."""
+    return bytes(imagecodecs.jpeg_encode(np.ascontiguousarray(rgb), level=quality))
 
 
 class TileCache:

@@ -191,6 +191,14 @@ class Viewer:
             return found
         return self.store.latest(slide_id)
 
+    def _slide_result(self, name: str, query: dict) -> tuple[Path, StoredResult]:
+        """The slide file a name means and its latest (or ?request=) result; 404 without one."""
+        path = self._resolve(name)
+        result = self._result(Path(name).stem, query)
+        if result is None:
+            raise HttpError(404, "no result for this slide")
+        return path, result
+
     # -- pages and files ---------------------------------------------------------------------
 
     def _page(self, name: str) -> Response:
@@ -278,10 +286,7 @@ class Viewer:
         )
 
     def _api_overlays(self, name: str, query: dict) -> Response:
-        path = self._resolve(name)
-        result = self._result(Path(name).stem, query)
-        if result is None:
-            raise HttpError(404, "no result for this slide")
+        path, result = self._slide_result(name, query)
         with self._deepzoom(path) as dz:
             return _json(sl.overlays(result, dz.slide, self.settings.preprocess))
 
@@ -312,10 +317,7 @@ class Viewer:
     # -- downloads ----------------------------------------------------------------------------
 
     def _export_geojson(self, name: str, query: dict) -> Response:
-        path = self._resolve(name)
-        result = self._result(Path(name).stem, query)
-        if result is None:
-            raise HttpError(404, "no result for this slide")
+        path, result = self._slide_result(name, query)
         with self._deepzoom(path) as dz:
             side = sl.tile_side0(result, dz.slide, self.settings.preprocess)
         body = json.dumps(to_geojson(result.score, side))
@@ -328,9 +330,8 @@ class Viewer:
         return _download(body, "text/csv; charset=utf-8", "predictions.csv")
 
     def _heatmap(self, name: str, query: dict) -> Response:
-        self._resolve(name)
-        result = self._result(Path(name).stem, query)
-        if result is None or result.heatmap is None:
+        _, result = self._slide_result(name, query)
+        if result.heatmap is None:
             raise HttpError(404, "no heatmap for this slide")
         return Response(200, result.heatmap.read_bytes(), "image/png")
 
