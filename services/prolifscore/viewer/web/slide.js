@@ -213,6 +213,10 @@ function setupControls(overlays) {
   for (const input of document.querySelectorAll("#layers input, #layers select")) {
     input.addEventListener("input", draw);
   }
+  if (overlays.tiles.length === 0) {
+    el("p", "This result has no per-tile predictions (scored without include_tiles): no " +
+      "tile layers.", document.getElementById("layers")).className = "warning";
+  }
   if (overlays.region && overlays.region.computed) {
     document.getElementById("region-note").textContent =
       "computed by the viewer from the mitoses (the result does not record it)";
