@@ -37,7 +37,7 @@ import numpy as np
 
 from bench import CMU, TCGA, WORK_DIR
 from bench.pipeline import warm_file_cache
-from bench.pyramid import PyramidSpec, build_pyramid
+from bench.large_slide import PyramidSpec, build_pyramid
 from prolifscore.core.runtime.settings import load
 from prolifscore.core.wsi.slide import open_slide
 from prolifscore.viewer.config import ViewerSettings

@@ -70,8 +70,13 @@ def viewer_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     base = load(ViewerSettings, environ={})
     settings = replace(
         base,
-        runtime=replace(base.runtime, slide_roots=(SLIDES,), grpc_port=0, metrics_port=0),
-        results_root=results,
+        runtime=replace(
+            base.runtime,
+            slide_roots=(SLIDES,),
+            results_root=results,
+            grpc_port=0,
+            metrics_port=0,
+        ),
         port=0,
     )
     runtime, service = serve(settings)

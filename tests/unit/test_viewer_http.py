@@ -81,8 +81,13 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     base = load(ViewerSettings, environ={})
     settings = replace(
         base,
-        runtime=replace(base.runtime, slide_roots=(SLIDES, root), grpc_port=0, metrics_port=0),
-        results_root=results,
+        runtime=replace(
+            base.runtime,
+            slide_roots=(SLIDES, root),
+            results_root=results,
+            grpc_port=0,
+            metrics_port=0,
+        ),
         port=0,
     )
     runtime, service = serve(settings)

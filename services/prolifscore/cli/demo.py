@@ -231,7 +231,23 @@ def run(args: argparse.Namespace) -> int:
             result = score(stack.processes["scoring"].grpc_address, msgs, args)
     timings["total_s"] = round(time.time() - started, 1)
     report(out, progress, published, result, timings)
+    print_view_command(data, result)
     return 0
+
+
+def print_view_command(data: DemoData, result: spb.SlideScore) -> None:
+    """The demo's last words: the one command that opens the scored slide in the viewer (it
+    reads the slide and the stored result from disk, so it works after the stack stopped)."""
+    slide = next(p for p in sorted(data.real.iterdir()) if p.stem == result.slide_id)
+    cli = Path(sys.executable).with_name("prolifscore")
+    print("\nSee what the model saw: the slide with its tiles, heatmap and mitoses in the viewer:")
+    print(f"{_relative(cli)} view {_relative(slide)} --results {_relative(data.out / 'results')}")
+
+
+def _relative(path: Path) -> str:
+    """A path as short as it can be written from here (absolute where it is not below)."""
+    path = path.absolute()
+    return str(path.relative_to(Path.cwd())) if path.is_relative_to(Path.cwd()) else str(path)
 
 
 def report(

@@ -62,11 +62,10 @@ def settings_from(args: argparse.Namespace) -> tuple[ViewerSettings, str]:
                 f"{args.slide} is under none of the slide roots {[str(r) for r in roots]}"
             )
         page = "/slide/" + quote(slide.relative_to(root).as_posix())
-    overrides: dict[str, object] = {
-        "runtime": dataclasses.replace(settings.runtime, slide_roots=roots)
-    }
+    runtime = dataclasses.replace(settings.runtime, slide_roots=roots)
     if args.results is not None:
-        overrides["results_root"] = args.results
+        runtime = dataclasses.replace(runtime, results_root=args.results)
+    overrides: dict[str, object] = {"runtime": runtime}
     if args.port is not None:
         overrides["port"] = args.port
     return dataclasses.replace(settings, **overrides), page
@@ -87,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"viewer: {service.url.rstrip('/')}{page}", flush=True)
     print(
         f"slides from {', '.join(str(r) for r in settings.runtime.slide_roots)}; "
-        f"results from {settings.results_root}; Ctrl-C stops it",
+        f"results from {settings.runtime.results_root}; Ctrl-C stops it",
         file=sys.stderr,
         flush=True,
     )

@@ -105,11 +105,13 @@ class ResultStore:
         folder = self.root / safe_id(score.slide_id)
         path = folder / f"{safe_id(request_id)}.json"
         png = heatmap_png or score.heatmap_png
-        if png:
-            write_atomic(path.with_suffix(".png"), png)
         stored = spb.SlideScore()
         stored.CopyFrom(score)
         stored.request_id = request_id
+        if png:  # beside the JSON, not inside it as base64
+            write_atomic(path.with_suffix(".png"), png)
+            stored.heatmap_png = b""
+            stored.heatmap_path = str(path.with_suffix(".png"))
         write_atomic(path, to_json(stored).encode())
         return path
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 from prolifscore.core.runtime.settings import PreprocessSettings, RuntimeSettings, env, nested
 
@@ -17,9 +16,6 @@ class ViewerSettings:
     preprocess: PreprocessSettings = nested(PreprocessSettings)
     port: int = env(
         "PROLIF_VIEWER_PORT", 8088, "Viewer HTTP port (pages, API, tiles; 0 = any free)"
-    )
-    results_root: Path = env(
-        "PROLIF_RESULTS_ROOT", Path("data/results"), "Kafka batch results (JSON + heatmap PNG)"
     )
     tile_size: int = env("PROLIF_VIEWER_TILE_SIZE", 256, "DeepZoom tile side in pixels")
     jpeg_quality: int = env("PROLIF_VIEWER_JPEG_QUALITY", 80, "JPEG quality of DeepZoom tiles")

@@ -114,7 +114,7 @@ class Viewer:
     def __init__(self, settings: ViewerSettings) -> None:
         self.settings = settings
         self.roots = [Path(r) for r in settings.runtime.slide_roots]
-        self.store = ResultStore(settings.results_root)
+        self.store = ResultStore(settings.runtime.results_root)
         self.slides = OpenSlides(settings.open_slides, settings.tile_size, settings.jpeg_quality)
         self.tiles = TileCache(settings.tile_cache_mb * 2**20)
         self.vendor = vendor_files(OSD_BUILD)
