@@ -36,8 +36,8 @@ from urllib.parse import quote
 import numpy as np
 
 from bench import CMU, TCGA, WORK_DIR
-from bench.pipeline import warm_file_cache
 from bench.large_slide import PyramidSpec, build_pyramid
+from bench.pipeline import warm_file_cache
 from prolifscore.core.runtime.settings import load
 from prolifscore.core.wsi.slide import open_slide
 from prolifscore.viewer.config import ViewerSettings
