@@ -17,10 +17,10 @@ from pathlib import Path
 import numpy as np
 
 from prolifscore.core.runtime.settings import PreprocessSettings, load
-from prolifscore.core.wsi.preprocess import SlidePlan, TileSource, batches, plan_slide
+from prolifscore.core.wsi.preprocess import SlidePlan, TileSource, plan_slide, tile_tasks
 from prolifscore.core.wsi.shards import write_marker
 from prolifscore.core.wsi.slide import open_slide
-from prolifscore.core.wsi.tfrecord import AtomicShardWriter, tile_example
+from prolifscore.core.wsi.tfrecord import AtomicShardWriter, TileLabels, TileRecord, tile_example
 from prolifscore.filtering.worker import BatchFilter
 from prolifscore.v1 import pipeline_pb2 as pb
 
@@ -89,19 +89,9 @@ def make_workload(
     tiles = plan.candidates
     if rows is not None:
         tiles = [t for t in tiles if rows[0] <= t.row < rows[1]]
-    groups = batches(tiles, settings.batch_size)
     tasks = [
-        pb.TileTask(
-            slide_id=name,
-            path=str(path),
-            spec=plan.spec,
-            stain=plan.stain,
-            batch_index=i,
-            batch_count=len(groups),
-            tiles=group,
-            candidate_tiles=len(tiles),
-        ).SerializeToString()
-        for i, group in enumerate(groups)
+        task.SerializeToString()
+        for task in tile_tasks(plan, name, path, settings.batch_size, tiles=tiles)
     ]
     return Workload(name, path, overrides, plan, tasks, len(tiles), rows)
 
@@ -230,6 +220,7 @@ def stage_breakdown(work: Workload, out_dir: Path, sample: int = 300) -> dict[st
         ("bare_read_region", "slide_read", "keep", "contiguous_copy", "tile_example", "write"),
         0.0,
     )
+    labels = TileLabels(work.name, spec.spec_hash, spec.level, split="train")
     kept = borderline = 0
     shutil.rmtree(out_dir, ignore_errors=True)
     clock = time.perf_counter
@@ -256,10 +247,8 @@ def stage_breakdown(work: Workload, out_dir: Path, sample: int = 300) -> dict[st
                 pixels = np.ascontiguousarray(rgb)
                 t5 = clock()
                 record = tile_example(
-                    pixels, slide_id=work.name, col=tile.col, row=tile.row, x=tile.x, y=tile.y,
-                    level=spec.level, tumor_score=-1, molecular_score=float("nan"),
-                    split="train", spec_hash=spec.spec_hash, tissue=fraction,
-                )  # fmt: skip
+                    TileRecord(pixels, tile.col, tile.row, tile.x, tile.y, fraction), labels
+                )
                 t6 = clock()
                 writer.write(record)
                 t7 = clock()

@@ -1,12 +1,15 @@
 """`make bench`: preprocessing throughput, criterion speed/agreement, Ray scaling, memory,
 scoring (gRPC end to end vs bare decode + in-process model call, pipelined reading).
 
-Writes bench/results.json (metric name -> number, plus `_note*` strings) and prints a table.
+A run writes its results (metric name -> number, plus `_note*` strings) to
+build/bench/results.json (`--out` elsewhere) and prints a table. The committed figures,
+bench/results.json and the README's table, change only with `--update` (`make bench-update`).
 Ratios are measured within one run (both sides alternately, best of several): this machine is
 small and noisy, so absolute tiles/s are context, not targets.
 
 `python -m bench.run --only scoring` (or `--only ratio,ray`, ...) runs some sections (with what
-they need) and merges their entries into the existing results.json.
+they need) and merges their entries into the previous results: those of the file it writes,
+or the committed ones where that file does not exist yet.
 """
 
 from __future__ import annotations
@@ -22,8 +25,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench import CMU, TCGA, WORK_DIR
+from bench import CMU, OUTPUT, RESULTS, TCGA, WORK_DIR
 from bench.child import run_child
+from bench.large_slide import PyramidInfo, PyramidSpec, build_pyramid
 from bench.pipeline import (
     Workload,
     jaccard,
@@ -32,23 +36,17 @@ from bench.pipeline import (
     run_pipeline,
     stage_breakdown,
 )
-from bench.pyramid import PyramidInfo, PyramidSpec, build_pyramid
 from bench.rayrun import ray_scaling
 from bench.scoring import ScoringConfig, bench_scoring
+from bench.table import TARGETS, update_readme
+from bench.viewer import ViewerBenchConfig, bench_viewer
 from prolifscore.v1 import pipeline_pb2 as pb
 
-RESULTS = Path(__file__).resolve().parent / "results.json"
-TARGETS = {
-    "preprocess_vs_raw_decode_ratio": ">= 0.8",
-    "fast_vs_seed_jaccard": ">= 0.8",
-    "ray_2_vs_1_worker_speedup": ">= 1.7",
-    "filter_worker_peak_rss_mb": "< 2048",
-    "scoring_vs_direct_model_ratio": "<= 1.15",
-}
-SECTIONS = ("pyramid", "ratio", "breakdown", "fast_vs_seed", "rss", "ray", "scoring")
+SECTIONS = ("pyramid", "ratio", "breakdown", "fast_vs_seed", "rss", "ray", "viewer", "scoring")
 NEEDS = {"ratio": ("pyramid",), "breakdown": ("ratio",), "fast_vs_seed": ("ratio",)}
-NEEDS |= {"rss": ("ratio",), "ray": ("ratio",)}
-SEED = pb.TilingSpec(tissue_mode=pb.TISSUE_MODE_SEED)
+NEEDS |= {"rss": ("ratio",), "ray": ("ratio",), "viewer": ("pyramid",)}
+# Tissue mode `seed`: the reference (seed) study's per-tile test, as the results' `seed` keys.
+REFERENCE_SPEC = pb.TilingSpec(tissue_mode=pb.TISSUE_MODE_SEED)
 PIPELINE_SIDE = (
     "Pipeline side: one process, the service code (open + plan_slide, then BatchFilter.process "
     "per task), with the services' defaults: 2 reader threads decode tiles ahead "
@@ -79,6 +77,7 @@ class Config:
     slides: tuple[tuple[str, Path], ...] = (("cmu", CMU), ("tcga", TCGA))
     pyramid_sources: tuple[Path, ...] = (CMU, TCGA)
     scoring: ScoringConfig | None = field(default_factory=ScoringConfig)  # None: skipped
+    viewer: ViewerBenchConfig = field(default_factory=ViewerBenchConfig)
 
 
 Results = dict[str, Any]
@@ -166,7 +165,10 @@ def bench_fast_vs_seed(cfg: Config, large: Workload, out: Results) -> None:
     seed_all: set[tuple[str, int, int]] = set()
     parts = []
     for name, path in cfg.slides:
-        work = {"fast": make_workload(name, path), "seed": make_workload(name, path, SEED)}
+        work = {
+            "fast": make_workload(name, path),
+            "seed": make_workload(name, path, REFERENCE_SPEC),
+        }
         runs: dict[str, list] = {"fast": [], "seed": []}
         for i in range(cfg.seed_reps):
             for mode in ("fast", "seed") if i % 2 == 0 else ("seed", "fast"):
@@ -197,7 +199,7 @@ def bench_fast_vs_seed(cfg: Config, large: Workload, out: Results) -> None:
             mode: run_pipeline(
                 make_workload("large", large.path, spec, rows=rows), cfg.work_dir / "shards"
             ).kept
-            for mode, spec in (("fast", pb.TilingSpec()), ("seed", SEED))
+            for mode, spec in (("fast", pb.TilingSpec()), ("seed", REFERENCE_SPEC))
         }
         kf, ks = kept["fast"], kept["seed"]
         out["fast_vs_seed_jaccard_large"] = _r(jaccard(kf, ks))
@@ -303,6 +305,7 @@ def run(
     step("fast_vs_seed", lambda: bench_fast_vs_seed(cfg, work, out))
     step("rss", lambda: bench_rss(cfg, large, work, out))  # before Ray: keep children few
     step("ray", lambda: bench_ray(cfg, large, work, out))
+    step("viewer", lambda: bench_viewer(cfg.viewer, large, out))
     if cfg.scoring is not None:
         scoring = cfg.scoring
         step("scoring", lambda: bench_scoring(scoring, out, log))
@@ -347,20 +350,41 @@ def merge(previous: Results, partial: Results) -> Results:
     return merged
 
 
+def save(results: Results, out: Path, partial: bool = False) -> Results:
+    """Write `results` to `out` and return what was written: a partial run's entries merged
+    into the previous results (those in `out`, else the committed RESULTS)."""
+    if partial:
+        previous = out if out.exists() else RESULTS
+        if previous.exists():
+            results = merge(json.loads(previous.read_text()), results)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    return results
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n")[0])
     parser.add_argument(
         "--only",
         help=f"comma-separated sections to run (and what they need): {','.join(SECTIONS)}",
     )
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument(
+        "--out", type=Path, default=OUTPUT, help=f"results file to write (default: {OUTPUT})"
+    )
+    where.add_argument(
+        "--update",
+        action="store_true",
+        help=f"write the committed figures instead: {RESULTS} and the README's table",
+    )
     args = parser.parse_args(argv)
     only = [s.strip() for s in args.only.split(",") if s.strip()] if args.only else None
-    results = run(only=only)
-    if only is not None and RESULTS.exists():
-        results = merge(json.loads(RESULTS.read_text()), results)
-    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+    out: Path = RESULTS if args.update else args.out
+    results = save(run(only=only), out, partial=only is not None)
     print(table(results))
-    print(f"\nwrote {RESULTS}")
+    print(f"\nwrote {out}")
+    if args.update:
+        update_readme(results)
 
 
 if __name__ == "__main__":

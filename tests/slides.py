@@ -1,20 +1,16 @@
-"""Where the shared real slides are (../shared/data/slides beside the checkout), and small
-synthetic slides made on the fly."""
+"""The shared real slides (located once, in bench: `SLIDES`, `CMU`, `TCGA`), the test-only ones
+beside them, and small synthetic slides made on the fly."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 
-SLIDES = Path(
-    os.environ.get(
-        "PROLIF_TEST_SLIDES", Path(__file__).resolve().parents[1].parent / "shared/data/slides"
-    )
-)
-CMU = SLIDES / "cmu-1-small-region.svs"
-TCGA = SLIDES / "tcga-cr-7395-01a-01-ts1.svs"
+from bench import CMU, SLIDES, TCGA
+
+__all__ = ["BROKEN", "CMU", "KIDNEY", "READABLE", "SLIDES", "TCGA", "write_blank_slide"]
+
 KIDNEY = SLIDES / "kidney-48-5.tif"
 BROKEN = SLIDES / "broken.svs"
 READABLE = [CMU, TCGA, KIDNEY]

@@ -10,7 +10,7 @@ import openslide
 import pytest
 
 from bench import CMU
-from bench.pyramid import PyramidSpec, build_pyramid
+from bench.large_slide import PyramidSpec, build_pyramid
 from bench.run import Config, merge, run, selected, table
 from bench.scoring import ScoringConfig, bench_scoring
 

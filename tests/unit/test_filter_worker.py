@@ -6,7 +6,7 @@ import pytest
 
 from prolifscore.core.runtime.settings import PreprocessSettings, load
 from prolifscore.core.wsi import preprocess
-from prolifscore.core.wsi.preprocess import batches, plan_slide
+from prolifscore.core.wsi.preprocess import plan_slide, tile_tasks
 from prolifscore.core.wsi.shards import completed_markers
 from prolifscore.core.wsi.slide import open_slide
 from prolifscore.core.wsi.tfrecord import read_records
@@ -18,19 +18,7 @@ from tests.slides import CMU, SLIDES
 def _tasks(batch_size: int = 4) -> list[pb.TileTask]:
     with open_slide(CMU) as slide:
         plan = plan_slide(slide, "cmu", pb.TilingSpec(), load(PreprocessSettings, environ={}))
-    groups = batches(plan.candidates, batch_size)
-    return [
-        pb.TileTask(
-            slide_id="cmu",
-            path=str(CMU),
-            spec=plan.spec,
-            stain=plan.stain,
-            batch_index=i,
-            batch_count=len(groups),
-            tiles=g,
-        )
-        for i, g in enumerate(groups)
-    ]
+    return tile_tasks(plan, "cmu", CMU, batch_size)
 
 
 def test_each_slide_is_opened_once_per_worker(tmp_path):

@@ -4,6 +4,7 @@ policies from a TF Serving config file, TF Serving's status codes."""
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import subprocess
@@ -31,10 +32,11 @@ from tensorflow_serving.apis import (  # noqa: E402
 from tensorflow_serving.config import model_server_config_pb2  # noqa: E402
 
 from prolifscore.core.models.export import export_untrained  # noqa: E402
+from prolifscore.core.models.tensors import grpc_message_options  # noqa: E402
 from prolifscore.core.runtime.settings import load  # noqa: E402
 from prolifscore.localstack.broker import free_port  # noqa: E402
 from prolifscore.modelserver.config import ModelServerSettings  # noqa: E402
-from prolifscore.modelserver.server import ModelServer, grpc_options, serve  # noqa: E402
+from prolifscore.modelserver.server import ModelServer, serve  # noqa: E402
 
 AVAILABLE = get_model_status_pb2.ModelVersionStatus.AVAILABLE
 END = get_model_status_pb2.ModelVersionStatus.END
@@ -60,7 +62,7 @@ class Client:
     """The stubs any TF Serving user would write, with large message limits."""
 
     def __init__(self, port: int) -> None:
-        self.channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=grpc_options(256))
+        self.channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=grpc_message_options(256))
         self.predict = prediction_service_pb2_grpc.PredictionServiceStub(self.channel)
         self.models = model_service_pb2_grpc.ModelServiceStub(self.channel)
 
@@ -207,6 +209,19 @@ def test_tf_serving_status_codes(client: Client) -> None:
         grpc.StatusCode.NOT_FOUND,
         "Could not find any versions of model nope",
     )
+    no_spec = (
+        (client.predict.Predict, predict_pb2.PredictRequest()),
+        (
+            client.predict.GetModelMetadata,
+            get_model_metadata_pb2.GetModelMetadataRequest(metadata_field=["signature_def"]),
+        ),
+        (client.models.GetModelStatus, get_model_status_pb2.GetModelStatusRequest()),
+    )
+    for call, request in no_spec:
+        assert c(functools.partial(call, request, timeout=10)) == (
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "Missing ModelSpec",
+        )
     classify = classification_pb2.ClassificationRequest()
     assert c(lambda: client.predict.Classify(classify))[0] == grpc.StatusCode.UNIMPLEMENTED
     # The server keeps serving after every error.

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import openslide
@@ -16,9 +15,10 @@ import pytest
 from skimage.color import rgb2lab
 
 from prolifscore.core.wsi import stain
+from prolifscore.core.wsi.od import od_tissue_mask
 from prolifscore.core.wsi.stain import (
     REINHARD_REFERENCE,
-    SEED_REFERENCE,
+    SYSTEMML_REFERENCE,
     MacenkoFit,
     MacenkoNormalizer,
     ReinhardFit,
@@ -26,10 +26,9 @@ from prolifscore.core.wsi.stain import (
     StainFitError,
     fit_macenko,
     fit_reinhard,
-    tissue_mask,
 )
+from tests.slides import SLIDES
 
-SLIDES = Path("/work/shared/data/slides")
 TILE = 256
 # 1024 px level-0 windows, ~75% tissue with some glass, found from each slide's thumbnail.
 REGIONS = {
@@ -79,7 +78,7 @@ def _angles(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 @pytest.mark.parametrize(
-    "fit", [SEED_REFERENCE, stain.MACENKO_2009_REFERENCE], ids=["seed", "2009"]
+    "fit", [SYSTEMML_REFERENCE, stain.MACENKO_2009_REFERENCE], ids=["systemml", "2009"]
 )
 def test_references_are_unit_h_first(fit: MacenkoFit) -> None:
     np.testing.assert_allclose(np.linalg.norm(fit.stain_matrix, axis=0), 1.0, atol=1e-4)
@@ -88,10 +87,10 @@ def test_references_are_unit_h_first(fit: MacenkoFit) -> None:
     assert np.argmax(e) == 1
 
 
-def test_seed_reference_is_converted_from_log10() -> None:
-    # The seed's max_sat_ref was fitted on -log10(I/255); this module's OD is natural-log.
+def test_systemml_reference_is_converted_from_log10() -> None:
+    # The study's max_sat_ref was fitted on -log10(I/255); this module's OD is natural-log.
     np.testing.assert_allclose(
-        SEED_REFERENCE.max_concentrations / math.log(10), [0.82791151, 0.61137274], rtol=1e-12
+        SYSTEMML_REFERENCE.max_concentrations / math.log(10), [0.82791151, 0.61137274], rtol=1e-12
     )
 
 
@@ -129,12 +128,12 @@ def test_normalizing_brings_both_slides_to_the_reference(
         norm = MacenkoNormalizer(fits[key])  # fitted once per slide, applied tile by tile
         out = np.stack([norm(t) for t in slide_tiles])
         refits[key] = fit_macenko(out)
-        before = _angles(fits[key].stain_matrix, SEED_REFERENCE.stain_matrix)
-        after = _angles(refits[key].stain_matrix, SEED_REFERENCE.stain_matrix)
+        before = _angles(fits[key].stain_matrix, SYSTEMML_REFERENCE.stain_matrix)
+        after = _angles(refits[key].stain_matrix, SYSTEMML_REFERENCE.stain_matrix)
         assert np.all(before > 10), (key, before)
         assert np.all(after < before / 2) and np.all(after < 6.0), (key, before, after)
         np.testing.assert_allclose(
-            refits[key].max_concentrations, SEED_REFERENCE.max_concentrations, rtol=0.3
+            refits[key].max_concentrations, SYSTEMML_REFERENCE.max_concentrations, rtol=0.3
         )
     # The two slides' stains also end up closer to each other than they started.
     between_before = _angles(fits["cmu"].stain_matrix, fits["tcga"].stain_matrix)
@@ -186,7 +185,7 @@ def test_too_few_tissue_pixels_raises(fitter, tiles: dict[str, np.ndarray]) -> N
     with pytest.raises(StainFitError, match="tissue"):
         fitter(np.full((512, 512, 3), 255, np.uint8))
     few = np.full((64, 64, 3), 250, np.uint8)
-    few.reshape(-1, 3)[:99] = tiles["cmu"][0][tissue_mask(tiles["cmu"][0])][:99]
+    few.reshape(-1, 3)[:99] = tiles["cmu"][0][od_tissue_mask(tiles["cmu"][0])][:99]
     with pytest.raises(StainFitError):
         fitter(few)
     assert issubclass(StainFitError, ValueError)
@@ -206,7 +205,7 @@ def test_reinhard_brings_tissue_lab_to_target(tiles: dict[str, np.ndarray], key:
     slide_tiles = tiles[key]
     norm = ReinhardNormalizer(fit_reinhard(slide_tiles))
     out = np.stack([norm(t) for t in slide_tiles])
-    lab = rgb2lab(out[tissue_mask(slide_tiles)])  # independent Lab conversion
+    lab = rgb2lab(out[od_tissue_mask(slide_tiles)])  # independent Lab conversion
     np.testing.assert_allclose(lab.mean(axis=0), REINHARD_REFERENCE.lab_mean, atol=0.75)
     np.testing.assert_allclose(lab.std(axis=0), REINHARD_REFERENCE.lab_std, rtol=0.05)
 
@@ -219,7 +218,7 @@ def test_reinhard_same_statistics_is_identity(tiles: dict[str, np.ndarray]) -> N
 
 def test_reinhard_fit_matches_skimage_lab(tiles: dict[str, np.ndarray]) -> None:
     pixels = tiles["tcga"][:4]
-    lab = rgb2lab(pixels[tissue_mask(pixels)])
+    lab = rgb2lab(pixels[od_tissue_mask(pixels)])
     fit = fit_reinhard(pixels)
     np.testing.assert_allclose(fit.lab_mean, lab.mean(axis=0), atol=1e-6)
     np.testing.assert_allclose(fit.lab_std, lab.std(axis=0), atol=1e-6)

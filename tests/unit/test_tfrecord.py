@@ -1,5 +1,6 @@
 """TFRecord shards: framing, atomic replacement, and that TensorFlow itself reads them."""
 
+import dataclasses
 import subprocess
 import sys
 
@@ -9,6 +10,8 @@ import pytest
 from prolifscore.core.wsi.tfrecord import (
     AtomicShardWriter,
     CorruptRecord,
+    TileLabels,
+    TileRecord,
     parse_tile_example,
     read_records,
     tile_example,
@@ -18,21 +21,9 @@ from prolifscore.v1 import tf_example_pb2 as tfx
 
 
 def _example(i: int) -> bytes:
-    tile = np.full((8, 8, 3), i, np.uint8)
-    return tile_example(
-        tile,
-        slide_id="s1",
-        col=i,
-        row=2,
-        x=i * 256,
-        y=512,
-        level=0,
-        tumor_score=3,
-        molecular_score=0.25,
-        split="train",
-        spec_hash="abc",
-        tissue=0.95,
-    )
+    tile = TileRecord(np.full((8, 8, 3), i, np.uint8), col=i, row=2, x=i * 256, y=512, tissue=0.95)
+    labels = TileLabels("s1", "abc", level=0, split="train", tumor_score=3, molecular_score=0.25)
+    return tile_example(tile, labels)
 
 
 def test_round_trip(tmp_path):
@@ -109,8 +100,10 @@ def test_tensorflow_reads_our_shards(tmp_path):
     assert out[:2] == ["0 s1 0 0.25", "1 s1 1 0.25"]
 
 
-def _protobuf_example(tile: np.ndarray, **meta) -> tfx.Example:
+def _protobuf_example(record: TileRecord, labels: TileLabels) -> tfx.Example:
     """The same Example built with the protobuf runtime (the encoder tile_example replaced)."""
+    tile = record.image
+    meta = {**vars(record), **dataclasses.asdict(labels)}
 
     def b(v):
         return tfx.Feature(bytes_list=tfx.BytesList(value=[v]))
@@ -139,21 +132,24 @@ def _protobuf_example(tile: np.ndarray, **meta) -> tfx.Example:
 )
 def test_hand_encoded_example_is_the_protobuf_example(tmp_path, shape, score, molecular, slide_id):
     tile = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
-    meta = dict(
-        slide_id=slide_id, col=1234, row=2**31 + 5, x=-7, y=0, level=2, tumor_score=score,
-        molecular_score=molecular, split="validation", spec_hash="abc123", tissue=0.9371,
+    record = TileRecord(tile, col=1234, row=2**31 + 5, x=-7, y=0, tissue=0.9371)
+    labels = TileLabels(
+        slide_id, spec_hash="abc123", level=2, split="validation", tumor_score=score,
+        molecular_score=molecular,
     )  # fmt: skip
-    parts = tile_example_parts(tile, **meta)
-    data = tile_example(tile, **meta)
-    expected = _protobuf_example(tile, **meta)
+    parts = tile_example_parts(record, labels)
+    data = tile_example(record, labels)
+    expected = _protobuf_example(record, labels)
     assert data == b"".join(parts) and len(data) == expected.ByteSize()
     assert tfx.Example.FromString(data) == expected
-    nan = tfx.Example.FromString(tile_example(tile, **{**meta, "molecular_score": float("nan")}))
+    unknown = TileLabels(slide_id, spec_hash="abc123", level=2, split="validation")
+    nan = tfx.Example.FromString(tile_example(record, unknown))
+    assert nan.features.feature["tumor_score"].int64_list.value[0] == -1
     assert np.isnan(nan.features.feature["molecular_score"].float_list.value[0])
     whole, pieces = tmp_path / "whole.tfrecord", tmp_path / "pieces.tfrecord"
-    for path, record in ((whole, data), (pieces, parts)):
+    for path, written in ((whole, data), (pieces, parts)):
         with AtomicShardWriter(path) as w:
-            w.write(record)
+            w.write(written)
             w.commit()
     assert whole.read_bytes() == pieces.read_bytes()
     assert list(read_records(pieces)) == [data]

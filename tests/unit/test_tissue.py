@@ -5,15 +5,13 @@ import pytest
 from scipy import ndimage as ndi
 
 from prolifscore.core.wsi.geometry import mask_downsample_for, resolve_geometry
+from prolifscore.core.wsi.od import od_intensity_cutoff, od_tissue_mask, optical_density
 from prolifscore.core.wsi.slide import open_slide
 from prolifscore.core.wsi.tissue import (
     FastCriterion,
     _fill_holes,
     compute_coverage_map,
-    od_intensity_cutoff,
-    od_tissue_mask,
-    optical_density,
-    seed_keep,
+    reference_keep,
 )
 from tests.slides import CMU, KIDNEY, TCGA
 
@@ -63,7 +61,7 @@ def test_fast_criterion_agrees_with_seed_on_real_slides(path):
     seed_set, fast_set, read, checked = set(), set(), 0, 0
     for col, row, x, y in g.grid():
         tile = slide.read(x, y, g.level, g.read_size)
-        if seed_keep(tile, 0.9)[0]:
+        if reference_keep(tile, 0.9)[0]:
             seed_set.add((col, row))
         cov = cmap.coverage(x, y, g.footprint0)
         if cov >= fast.candidate_min:
@@ -108,7 +106,7 @@ def test_coverage_map_is_the_same_read_by_several_threads():
 
 def test_seed_criterion_rejects_background_and_keeps_dense_tissue():
     white = np.full((256, 256, 3), 240, np.uint8)
-    assert seed_keep(white, 0.9)[0] is False
+    assert reference_keep(white, 0.9)[0] is False
     slide, g = _grid(CMU)
-    fractions = [seed_keep(slide.read(x, y, 0, 256), 0.9) for _, _, x, y in g.grid()]
+    fractions = [reference_keep(slide.read(x, y, 0, 256), 0.9) for _, _, x, y in g.grid()]
     assert any(k for k, _ in fractions) and not all(k for k, _ in fractions)

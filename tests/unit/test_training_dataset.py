@@ -25,6 +25,8 @@ from prolifscore.core.grading.evaluation import (
 from prolifscore.core.wsi.shards import shard_path, write_manifest
 from prolifscore.core.wsi.tfrecord import (
     AtomicShardWriter,
+    TileLabels,
+    TileRecord,
     parse_tile_example,
     read_records,
     tile_example,
@@ -94,18 +96,15 @@ def write_slide(
             for _ in range(count):
                 w.write(
                     tile_example(
-                        synthetic_tile(look, size, rng),
-                        slide_id=slide_id,
-                        col=k,
-                        row=0,
-                        x=k * size,
-                        y=0,
-                        level=0,
-                        tumor_score=in_record,
-                        molecular_score=float("nan") if molecular is None else molecular,
-                        split=split,
-                        spec_hash=SPEC,
-                        tissue=1.0,
+                        TileRecord(synthetic_tile(look, size, rng), k, 0, k * size, 0, 1.0),
+                        TileLabels(
+                            slide_id,
+                            SPEC,
+                            level=0,
+                            split=split,
+                            tumor_score=in_record,
+                            molecular_score=float("nan") if molecular is None else molecular,
+                        ),
                     )
                 )
                 k += 1

@@ -61,10 +61,10 @@ helm.sh/chart: {{ include "prolifscore.chart" .ctx }}
 {{- end }}
 
 {{/* The bootstrap address the services and KEDA use (fully qualified: KEDA resolves it from its
-own namespace). */}}
+own namespace). Bundled: the TLS + SCRAM-SHA-512 listener. */}}
 {{- define "prolifscore.kafkaBootstrap" -}}
 {{- if eq .Values.kafka.mode "bundled" }}
-{{- printf "%s-kafka-bootstrap.%s.svc:9092" (include "prolifscore.kafkaName" .) .Release.Namespace }}
+{{- printf "%s-kafka-bootstrap.%s.svc:9093" (include "prolifscore.kafkaName" .) .Release.Namespace }}
 {{- else }}
 {{- required "kafka.externalBootstrap is required when kafka.mode is external" .Values.kafka.externalBootstrap }}
 {{- end }}
@@ -94,6 +94,13 @@ runAsUser: {{ .Values.runAsUser }}
 runAsGroup: {{ .Values.runAsGroup }}
 fsGroup: {{ .Values.runAsGroup }}
 fsGroupChangePolicy: OnRootMismatch
+seccompProfile:
+  type: RuntimeDefault
+{{- end }}
+
+{{/* Pod security of the Strimzi pods (Strimzi picks the user; the image's is non-root). */}}
+{{- define "prolifscore.strimziPodSecurity" -}}
+runAsNonRoot: true
 seccompProfile:
   type: RuntimeDefault
 {{- end }}
@@ -173,7 +180,8 @@ tolerations:
 {{- end }}
 {{- end }}
 
-{{/* gRPC probes on a port (startup, readiness, liveness); TCP checks when TLS is on. */}}
+{{/* gRPC probes on a port (startup, readiness, liveness); TCP checks when TLS is on (the
+kubelet's gRPC probe speaks plaintext). */}}
 {{- define "prolifscore.grpcProbes" -}}
 {{- $check := dict "grpc" (dict "port" .port) }}
 {{- if .tls }}
@@ -190,4 +198,106 @@ livenessProbe:
   {{- toYaml $check | nindent 2 }}
   periodSeconds: 20
   failureThreshold: 3
+{{- end }}
+
+{{/* How the services reach Kafka, as JSON (fromJson): protocol, tls, sasl, mechanism, ca
+(Secret, key) and clientCert (Secret). Bundled: TLS + SCRAM-SHA-512 with Strimzi's cluster CA. */}}
+{{- define "prolifscore.kafkaSecurity" -}}
+{{- $k := .Values.kafka }}
+{{- if eq $k.mode "bundled" }}
+{{- dict "protocol" "SASL_SSL" "tls" true "sasl" true "mechanism" "SCRAM-SHA-512" "caSecret" (printf "%s-cluster-ca-cert" (include "prolifscore.kafkaName" .)) "caKey" "ca.crt" "clientCert" "" | toJson }}
+{{- else }}
+{{- $e := $k.external }}
+{{- $tls := has $e.securityProtocol (list "SSL" "SASL_SSL") }}
+{{- $sasl := has $e.securityProtocol (list "SASL_PLAINTEXT" "SASL_SSL") }}
+{{- $cert := ternary $e.clientCertSecret "" (eq $e.securityProtocol "SSL") }}
+{{- dict "protocol" $e.securityProtocol "tls" $tls "sasl" $sasl "mechanism" $e.saslMechanism "caSecret" (ternary $e.caSecret "" $tls) "caKey" $e.caKey "clientCert" $cert | toJson }}
+{{- end }}
+{{- end }}
+
+{{/* ConfigMap entries (PROLIF_KAFKA_*) for the Kafka security settings every service shares. */}}
+{{- define "prolifscore.kafkaSecurityEnv" -}}
+{{- $s := include "prolifscore.kafkaSecurity" . | fromJson }}
+PROLIF_KAFKA_SECURITY_PROTOCOL: {{ $s.protocol | quote }}
+{{- if $s.caSecret }}
+PROLIF_KAFKA_SSL_CA_FILE: /etc/prolifscore/kafka/ca.crt
+{{- end }}
+{{- if $s.clientCert }}
+PROLIF_KAFKA_SSL_CERT_FILE: /etc/prolifscore/kafka/client.crt
+PROLIF_KAFKA_SSL_KEY_FILE: /etc/prolifscore/kafka/client.key
+{{- end }}
+{{- if $s.sasl }}
+PROLIF_KAFKA_SASL_MECHANISM: {{ $s.mechanism | quote }}
+PROLIF_KAFKA_SASL_PASSWORD_FILE: /etc/prolifscore/kafka/password
+{{- end }}
+{{- end }}
+
+{{/* A service's Kafka user: (dict "ctx" $ "service" "tiling") -> {username, secret, key}. Bundled:
+the KafkaUser <fullname>-<service> and the Secret Strimzi makes for it. */}}
+{{- define "prolifscore.kafkaUser" -}}
+{{- if eq .ctx.Values.kafka.mode "bundled" }}
+{{- $name := printf "%s-%s" (include "prolifscore.fullname" .ctx) .service }}
+{{- dict "username" $name "secret" $name "key" "password" | toJson }}
+{{- else }}
+{{- $u := index .ctx.Values.kafka.external.users .service }}
+{{- $where := printf "kafka.external.users.%s" .service }}
+{{- $user := required (printf "%s.username is required with SASL" $where) $u.username }}
+{{- $secret := required (printf "%s.passwordSecret is required with SASL" $where) $u.passwordSecret }}
+{{- dict "username" $user "secret" $secret "key" $u.passwordKey | toJson }}
+{{- end }}
+{{- end }}
+
+{{/* Env of a Kafka client container: its SASL user name. (dict "ctx" $ "service" s) */}}
+{{- define "prolifscore.kafkaClientEnv" -}}
+{{- $s := include "prolifscore.kafkaSecurity" .ctx | fromJson }}
+{{- if $s.sasl }}
+- name: PROLIF_KAFKA_SASL_USERNAME
+  value: {{ (include "prolifscore.kafkaUser" . | fromJson).username | quote }}
+{{- end }}
+{{- end }}
+
+{{/* The kafka-credentials mount (CA, client certificate, SASL password), if any. */}}
+{{- define "prolifscore.kafkaClientMount" -}}
+{{- $s := include "prolifscore.kafkaSecurity" . | fromJson }}
+{{- if or $s.caSecret $s.clientCert $s.sasl }}
+- name: kafka-credentials
+  mountPath: /etc/prolifscore/kafka
+  readOnly: true
+{{- end }}
+{{- end }}
+
+{{/* The kafka-credentials volume of a service: (dict "ctx" $ "service" s). */}}
+{{- define "prolifscore.kafkaClientVolume" -}}
+{{- $s := include "prolifscore.kafkaSecurity" .ctx | fromJson }}
+{{- if or $s.caSecret $s.clientCert $s.sasl }}
+- name: kafka-credentials
+  projected:
+    sources:
+      {{- if $s.caSecret }}
+      - secret:
+          name: {{ $s.caSecret }}
+          items: [{key: {{ $s.caKey }}, path: ca.crt}]
+      {{- end }}
+      {{- if $s.clientCert }}
+      - secret:
+          name: {{ $s.clientCert }}
+          items: [{key: tls.crt, path: client.crt}, {key: tls.key, path: client.key}]
+      {{- end }}
+      {{- if $s.sasl }}
+      {{- $u := include "prolifscore.kafkaUser" . | fromJson }}
+      - secret:
+          name: {{ $u.secret }}
+          items: [{key: {{ $u.key }}, path: password}]
+      {{- end }}
+{{- end }}
+{{- end }}
+
+{{/* gRPC mutual TLS Secret of a service (tls.crt, tls.key, ca.crt); (dict "ctx" $ "service" s)
+with s one of tiling, filtering, scoring, training, modelServer. */}}
+{{- define "prolifscore.tlsSecret" -}}
+{{- if .ctx.Values.tls.certManager.enabled }}
+{{- printf "%s-%s-tls" (include "prolifscore.fullname" .ctx) (ternary "tfserving" .service (eq .service "modelServer")) }}
+{{- else }}
+{{- required (printf "tls.secrets.%s is required when tls.enabled and not tls.certManager.enabled" .service) (index .ctx.Values.tls.secrets .service) }}
+{{- end }}
 {{- end }}

@@ -8,9 +8,12 @@ A Ray pod template (RayCluster / RayJob head or worker group). Arguments (dict):
   resources    resources map
   shmSize      /dev/shm (memory emptyDir) size
   volumes      "services" (slides ro + tiles rw) or "training" (tiles ro + models rw)
-  driverEnv    true: the pod runs the job driver (gets the shared env and training settings)
+  driverEnv    true: the pod runs the job driver (gets the shared env, training settings and the
+               training Kafka user, for `prolifscore train --publish`)
   trainWorkers PROLIF_TRAIN_WORKERS of the driver (the worker group's size)
   gpu          true: GPU node selection
+  autoscaler   true: the head of an autoscaling cluster (its own service account, whose token is
+               projected into the autoscaler sidecar only)
 */}}
 {{- define "prolifscore.rayPodTemplate" -}}
 {{- $root := .ctx -}}
@@ -19,7 +22,7 @@ metadata:
     {{- include "prolifscore.labels" (dict "ctx" $root "component" .component) | nindent 4 }}
     prolifscore.io/ray-cluster: {{ .cluster }}
 spec:
-  serviceAccountName: {{ include "prolifscore.fullname" $root }}
+  serviceAccountName: {{ include "prolifscore.fullname" $root }}{{ if .autoscaler }}-ray-head{{ end }}
   automountServiceAccountToken: false
   securityContext:
     {{- include "prolifscore.podSecurityContext" $root | nindent 4 }}
@@ -43,6 +46,7 @@ spec:
           value: /data/runs
         - name: PROLIF_TRAIN_WORKERS
           value: {{ .trainWorkers | int64 | quote }}
+        {{- include "prolifscore.kafkaClientEnv" (dict "ctx" $root "service" "training") | nindent 8 }}
       {{- end }}
       {{- if .head }}
       ports:
@@ -52,6 +56,12 @@ spec:
           containerPort: 8265
         - name: client
           containerPort: 10001
+        - name: metrics
+          containerPort: 8080
+      {{- else }}
+      ports:
+        - name: metrics
+          containerPort: 8080
       {{- end }}
       {{- /* Explicit probes: KubeRay's defaults shell out to wget, which the image lacks. */}}
       {{- $path := ternary "/api/gcs_healthz" "/api/local_raylet_healthz" .head }}
@@ -83,6 +93,9 @@ spec:
           readOnly: true
         - name: tiles
           mountPath: /data/tiles
+        # Ray Train checkpoints and TensorBoard logs of the training service's runs.
+        - name: runs
+          mountPath: /data/runs
         {{- end }}
         {{- else }}
         - name: tiles
@@ -92,6 +105,9 @@ spec:
           mountPath: /data/models
         - name: runs
           mountPath: /data/runs
+        {{- end }}
+        {{- if .driverEnv }}
+        {{- include "prolifscore.kafkaClientMount" $root | nindent 8 }}
         {{- end }}
         - name: tmp
           mountPath: /tmp
@@ -107,6 +123,9 @@ spec:
     - name: tiles
       persistentVolumeClaim:
         claimName: {{ include "prolifscore.claimName" (dict "ctx" $root "name" "tiles") }}
+    - name: runs
+      persistentVolumeClaim:
+        claimName: {{ include "prolifscore.claimName" (dict "ctx" $root "name" "runs") }}
     {{- end }}
     {{- else }}
     - name: tiles
@@ -119,6 +138,26 @@ spec:
     - name: runs
       persistentVolumeClaim:
         claimName: {{ include "prolifscore.claimName" (dict "ctx" $root "name" "runs") }}
+    {{- end }}
+    {{- if .driverEnv }}
+    {{- include "prolifscore.kafkaClientVolume" (dict "ctx" $root "service" "training") | nindent 4 }}
+    {{- end }}
+    {{- if .autoscaler }}
+    # The autoscaler sidecar's Kubernetes API token (mounted in that container only).
+    - name: autoscaler-token
+      projected:
+        sources:
+          - serviceAccountToken:
+              path: token
+              expirationSeconds: 3600
+          - configMap:
+              name: kube-root-ca.crt
+              items: [{key: ca.crt, path: ca.crt}]
+          - downwardAPI:
+              items:
+                - path: namespace
+                  fieldRef:
+                    fieldPath: metadata.namespace
     {{- end }}
     - name: tmp
       emptyDir:

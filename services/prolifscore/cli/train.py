@@ -7,10 +7,14 @@ import json
 import sys
 import uuid
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from google.protobuf import json_format
 
 from prolifscore.v1 import training_pb2 as tpb
+
+if TYPE_CHECKING:
+    from prolifscore.training.config import TrainingSettings
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -25,6 +29,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     p.add_argument("--weights", default="", help="resnet50 start weights: path, none or imagenet")
     p.add_argument("--run-id", default="", help="run folder name (reuse it to resume)")
     p.add_argument("--profile", choices=["quick"], help="quick: a minutes-long machinery run")
+    p.add_argument(
+        "--publish",
+        action="store_true",
+        help="announce the outcome on the models topic (ModelPublished) like the training service",
+    )
     p.set_defaults(func=run_train)
     e = sub.add_parser("evaluate", help="TUPAC16 metrics of predictions against ground truth")
     e.add_argument("--predictions", type=Path, required=True)
@@ -81,9 +90,30 @@ def run_train(args: argparse.Namespace) -> int:
         published = run_training(request, settings)
     except TrainingFailed as exc:
         print(f"error: {exc}", file=sys.stderr)
+        if args.publish:
+            failed = tpb.ModelPublished(
+                model=args.model, request_id=request.request_id, error=str(exc)
+            )
+            failed.time.GetCurrentTime()
+            _publish(failed, settings)
         return 1
     print(json.dumps(json_format.MessageToDict(published)))
+    if args.publish:
+        _publish(published, settings)
     return 0
+
+
+def _publish(published: tpb.ModelPublished, settings: TrainingSettings) -> None:
+    """Announce a run like the training service does, so that a model trained by a Kubernetes
+    Job or RayJob reaches the same listeners as one trained from a TrainRequest."""
+    from prolifscore.core.runtime.bus import Bus
+
+    bus = Bus(settings.kafka, "train")
+    try:
+        bus.publish(settings.topic_models, published.model, published)
+        bus.flush()
+    finally:
+        bus.close()
 
 
 def run_evaluate(args: argparse.Namespace) -> int:

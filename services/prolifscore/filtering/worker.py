@@ -13,10 +13,30 @@ from typing import Any
 from prolifscore.core.wsi.preprocess import READ_AHEAD, TileSource
 from prolifscore.core.wsi.shards import shard_path, write_marker
 from prolifscore.core.wsi.slide import Slide, SlideError, confine_path, open_slide
-from prolifscore.core.wsi.tfrecord import AtomicShardWriter, tile_example_parts
+from prolifscore.core.wsi.tfrecord import (
+    AtomicShardWriter,
+    TileLabels,
+    TileRecord,
+    tile_example_parts,
+)
 from prolifscore.v1 import pipeline_pb2 as pb
 
 SPLIT_NAMES = {pb.SPLIT_TRAIN: "train", pb.SPLIT_VALIDATION: "validation"}
+
+
+def shard_labels(task: pb.TileTask) -> TileLabels:
+    """What every record of the task's shard carries (unknown labels as -1 and NaN)."""
+    labels = task.labels
+    return TileLabels(
+        slide_id=task.slide_id,
+        spec_hash=task.spec.spec_hash,
+        level=task.spec.level,
+        split=SPLIT_NAMES.get(task.split, "train"),
+        tumor_score=labels.tumor_score if labels.HasField("tumor_score") else -1,
+        molecular_score=(
+            labels.molecular_score if labels.HasField("molecular_score") else float("nan")
+        ),
+    )
 
 
 class BatchFilter:
@@ -83,13 +103,7 @@ class BatchFilter:
         }
         try:
             source = self._source(task)
-            score = task.labels.tumor_score if task.labels.HasField("tumor_score") else -1
-            molecular = (
-                task.labels.molecular_score
-                if task.labels.HasField("molecular_score")
-                else float("nan")
-            )
-            split = SPLIT_NAMES.get(task.split, "train")
+            labels = shard_labels(task)
             kept: list[list[int]] = []
             with (
                 AtomicShardWriter(path) as writer,
@@ -102,22 +116,8 @@ class BatchFilter:
                     if result is None:
                         continue
                     pixels, fraction = result
-                    writer.write(
-                        tile_example_parts(
-                            pixels,
-                            slide_id=task.slide_id,
-                            col=tile.col,
-                            row=tile.row,
-                            x=tile.x,
-                            y=tile.y,
-                            level=task.spec.level,
-                            tumor_score=score,
-                            molecular_score=molecular,
-                            split=split,
-                            spec_hash=task.spec.spec_hash,
-                            tissue=fraction,
-                        )
-                    )
+                    record = TileRecord(pixels, tile.col, tile.row, tile.x, tile.y, fraction)
+                    writer.write(tile_example_parts(record, labels))
                     kept.append([tile.col, tile.row])
                 if writer.count:
                     writer.commit()

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import logging
-import os
 import signal
 import sys
 import threading
@@ -30,6 +29,8 @@ from email.utils import formatdate
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from xml.sax.saxutils import escape
+
+from prolifscore.core.wsi.tfrecord import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +116,7 @@ class FileStore:
                 raise FileExistsError(key)
             if if_match == "*" and current is None:
                 raise FileExistsError(key)
-            _write_file(obj, data, self.fsync)
+            write_atomic(obj, data, fsync=self.fsync)
             stat = obj.stat()
             self._etags[obj] = (stat.st_mtime_ns, stat.st_size, etag)
         return etag
@@ -148,23 +149,6 @@ class FileStore:
                         etag = self._etag_of(path) or ""
                         out.append((key, stat.st_size, stat.st_mtime, etag))
         return sorted(out)
-
-
-def _write_file(path: Path, data: bytes, fsync: bool) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{threading.get_ident()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        if fsync:
-            f.flush()
-            os.fsync(f.fileno())
-    os.replace(tmp, path)
-    if fsync:
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def _list_xml(bucket: str, prefix: str, query: dict[str, str], entries: list) -> bytes:

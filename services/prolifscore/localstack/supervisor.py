@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 BACKOFF_START_S = 2.0
 BACKOFF_MAX_S = 60.0
 CRASH_LOOP_S = 30.0  # a service that dies this soon after its start counts as a failed restart
-NO_KAFKA = ("modelserver",)  # services that keep no Kafka state
+NO_KAFKA = ("modelserver", "viewer")  # services that keep no Kafka state
 
 
 @dataclass

@@ -7,6 +7,8 @@ from pathlib import Path
 
 from prolifscore.core.runtime.settings import RuntimeSettings, env, nested
 
+NAME = "modelserver"  # the service's name in logs and metrics
+
 
 @dataclass(frozen=True)
 class ModelServerSettings:

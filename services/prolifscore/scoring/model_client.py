@@ -13,7 +13,13 @@ import grpc
 import numpy as np
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
-from prolifscore.core.models.tensors import from_tensor_proto, to_tensor_proto
+from prolifscore.core.models.contract import INPUT, SIGNATURE
+from prolifscore.core.models.export import complete_versions
+from prolifscore.core.models.tensors import (
+    from_tensor_proto,
+    grpc_message_options,
+    to_tensor_proto,
+)
 
 log = logging.getLogger(__name__)
 
@@ -56,14 +62,7 @@ class PredictionClient:
         self.address = address
         self.retries = retries
         self.backoff_s = backoff_s
-        limit = max_message_mb * 1024 * 1024
-        self._channel = grpc.insecure_channel(
-            address,
-            options=[
-                ("grpc.max_send_message_length", limit),
-                ("grpc.max_receive_message_length", limit),
-            ],
-        )
+        self._channel = grpc.insecure_channel(address, options=grpc_message_options(max_message_mb))
         self._stub = prediction_service_pb2_grpc.PredictionServiceStub(self._channel)
 
     def predict(
@@ -71,8 +70,8 @@ class PredictionClient:
     ) -> tuple[np.ndarray, int]:
         request = predict_pb2.PredictRequest()
         request.model_spec.name = model
-        request.model_spec.signature_name = "serving_default"
-        request.inputs["tiles"].CopyFrom(to_tensor_proto(tiles))
+        request.model_spec.signature_name = SIGNATURE
+        request.inputs[INPUT].CopyFrom(to_tensor_proto(tiles))
         request.output_filter.append(output)
         delay = self.backoff_s
         # `timeout` is what is left of the caller's deadline: it bounds every attempt and the
@@ -120,17 +119,13 @@ class InProcessModels:
         if model not in self._loaded:
             import tensorflow as tf
 
-            versions = sorted(
-                int(p.name)
-                for p in (self.model_root / model).glob("*")
-                if p.name.isdigit() and (p / "saved_model.pb").exists()
-            )
+            versions = complete_versions(self.model_root / model)
             if not versions:
                 raise ModelError(
                     grpc.StatusCode.NOT_FOUND, f"no version of {model} under {self.model_root}"
                 )
             loaded = tf.saved_model.load(str(self.model_root / model / str(versions[-1])))
-            self._loaded[model] = (versions[-1], loaded.signatures["serving_default"])
+            self._loaded[model] = (versions[-1], loaded.signatures[SIGNATURE])
         return self._loaded[model]
 
     def predict(
@@ -139,7 +134,7 @@ class InProcessModels:
         import tensorflow as tf
 
         version, fn = self._signature(model)
-        out = fn(tiles=tf.constant(tiles))  # type: ignore[operator]
+        out = fn(**{INPUT: tf.constant(tiles)})  # type: ignore[operator]
         return out[output].numpy(), version
 
     def close(self) -> None:

@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import functools
 import logging
-import queue
-import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -19,14 +18,16 @@ import numpy as np
 
 from prolifscore.core.grading.mitoses import (
     MitosisGrading,
-    densest_region_count,
+    densest_region,
     non_max_suppression,
     tile_detections,
 )
+from prolifscore.core.models.contract import MITOSIS_OUTPUT, TUMOR_OUTPUT
 from prolifscore.core.models.export import read_metadata
 from prolifscore.core.runtime.settings import PreprocessSettings
-from prolifscore.core.wsi.preprocess import SpecError, TileSource, plan_slide
-from prolifscore.core.wsi.slide import confine_path, open_slide
+from prolifscore.core.wsi.prefetch import prefetched_iter
+from prolifscore.core.wsi.preprocess import SlidePlan, SpecError, TileSource, plan_slide
+from prolifscore.core.wsi.slide import Slide, confine_path, open_slide
 from prolifscore.scoring import heatmap
 from prolifscore.v1 import pipeline_pb2 as pb
 from prolifscore.v1 import scoring_pb2 as spb
@@ -38,6 +39,7 @@ if TYPE_CHECKING:  # not at run time: Ray workers import this module to read til
 log = logging.getLogger(__name__)
 
 Batch = tuple[list[pb.Tile], np.ndarray]
+Batches = Generator[Batch, None, None]
 # Ray readers pay off only with several batches per reader; below this, a local thread wins.
 RAY_MIN_BATCHES_PER_READER = 4
 
@@ -85,7 +87,7 @@ class _Progress:
 
 def _read_local(
     source: TileSource, candidates: list[pb.Tile], batch: int, counts: _Progress
-) -> Iterator[Batch]:
+) -> Batches:
     tiles: list[pb.Tile] = []
     pixels: list[np.ndarray] = []
     for tile in candidates:
@@ -125,7 +127,7 @@ def _read_ray(
     batch: int,
     readers: int,
     counts: _Progress,
-) -> Iterator[Batch]:
+) -> Batches:
     import ray
 
     remote = ray.remote(num_cpus=1)(_read_chunk)
@@ -148,45 +150,62 @@ def _read_ray(
             yield [chunk[i] for i in kept], pixels
 
 
-class _Prefetch:
-    """Runs a batch iterator in a thread, `depth` batches ahead of the consumer."""
+@dataclass(frozen=True)
+class _SlideRun:
+    """One slide's scoring: what `score_slide` gathers batch by batch (the lists grow), and
+    `_assemble` turns into the SlideScore."""
 
-    _END = object()
+    request: spb.ScoreRequest
+    slide_id: str
+    plan: SlidePlan
+    options: ScoringOptions
+    started: float  # perf_counter at the request's start
+    timings: spb.ScoreTimings = field(default_factory=spb.ScoreTimings)
+    tiles: list[pb.Tile] = field(default_factory=list)
+    probs: list[np.ndarray] = field(default_factory=list)  # [n, 3] per batch
+    detections: list[tuple[float, float, float]] = field(default_factory=list)  # x0, y0, p
+    tile_mitosis_max: list[float] = field(default_factory=list)
+    versions: dict[str, int] = field(default_factory=dict)  # model -> version that answered
 
-    def __init__(self, it: Iterator[Batch], depth: int = 2) -> None:
-        self._q: queue.Queue[object] = queue.Queue(maxsize=depth)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(it,), daemon=True)
-        self._thread.start()
+    def predict(
+        self, models: Models, tiles: list[pb.Tile], pixels: np.ndarray, timeout: float | None
+    ) -> None:
+        """Both models on one batch; mitosis detections in level-0 coordinates."""
+        started, options = time.perf_counter(), self.options
+        probs, self.versions[options.tumor_model] = models.predict(
+            options.tumor_model, pixels, TUMOR_OUTPUT, timeout
+        )
+        self.probs.append(np.asarray(probs, np.float32))
+        if not self.request.skip_mitosis:
+            maps, version = models.predict(options.mitosis_model, pixels, MITOSIS_OUTPUT, timeout)
+            self.versions[options.mitosis_model] = version
+            threshold = mitosis_threshold(options, version)
+            for tile, m in zip(tiles, maps, strict=True):
+                self.tile_mitosis_max.append(float(m.max()) if m.size else 0.0)
+                self.detections.extend(tile_detections(m, tile, self.plan.spec, threshold))
+        self.timings.predict_s += time.perf_counter() - started
+        self.tiles.extend(tiles)
 
-    def _run(self, it: Iterator[Batch]) -> None:
-        try:
-            for item in it:
-                while not self._stop.is_set():
-                    try:
-                        self._q.put(item, timeout=0.2)
-                        break
-                    except queue.Full:
-                        continue
-                if self._stop.is_set():
-                    return
-        except BaseException as exc:  # surfaced in the consumer
-            self._q.put(exc)
-            return
-        self._q.put(self._END)
 
-    def __iter__(self) -> Iterator[Batch]:
-        while True:
-            item = self._q.get()
-            if item is self._END:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item  # type: ignore[misc]
+def _reader(
+    slide: Slide, path: Path, plan: SlidePlan, options: ScoringOptions, counts: _Progress
+) -> Batches:
+    """Batches of kept tiles: Ray reader tasks where the slide has enough candidates for them
+    to pay off, else this process."""
+    batch, readers = options.predict_batch, options.ray_readers
+    if readers > 0 and len(plan.candidates) >= RAY_MIN_BATCHES_PER_READER * batch * readers:
+        return _read_ray(path, plan.spec, plan.stain, plan.candidates, batch, readers, counts)
+    return _read_local(TileSource(slide, plan.spec, plan.stain), plan.candidates, batch, counts)
 
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
+
+def _time_left(deadline: float | None) -> float | None:
+    """Seconds until `deadline` (epoch seconds), the timeout of the next model call."""
+    if deadline is None:
+        return None
+    left = deadline - time.time()
+    if left <= 0:
+        raise DeadlineExceeded("deadline exceeded while scoring")
+    return left
 
 
 def score_slide(
@@ -212,81 +231,27 @@ def score_slide(
     slide_id = request.slide_id or path.stem
     counts = _Progress()
     notify = progress or (lambda _e: None)
-    timings = spb.ScoreTimings()
     with open_slide(path) as slide:
         try:
             plan = plan_slide(slide, slide_id, request.spec, options.preprocess)
         except SpecError as exc:
             raise InvalidRequest(str(exc)) from exc
-        timings.tiling_s = time.perf_counter() - start
+        run = _SlideRun(request, slide_id, plan, options, start)
+        run.timings.tiling_s = time.perf_counter() - start
         counts.found = len(plan.candidates)
         notify(counts.event())
-        ray_worthwhile = len(plan.candidates) >= (
-            RAY_MIN_BATCHES_PER_READER * options.predict_batch * options.ray_readers
-        )
-        if options.ray_readers > 0 and ray_worthwhile:
-            reader = _read_ray(
-                path,
-                plan.spec,
-                plan.stain,
-                plan.candidates,
-                options.predict_batch,
-                options.ray_readers,
-                counts,
-            )
-        else:
-            source = TileSource(slide, plan.spec, plan.stain)
-            reader = _read_local(source, plan.candidates, options.predict_batch, counts)
-        batches: Iterator[Batch] = _Prefetch(reader) if options.pipelined else reader  # type: ignore[assignment]
-        tiles: list[pb.Tile] = []
-        probs: list[np.ndarray] = []
-        detections: list[tuple[float, float, float]] = []
-        tile_mitosis_max: list[float] = []
-        versions: dict[str, int] = {}
-        predict_s = 0.0
-        try:
+        reader = _reader(slide, path, plan, options, counts)
+        # Pipelined: the next batch is read while the model server predicts this one. Closed
+        # before the slide is: no read is left running.
+        batches = prefetched_iter(reader, 2, "score-reader") if options.pipelined else reader
+        with closing(batches):
             for batch_tiles, pixels in batches:
                 if cancelled():
                     raise Cancelled("client cancelled the request")
-                timeout = None
-                if deadline is not None:
-                    timeout = deadline - time.time()
-                    if timeout <= 0:
-                        raise DeadlineExceeded("deadline exceeded while scoring")
-                t0 = time.perf_counter()
-                p, versions[options.tumor_model] = models.predict(
-                    options.tumor_model, pixels, "probabilities", timeout
-                )
-                probs.append(np.asarray(p, np.float32))
-                if not request.skip_mitosis:
-                    maps, versions[options.mitosis_model] = models.predict(
-                        options.mitosis_model, pixels, "mitosis_map", timeout
-                    )
-                    threshold = mitosis_threshold(options, versions[options.mitosis_model])
-                    for tile, m in zip(batch_tiles, maps, strict=True):
-                        tile_mitosis_max.append(float(m.max()) if m.size else 0.0)
-                        detections.extend(tile_detections(m, tile, plan.spec, threshold))
-                predict_s += time.perf_counter() - t0
-                tiles.extend(batch_tiles)
-                counts.scored = len(tiles)
+                run.predict(models, batch_tiles, pixels, _time_left(deadline))
+                counts.scored = len(run.tiles)
                 notify(counts.event())
-        finally:
-            if isinstance(batches, _Prefetch):
-                batches.close()
-    timings.predict_s = predict_s
-    return _assemble(
-        request,
-        slide_id,
-        plan,
-        tiles,
-        probs,
-        detections,
-        tile_mitosis_max,
-        versions,
-        options,
-        timings,
-        start,
-    )
+    return _assemble(run)
 
 
 @functools.lru_cache(maxsize=64)
@@ -327,83 +292,85 @@ def aggregate(tile_probs: np.ndarray, aggregation: int) -> tuple[int, list[float
     return int(mean.argmax()) + 1, probabilities
 
 
-def _assemble(
-    request,
-    slide_id,
-    plan,
-    tiles,
-    probs,
-    detections,
-    tile_mitosis_max,
-    versions,
-    options,
-    timings,
-    start,
-) -> spb.SlideScore:  # type: ignore[no-untyped-def]
+def _assemble(run: _SlideRun) -> spb.SlideScore:
+    request, options, plan = run.request, run.options, run.plan
     aggregation = request.aggregation or options.aggregation
     result = spb.SlideScore(
         request_id=request.request_id or uuid.uuid4().hex,
-        slide_id=slide_id,
+        slide_id=run.slide_id,
         aggregation=aggregation,
-        tiles_total=len(tiles),
-        tiles_scored=len(tiles),
+        tiles_total=len(run.tiles),
+        tiles_scored=len(run.tiles),
         warnings=plan.warnings,
         spec_hash=plan.spec.spec_hash,
-        models=[spb.ModelVersion(name=n, version=v) for n, v in sorted(versions.items())],
+        models=[spb.ModelVersion(name=n, version=v) for n, v in sorted(run.versions.items())],
     )
-    all_probs = np.concatenate(probs) if probs else np.zeros((0, 3), np.float32)
+    all_probs = np.concatenate(run.probs) if run.probs else np.zeros((0, 3), np.float32)
     result.tumor_score, slide_probs = aggregate(all_probs, aggregation)
     result.probabilities.extend(slide_probs)
     if not len(all_probs):
         result.warnings.append("no tissue tile was found: no score")
-    for name, version in sorted(versions.items()):
+    for name, version in sorted(run.versions.items()):
         if model_metadata(options, name, version).get("trained") is False:
             result.warnings.append(
                 f"model {name} v{version} is untrained (random initialisation): "
                 "this is not a real score"
             )
-    mpp0 = plan.geometry.base_mpp
     if not request.skip_mitosis:
-        if options.mitosis_model in versions:
-            result.mitosis_threshold = mitosis_threshold(options, versions[options.mitosis_model])
-        radius0 = options.grading.nms_radius_um / mpp0
-        kept = non_max_suppression(detections, radius0)
-        result.mitosis_count = len(kept)
-        result.mitoses.extend(
-            spb.Mitosis(x=round(x), y=round(y), probability=p) for x, y, p in kept
-        )
-        side0 = options.grading.region_side_um() / mpp0
-        densest = densest_region_count([(x, y) for x, y, _ in kept], side0)
-        result.mitoses_per_10hpf = float(densest)
-        result.mitotic_score = options.grading.mitotic_score(densest) if tiles else 0
-    per_tile: dict[tuple[int, int], int] = {}
-    fp, stride = plan.spec.footprint0, plan.spec.stride0
-    for m in result.mitoses:  # the grid cell a detection falls in (first tile, with overlap)
-        key = (int(m.x // stride), int(m.y // stride))
-        per_tile[key] = per_tile.get(key, 0) + 1
+        _grade_mitoses(run, result)
     if request.include_tiles:
-        for i, t in enumerate(tiles):
-            result.tiles.append(
-                spb.TilePrediction(
-                    col=t.col,
-                    row=t.row,
-                    x=t.x,
-                    y=t.y,
-                    probabilities=all_probs[i].tolist(),
-                    mitosis_max=tile_mitosis_max[i] if tile_mitosis_max else 0.0,
-                    mitoses=per_tile.get((t.col, t.row), 0),
-                )
-            )
+        _add_tiles(run, result, all_probs)
     if request.include_heatmap:
         predicted = (result.tumor_score or 1) - 1
         result.heatmap_png = heatmap.render(
             plan.coverage.thumbnail,
             plan.coverage.downsample,
-            [(t, float(all_probs[i][predicted])) for i, t in enumerate(tiles)],
-            fp,
+            [(t, float(all_probs[i][predicted])) for i, t in enumerate(run.tiles)],
+            plan.spec.footprint0,
             [(m.x, m.y) for m in result.mitoses],
         )
-    timings.reading_s = max(0.0, time.perf_counter() - start - timings.tiling_s - timings.predict_s)
-    timings.total_s = time.perf_counter() - start
+    timings = run.timings
+    elapsed = time.perf_counter() - run.started
+    timings.reading_s = max(0.0, elapsed - timings.tiling_s - timings.predict_s)
+    timings.total_s = time.perf_counter() - run.started
     result.timings.CopyFrom(timings)
     return result
+
+
+def _grade_mitoses(run: _SlideRun, result: spb.SlideScore) -> None:
+    """Detections -> mitoses (NMS), the densest region's count and the mitotic score."""
+    options, mpp0 = run.options, run.plan.geometry.base_mpp
+    if options.mitosis_model in run.versions:
+        result.mitosis_threshold = mitosis_threshold(options, run.versions[options.mitosis_model])
+    kept = non_max_suppression(run.detections, options.grading.nms_radius_um / mpp0)
+    result.mitosis_count = len(kept)
+    result.mitoses.extend(spb.Mitosis(x=round(x), y=round(y), probability=p) for x, y, p in kept)
+    side0 = options.grading.region_side_um() / mpp0
+    square = densest_region([(x, y) for x, y, _ in kept], side0)
+    densest = square.count if square else 0
+    if square:
+        result.densest_region.CopyFrom(square.as_region())
+    result.mitoses_per_10hpf = float(densest)
+    result.mitotic_score = options.grading.mitotic_score(densest) if run.tiles else 0
+
+
+def _add_tiles(run: _SlideRun, result: spb.SlideScore, all_probs: np.ndarray) -> None:
+    """Per-tile predictions; a mitosis counts for the grid cell it falls in (the first tile
+    covering it, with overlap)."""
+    per_tile: dict[tuple[int, int], int] = {}
+    stride = run.plan.spec.stride0
+    for m in result.mitoses:
+        key = (int(m.x // stride), int(m.y // stride))
+        per_tile[key] = per_tile.get(key, 0) + 1
+    for i, t in enumerate(run.tiles):
+        result.tiles.append(
+            spb.TilePrediction(
+                col=t.col,
+                row=t.row,
+                x=t.x,
+                y=t.y,
+                probabilities=all_probs[i].tolist(),
+                mitosis_max=run.tile_mitosis_max[i] if run.tile_mitosis_max else 0.0,
+                mitoses=per_tile.get((t.col, t.row), 0),
+            )
+        )

@@ -1,6 +1,6 @@
 """Pyramidal tiled TIFFs that OpenSlide opens, and real tissue at the pipeline's resolution.
 
-Shared by the benchmark's TUPAC-sized slide (`bench/pyramid.py`, which streams) and the
+Shared by the benchmark's TUPAC-sized slide (`bench/large_slide.py`, which streams) and the
 synthetic training benchmark (`prolifscore.synthetic.slides`, small in-memory slides), so
 both write the same kind of file: OpenSlide's "generic tiled TIFF" with JPEG (YCbCr 4:2:0)
 tiles, one page per pyramid level, and the microns per pixel in the resolution tags (which
@@ -87,7 +87,7 @@ def write_image_pyramid(
     """Write an in-memory RGB image as a pyramidal tiled TIFF; returns the level shapes.
 
     For small slides only (all levels are held in memory); large ones stream through
-    `write_pyramid` as `bench/pyramid.py` does. Partial edge tiles are padded white.
+    `write_pyramid` as `bench/large_slide.py` does. Partial edge tiles are padded white.
     """
     levels = [np.ascontiguousarray(image[..., :3], dtype=np.uint8)]
     while max(levels[-1].shape[:2]) >= smallest_side:

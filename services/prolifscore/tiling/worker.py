@@ -6,7 +6,7 @@ import time
 from dataclasses import dataclass, field
 
 from prolifscore.core.runtime.settings import PreprocessSettings
-from prolifscore.core.wsi.preprocess import SpecError, batches, plan_slide
+from prolifscore.core.wsi.preprocess import SpecError, plan_slide, tile_tasks
 from prolifscore.core.wsi.slide import SlideError, confine_path, open_slide
 from prolifscore.core.wsi.split import VALIDATION, hash_split
 from prolifscore.core.wsi.stain import StainFitError
@@ -50,30 +50,22 @@ def tile_slide(
         score = msg.labels.tumor_score if msg.labels.HasField("tumor_score") else None
         name = hash_split(msg.slide_id, score, defaults.split_seed, defaults.validation_fraction)
         split = pb.SPLIT_VALIDATION if name == VALIDATION else pb.SPLIT_TRAIN
-    groups = batches(plan.candidates, defaults.batch_size)
-    tasks = [
-        pb.TileTask(
-            slide_id=msg.slide_id,
-            path=str(path),
-            labels=msg.labels,
-            split=split,
-            spec=plan.spec,
-            stain=plan.stain,
-            batch_index=i,
-            batch_count=len(groups),
-            tiles=group,
-            run_id=msg.run_id,
-            candidate_tiles=len(plan.candidates),
-        ).SerializeToString()
-        for i, group in enumerate(groups)
-    ]
+    tasks = tile_tasks(
+        plan,
+        msg.slide_id,
+        path,
+        defaults.batch_size,
+        labels=msg.labels,
+        split=split,
+        run_id=msg.run_id,
+    )
     status = pb.SlideStatus(
         slide_id=msg.slide_id,
         stage=pb.STAGE_TILED,
         service="tiling",
         warnings=plan.warnings,
         candidate_tiles=len(plan.candidates),
-        batch_count=len(groups),
+        batch_count=len(tasks),
         duration_s=time.perf_counter() - start,
         path=str(path),
         run_id=msg.run_id,
@@ -81,7 +73,7 @@ def tile_slide(
     status.time.GetCurrentTime()
     return TilingOutcome(
         slide_id=msg.slide_id,
-        tasks=tasks,
+        tasks=[task.SerializeToString() for task in tasks],
         status=status.SerializeToString(),
         candidates=len(plan.candidates),
     )

@@ -39,12 +39,19 @@ def _version_dirs(model_dir: Path) -> list[int]:
     return sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit())
 
 
-def list_versions(model_root: Path | str, name: str) -> list[int]:
-    """Complete versions of model `name` (integer folders holding saved_model.pb), ascending."""
-    model_dir = Path(model_root) / name
+def complete_versions(model_dir: Path | str) -> list[int]:
+    """Versions of the model in `model_dir`, ascending: integer folders holding saved_model.pb.
+    Exports in progress (hidden temporary names, or a folder whose saved_model.pb is not
+    written yet) are not versions yet, for the model servers and clients alike."""
+    model_dir = Path(model_dir)
     return [
         v for v in _version_dirs(model_dir) if (model_dir / str(v) / "saved_model.pb").is_file()
     ]
+
+
+def list_versions(model_root: Path | str, name: str) -> list[int]:
+    """Complete versions of model `name` under a model root, ascending."""
+    return complete_versions(Path(model_root) / name)
 
 
 def read_metadata(version_dir: Path | str) -> dict[str, Any]:

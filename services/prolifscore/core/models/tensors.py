@@ -1,5 +1,6 @@
 """numpy arrays <-> TensorFlow's TensorProto, the payload of TF Serving's Predict API (shared by
-the scoring client, the local model server's tests and export-time warm-up records)."""
+the scoring client, the local model server's tests and export-time warm-up records), and the
+gRPC message limits that payload needs."""
 
 from __future__ import annotations
 
@@ -33,3 +34,10 @@ def from_tensor_proto(proto: tensor_pb2.TensorProto) -> np.ndarray:
         return np.frombuffer(proto.tensor_content, dtype).reshape(shape)
     values = proto.float_val if dtype == np.float32 else proto.int64_val
     return np.asarray(values, dtype).reshape(shape)
+
+
+def grpc_message_options(max_message_mb: int) -> list[tuple[str, int]]:
+    """gRPC channel/server options for tile batches (32 float32 224 px tiles are 19 MB; gRPC's
+    default limit is 4 MB): the model server and its clients set the same on both ends."""
+    limit = max_message_mb * 1024 * 1024
+    return [("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)]

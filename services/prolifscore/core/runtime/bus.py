@@ -3,9 +3,9 @@
 Delivery is at-least-once: a service publishes its outputs, `flush()`es (which raises if any send
 failed), and only then commits the explicit offsets of the records it processed (`Consumer`).
 The embedded broker (Tansu) auto-creates an unknown topic with ONE partition on any metadata
-request (even with `allow_auto_create_topics=False`; DESIGN.md section 6), so the bus creates
-every topic it touches with `settings.partitions` partitions before its first produce or
-subscribe.
+request (even with `allow_auto_create_topics=False`; docs/architecture.md, section 7), so the
+bus creates every topic it touches with `settings.partitions` partitions before its first
+produce or subscribe.
 """
 
 from __future__ import annotations

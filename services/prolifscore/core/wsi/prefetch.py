@@ -4,9 +4,10 @@ works on the current one (slide decoding releases the GIL, so readers overlap th
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Executor, Future, wait
-from itertools import islice
+from collections.abc import Callable, Generator, Iterable, Iterator
+from concurrent.futures import Executor, Future, ThreadPoolExecutor, wait
+from contextlib import closing
+from itertools import islice, repeat
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -33,3 +34,30 @@ def prefetched(
         for _, future in pending:
             future.cancel()
         wait([f for _, f in pending])
+
+
+def prefetched_iter(
+    source: Iterator[T], depth: int, name: str = "prefetch"
+) -> Generator[T, None, None]:
+    """The items of `source` (e.g. a generator of batches), produced in a thread of their own
+    up to `depth` items ahead of the consumer: `prefetched` over calls of `next(source)`, in
+    one thread, so that the calls never overlap. Raises `source`'s exception at its item; on
+    exit (also early) nothing is left running and `source` is closed."""
+    end = object()
+
+    def step(it: Iterator[T]) -> object:
+        return next(it, end)
+
+    try:
+        with (
+            ThreadPoolExecutor(1, thread_name_prefix=name) as thread,
+            closing(prefetched(repeat(source), step, thread, depth)) as ahead,
+        ):
+            for _, item in ahead:
+                if item is end:
+                    return
+                yield item  # type: ignore[misc]
+    finally:
+        close = getattr(source, "close", None)
+        if close is not None:
+            close()

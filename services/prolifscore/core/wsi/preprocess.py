@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import zlib
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Executor
@@ -27,12 +28,18 @@ from prolifscore.core.wsi.geometry import (
 )
 from prolifscore.core.wsi.prefetch import prefetched
 from prolifscore.core.wsi.slide import Slide
-from prolifscore.core.wsi.tissue import CoverageMap, FastCriterion, compute_coverage_map, seed_keep
+from prolifscore.core.wsi.tissue import (
+    CoverageMap,
+    FastCriterion,
+    compute_coverage_map,
+    reference_keep,
+)
 from prolifscore.v1 import pipeline_pb2 as pb
 
 # Bump when a change alters which pixels a spec produces: it renames every shard.
 PIPELINE_VERSION = 1
 
+# Mode `seed` is the reference (seed) study's per-tile test (`reference_keep`), not a random seed.
 _MODES = {"fast": pb.TISSUE_MODE_FAST, "seed": pb.TISSUE_MODE_SEED}
 _STAINS = {
     "none": pb.STAIN_NORMALIZATION_NONE,
@@ -140,12 +147,12 @@ def plan_slide(
     spec, geometry, warnings = resolve_spec(slide, overrides, defaults)
     cmap = compute_coverage_map(slide, mask_downsample_for(geometry), threads=defaults.read_threads)
     criterion = FastCriterion(spec.tissue_threshold)
-    seed_mode = spec.tissue_mode == pb.TISSUE_MODE_SEED
+    every_tile = spec.tissue_mode == pb.TISSUE_MODE_SEED  # the reference study reads them all
     cols, rows = np.meshgrid(np.arange(geometry.cols), np.arange(geometry.rows))
     cols, rows = cols.ravel(), rows.ravel()  # row-major grid order
     xs, ys = cols * geometry.stride0, rows * geometry.stride0
     cov = cmap.coverages(xs, ys, geometry.footprint0)
-    chosen = np.arange(len(cov)) if seed_mode else np.flatnonzero(cov >= criterion.candidate_min)
+    chosen = np.arange(len(cov)) if every_tile else np.flatnonzero(cov >= criterion.candidate_min)
     candidates = [
         pb.Tile(
             col=int(cols[i]),
@@ -215,7 +222,7 @@ class TileSource:
 
     def keep(self, tile: pb.Tile, rgb: np.ndarray) -> tuple[bool, float]:
         if self.spec.tissue_mode == pb.TISSUE_MODE_SEED:
-            return seed_keep(rgb, self.spec.tissue_threshold)
+            return reference_keep(rgb, self.spec.tissue_threshold)
         return self.criterion.keep(tile.coarse_tissue, rgb)
 
     def process(self, tile: pb.Tile) -> tuple[np.ndarray, float] | None:
@@ -264,3 +271,37 @@ def batches(candidates: list[pb.Tile], batch_size: int) -> list[list[pb.Tile]]:
     if not candidates:
         return [[]]
     return [candidates[i : i + batch_size] for i in range(0, len(candidates), batch_size)]
+
+
+def tile_tasks(
+    plan: SlidePlan,
+    slide_id: str,
+    path: str | os.PathLike[str],
+    batch_size: int,
+    *,
+    tiles: Sequence[pb.Tile] | None = None,
+    labels: pb.Labels | None = None,
+    split: int = pb.SPLIT_UNSPECIFIED,
+    run_id: str = "",
+) -> list[pb.TileTask]:
+    """The plan's candidates (or `tiles`, some of them) as the filter workers' tile tasks, one
+    per batch (`batches`), each with the slide, its labels, the spec and the stain fit: what
+    the tiling service publishes, and what tests and benchmarks feed a `BatchFilter`."""
+    tiles = plan.candidates if tiles is None else list(tiles)
+    groups = batches(tiles, batch_size)
+    return [
+        pb.TileTask(
+            slide_id=slide_id,
+            path=str(path),
+            labels=labels,
+            split=split,
+            spec=plan.spec,
+            stain=plan.stain,
+            batch_index=i,
+            batch_count=len(groups),
+            tiles=group,
+            run_id=run_id,
+            candidate_tiles=len(tiles),
+        )
+        for i, group in enumerate(groups)
+    ]

@@ -11,33 +11,33 @@ low-resolution mask), not on a thumbnail: downsampling blurs dark nuclei, which 
 percentile concentrations (CMU-1: [2.24, 2.05] on a 512 px thumbnail, [3.58, 2.70] on its level-0
 tissue tiles) and so over-darkens every normalized tile. Stain directions move less (~5 degrees).
 
-Conventions (DESIGN.md section 3): optical density OD = -ln((I + 1) / io) with io = 240, and a
-pixel is tissue when its OD is >= beta = 0.15 in all three channels.
+Optical density and which pixels are tissue follow `od` (docs/architecture.md, section 6), as
+the tiling tissue mask does.
 
 Two methods:
 
-- Macenko et al. 2009 (`fit_macenko`, `MacenkoNormalizer`), mapping to the seed's H&E reference
-  (`SEED_REFERENCE`, converted to this module's OD convention; see there).
+- Macenko et al. 2009 (`fit_macenko`, `MacenkoNormalizer`), mapping to the reference (seed)
+  study's H&E reference (`SYSTEMML_REFERENCE`, converted to this module's OD convention; see
+  there).
 - Reinhard et al. 2001 in CIELAB (`fit_reinhard`, `ReinhardNormalizer`): match the per-channel
   mean and standard deviation of tissue pixels to `REINHARD_REFERENCE`.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
+from prolifscore.core.wsi.od import BETA, IO, od_lut, od_tissue_mask
+
 __all__ = [
-    "BETA",
-    "IO",
     "MACENKO_2009_REFERENCE",
     "MIN_TISSUE_PIXELS",
     "REINHARD_REFERENCE",
-    "SEED_REFERENCE",
+    "SYSTEMML_REFERENCE",
     "MacenkoFit",
     "MacenkoNormalizer",
     "ReinhardFit",
@@ -45,11 +45,8 @@ __all__ = [
     "StainFitError",
     "fit_macenko",
     "fit_reinhard",
-    "tissue_mask",
 ]
 
-IO = 240.0  # transmitted light intensity of the OD convention
-BETA = 0.15  # OD threshold (all channels) that separates tissue from background
 MIN_TISSUE_PIXELS = 100  # fewer tissue pixels than this cannot give stable percentiles
 MAX_FIT_PIXELS = 1_000_000  # fits sample at most this many tissue pixels (fixed seed)
 
@@ -71,32 +68,12 @@ def _as_rgb_pixels(pixels: np.ndarray, what: str) -> np.ndarray:
     return arr.reshape(-1, 3)
 
 
-@functools.lru_cache(maxsize=8)
-def _od_lut(io: float) -> np.ndarray:
-    """OD of each uint8 intensity: -ln((I + 1) / io), float64, read-only."""
-    lut = -np.log((np.arange(256, dtype=np.float64) + 1.0) / io)
-    lut.flags.writeable = False
-    return lut
-
-
-def _tissue_rows(flat: np.ndarray, io: float, beta: float) -> np.ndarray:
-    """Boolean (N,) mask of pixels whose OD is >= beta in every channel."""
-    is_dark = _od_lut(io) >= beta  # per-intensity test, so no float image is materialized
-    return is_dark[flat[:, 0]] & is_dark[flat[:, 1]] & is_dark[flat[:, 2]]
-
-
-def tissue_mask(pixels: np.ndarray, *, io: float = IO, beta: float = BETA) -> np.ndarray:
-    """Tissue mask (OD >= beta in all channels), shaped like `pixels` without the channel axis."""
-    arr = np.asarray(pixels)
-    return _tissue_rows(_as_rgb_pixels(arr, "pixels"), io, beta).reshape(arr.shape[:-1])
-
-
 def _tissue_sample(
     pixels: np.ndarray, io: float, beta: float, max_pixels: int | None, method: str
 ) -> np.ndarray:
     """The uint8 (K, 3) tissue pixels of `pixels`, at most `max_pixels` (deterministic sample)."""
     flat = _as_rgb_pixels(pixels, "pixels")
-    tissue = flat[_tissue_rows(flat, io, beta)]
+    tissue = flat[od_tissue_mask(flat, beta, io)]
     if len(tissue) < MIN_TISSUE_PIXELS:
         raise StainFitError(
             f"cannot fit {method} stain statistics: {len(tissue)} of {len(flat)} pixels are "
@@ -165,14 +142,15 @@ class MacenkoFit:
 
 _LN10 = math.log(10.0)
 
-# The seed's reference, from apache/systemds projects/breast_cancer/breastcancer/preprocessing.py
-# (`normalize_staining`: `stain_ref`, `max_sat_ref`). The seed fitted it with SVD on
-# OD10 = -log10(I / 255), while this module uses OD = -ln((I + 1) / 240) as DESIGN.md does. Unit
-# stain directions do not change when OD is scaled, so the stain matrix is kept as is; the
+# The reference (seed) study's H&E reference, from apache/systemds
+# projects/breast_cancer/breastcancer/preprocessing.py (`normalize_staining`: `stain_ref`,
+# `max_sat_ref`). The study fitted it with SVD on
+# OD10 = -log10(I / 255), while this module uses OD = -ln((I + 1) / 240) (docs/architecture.md).
+# Unit stain directions do not change when OD is scaled, so the stain matrix is kept as is; the
 # concentrations scale with OD, so max_sat_ref is multiplied by ln(10). Beyond that scale the two
 # conventions differ by an OD offset of -(ln(255/240) + ln((I+1)/I)) in every channel, about -0.07
 # for stained pixels (I of 50 to 200), which this first-order conversion ignores.
-SEED_REFERENCE = MacenkoFit(
+SYSTEMML_REFERENCE = MacenkoFit(
     stain_matrix=[
         [0.54598845, 0.322116],
         [0.72385198, 0.76419107],
@@ -181,7 +159,7 @@ SEED_REFERENCE = MacenkoFit(
     max_concentrations=[0.82791151 * _LN10, 0.61137274 * _LN10],  # = [1.9063, 1.4077]
 )
 
-# Macenko's own reference (ln, io=240), which the seed kept commented out; offered for comparison.
+# Macenko's own reference (ln, io=240), which the study kept commented out; offered for comparison.
 MACENKO_2009_REFERENCE = MacenkoFit(
     stain_matrix=[[0.5626, 0.2159], [0.7201, 0.8012], [0.4062, 0.5581]],
     max_concentrations=[1.9705, 1.0308],
@@ -210,7 +188,7 @@ def fit_macenko(
     hold a single stain (no plane to unmix).
     """
     tissue = _tissue_sample(pixels, io, beta, max_pixels, "Macenko")
-    od = _od_lut(io)[tissue]  # (K, 3) float64
+    od = od_lut(io)[tissue]  # (K, 3) float64
 
     _, eigvecs = np.linalg.eigh(np.cov(od, rowvar=False))  # eigenvalues ascending
     plane = eigvecs[:, [2, 1]]
@@ -253,7 +231,7 @@ class MacenkoNormalizer:
     """
 
     def __init__(
-        self, fit: MacenkoFit, reference: MacenkoFit = SEED_REFERENCE, *, io: float = IO
+        self, fit: MacenkoFit, reference: MacenkoFit = SYSTEMML_REFERENCE, *, io: float = IO
     ) -> None:
         self.fit = fit
         self.reference = reference
@@ -418,7 +396,7 @@ class ReinhardNormalizer:
         self.target = target
         self.protect_background = protect_background
         # Blend weight of a pixel, looked up by its brightest channel (= its smallest OD).
-        self._weight_lut = np.clip(_od_lut(io) / beta, 0.0, 1.0).astype(np.float32)
+        self._weight_lut = np.clip(od_lut(io) / beta, 0.0, 1.0).astype(np.float32)
         gain = target.lab_std / fit.lab_std
         shift = target.lab_mean - gain * fit.lab_mean
         # Lab' = gain * Lab + shift, Lab = A f + o  =>  f' = A^-1 diag(gain) A f + A^-1 (gain o

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import math
 import os
 import struct
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
@@ -172,16 +174,19 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Small files (manifests, batch markers): temp file, fsync, rename."""
+def write_atomic(path: Path, data: bytes, fsync: bool = True) -> None:
+    """Small files (manifests, batch markers): temp file, fsync, rename, fsync the folder.
+    `fsync=False`: still atomic and kept across a process crash, not across a power loss."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temporary_for(path)
     with open_locked(tmp) as f:
         f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+        if fsync:
+            f.flush()
+            os.fsync(f.fileno())
     os.replace(tmp, path)
-    fsync_dir(path.parent)
+    if fsync:
+        fsync_dir(path.parent)
 
 
 _ONE_BYTE = [bytes((i,)) for i in range(128)]
@@ -240,21 +245,32 @@ def _str(key: str, value: str) -> bytes:
 _F32 = struct.Struct("<f")
 
 
-def tile_example_parts(
-    tile: np.ndarray,
-    *,
-    slide_id: str,
-    col: int,
-    row: int,
-    x: int,
-    y: int,
-    level: int,
-    tumor_score: int,
-    molecular_score: float,
-    split: str,
-    spec_hash: str,
-    tissue: float,
-) -> tuple[bytes, bytes, bytes]:
+@dataclass(frozen=True)
+class TileLabels:
+    """What every record of a shard shares: the slide, the spec its tiles were cut with, and its
+    labels and split. Unknown labels: tumor_score -1, molecular_score NaN."""
+
+    slide_id: str
+    spec_hash: str
+    level: int
+    split: str
+    tumor_score: int = -1
+    molecular_score: float = math.nan
+
+
+@dataclass(frozen=True, eq=False)
+class TileRecord:
+    """One tile of a shard: uint8 HWC pixels, grid cell, level-0 origin and tissue fraction."""
+
+    image: np.ndarray
+    col: int
+    row: int
+    x: int
+    y: int
+    tissue: float
+
+
+def tile_example_parts(tile: TileRecord, labels: TileLabels) -> tuple[bytes, bytes, bytes]:
     """`tile_example` as (head, pixels, tail): concatenated, the serialized Example.
 
     Encoded by hand (the wire format of tf.train.Example, one value per feature, packed
@@ -262,65 +278,36 @@ def tile_example_parts(
     ~1 ms per 256 px tile in Python; here the pixels are copied once (`tobytes`) and the
     shard writer frames and writes the pieces without joining them.
     """
-    h, w, c = tile.shape
-    pixels = np.ascontiguousarray(tile, dtype=np.uint8).tobytes()
+    h, w, c = tile.image.shape
+    pixels = np.ascontiguousarray(tile.image, dtype=np.uint8).tobytes()
     image_head, image_size = _entry("image", 1, len(pixels))
     tail = b"".join(
         (
             _int("height", h),
             _int("width", w),
             _int("channels", c),
-            _str("slide_id", slide_id),
-            _int("col", col),
-            _int("row", row),
-            _int("x", x),
-            _int("y", y),
-            _int("level", level),
-            _int("tumor_score", tumor_score),
-            _float("molecular_score", molecular_score),
-            _str("split", split),
-            _str("spec_hash", spec_hash),
-            _float("tissue", tissue),
+            _str("slide_id", labels.slide_id),
+            _int("col", tile.col),
+            _int("row", tile.row),
+            _int("x", tile.x),
+            _int("y", tile.y),
+            _int("level", labels.level),
+            _int("tumor_score", labels.tumor_score),
+            _float("molecular_score", labels.molecular_score),
+            _str("split", labels.split),
+            _str("spec_hash", labels.spec_hash),
+            _float("tissue", tile.tissue),
         )
     )
     head = _field(1, image_size + len(tail)) + image_head  # Example.features = 1
     return head, pixels, tail
 
 
-def tile_example(
-    tile: np.ndarray,
-    *,
-    slide_id: str,
-    col: int,
-    row: int,
-    x: int,
-    y: int,
-    level: int,
-    tumor_score: int,
-    molecular_score: float,
-    split: str,
-    spec_hash: str,
-    tissue: float,
-) -> bytes:
-    """One tile as a serialized tf.train.Example. Unknown labels: tumor_score -1,
-    molecular_score NaN. `image` holds raw uint8 HWC bytes (no codec: 8x smaller than the
-    seed's float64 vectors and nothing to decode at training time)."""
-    return b"".join(
-        tile_example_parts(
-            tile,
-            slide_id=slide_id,
-            col=col,
-            row=row,
-            x=x,
-            y=y,
-            level=level,
-            tumor_score=tumor_score,
-            molecular_score=molecular_score,
-            split=split,
-            spec_hash=spec_hash,
-            tissue=tissue,
-        )
-    )
+def tile_example(tile: TileRecord, labels: TileLabels) -> bytes:
+    """One tile as a serialized tf.train.Example. `image` holds raw uint8 HWC bytes (no codec:
+    8x smaller than the reference study's float64 vectors, nothing to decode at training
+    time)."""
+    return b"".join(tile_example_parts(tile, labels))
 
 
 def parse_tile_example(data: bytes) -> dict[str, object]:

@@ -1,47 +1,31 @@
 """Tissue detection: a low-resolution coverage map per slide and per-tile criteria.
 
-Optical density OD = -ln((I + 1) / 240); a pixel is tissue when OD >= beta in every channel.
-For integer I that is exactly `max(R, G, B) <= 240 * exp(-beta) - 1` (205 for beta = 0.15),
-so the mask is a comparison on uint8, with no logarithm per pixel.
+A pixel is tissue by the optical-density rule of `od` (OD >= beta in every channel), the same
+rule the stain fits use.
+
+Two per-tile criteria, chosen by the public tissue mode: `FastCriterion` (mode `fast`) and the
+reference study's test, `reference_keep` (mode `seed`: the public name means the reference
+(seed) study's per-tile test, not a random seed).
 """
 
 from __future__ import annotations
 
 import functools
-import math
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage as ndi
 
+from prolifscore.core.wsi.od import BETA, od_tissue_mask
 from prolifscore.core.wsi.prefetch import prefetched
 from prolifscore.core.wsi.slide import Slide
 
-OD_BETA = 0.15
-OD_IO = 240.0
-
-
-def optical_density(rgb: np.ndarray, io: float = OD_IO) -> np.ndarray:
-    return -np.log((rgb.astype(np.float32) + 1.0) / io)
-
-
-def od_intensity_cutoff(beta: float = OD_BETA, io: float = OD_IO) -> int:
-    """Largest uint8 intensity whose OD is still >= beta."""
-    return math.floor(io * math.exp(-beta) - 1.0)
-
-
-def od_tissue_mask(rgb: np.ndarray, beta: float = OD_BETA) -> np.ndarray:
-    """True where OD >= beta in all channels (channel-wise maximum: 10x faster than max(axis))."""
-    brightest = np.maximum(rgb[..., 0], rgb[..., 1])
-    np.maximum(brightest, rgb[..., 2], out=brightest)
-    return brightest <= od_intensity_cutoff(beta)
-
-
 # A mask pixel (~16 x 16 full-resolution pixels) counts as tissue when this share of its pixels
-# is. The seed's full-resolution test closes and dilates the OD mask, which turns a tile of
-# scattered stained pixels into solid tissue; a low share per block mimics that at low cost.
-# Chosen on the shared slides: Jaccard 0.86 / 0.96 with the seed set before borderline checks.
+# is. The reference study's full-resolution test closes and dilates the OD mask, which turns a
+# tile of scattered stained pixels into solid tissue; a low share per block mimics that at low
+# cost. Chosen on the shared slides: Jaccard 0.86 / 0.96 with the reference study's set before
+# borderline checks.
 BLOCK_TISSUE_MIN = 0.1
 MIN_BLOCK = 4  # source pixels per mask pixel side, at least
 
@@ -96,7 +80,7 @@ class CoverageMap:
 def compute_coverage_map(
     slide: Slide,
     mask_downsample: float,
-    beta: float = OD_BETA,
+    beta: float = BETA,
     strip_bytes: int = 64 << 20,
     threads: int = 2,
 ) -> CoverageMap:
@@ -104,13 +88,13 @@ def compute_coverage_map(
 
     Each mask pixel is the tissue share of at least MIN_BLOCK x MIN_BLOCK source pixels: read
     at the mask resolution itself, a block would be one averaged colour, and faint or
-    scattered tissue would vanish from the mask (seen on a real-size pyramid: 56% of the seed's
-    tiles never became candidates). Streaming in strips keeps memory bounded on 50k x 50k
-    slides. When the pyramid has no level near that resolution (single-level slides), the
-    scanner's associated thumbnail is used instead: decoding a small JPEG beats decoding the
-    whole slide at full resolution. `threads` strips are decoded at once (OpenSlide releases
-    the GIL; decoding is most of the time on a large slide), so at most `threads` + 1 strips
-    are in memory.
+    scattered tissue would vanish from the mask (seen on a real-size pyramid: 56% of the
+    reference study's tiles never became candidates). Streaming in strips keeps memory bounded
+    on 50k x 50k slides. When the pyramid has no level near that resolution (single-level
+    slides), the scanner's associated thumbnail is used instead: decoding a small JPEG beats
+    decoding the whole slide at full resolution. `threads` strips are decoded at once
+    (OpenSlide releases the GIL; decoding is most of the time on a large slide), so at most
+    `threads` + 1 strips are in memory.
     """
     source_ds = mask_downsample / MIN_BLOCK
     level = 0
@@ -221,13 +205,13 @@ def _close_dilate_fill(mask: np.ndarray, radius: int) -> np.ndarray:
     return _fill_holes(_morph(closed, radius, dilate=True))
 
 
-def od_morph_fraction(tile: np.ndarray, beta: float = OD_BETA) -> float:
-    """The seed's OD measure alone: the full-resolution check for borderline tiles."""
+def od_morph_fraction(tile: np.ndarray, beta: float = BETA) -> float:
+    """The reference study's OD measure alone: the full-resolution check for borderline tiles."""
     return float(_close_dilate_fill(od_tissue_mask(tile, beta), 2).mean())
 
 
-def seed_tissue_fractions(tile: np.ndarray, beta: float = OD_BETA) -> tuple[float, float]:
-    """The seed project's two per-tile measures (SystemML TUPAC16 `keep_tile`).
+def reference_tissue_fractions(tile: np.ndarray, beta: float = BETA) -> tuple[float, float]:
+    """The reference (seed) study's two per-tile measures (SystemML TUPAC16 `keep_tile`).
 
     1. Canny edges of the inverted grey image, closed and dilated with disk(10), holes filled.
     2. OD >= beta in all channels, closed and dilated with disk(2), holes filled.
@@ -239,9 +223,11 @@ def seed_tissue_fractions(tile: np.ndarray, beta: float = OD_BETA) -> tuple[floa
     return float(_close_dilate_fill(edges, 10).mean()), od_morph_fraction(tile, beta)
 
 
-def seed_keep(tile: np.ndarray, threshold: float, beta: float = OD_BETA) -> tuple[bool, float]:
-    """Seed criterion: both measures >= threshold. Returns (keep, the smaller measure)."""
-    edge_fraction, od_frac = seed_tissue_fractions(tile, beta)
+def reference_keep(tile: np.ndarray, threshold: float, beta: float = BETA) -> tuple[bool, float]:
+    """The reference study's criterion, tissue mode `seed` (the public name means the reference
+    (seed) study's per-tile test): both measures >= threshold. Returns (keep, the smaller
+    measure)."""
+    edge_fraction, od_frac = reference_tissue_fractions(tile, beta)
     low = min(edge_fraction, od_frac)
     return low >= threshold, low
 
@@ -252,8 +238,9 @@ class FastCriterion:
     full-resolution pixels only in the band around it.
 
     Tiles with coverage below `threshold - band_below` are never candidates (never read).
-    The default band reproduced the seed's kept set exactly (Jaccard 1.0) on the shared slides
-    while checking 7 of 25 (cmu) and 11 of 26 (TCGA) candidates at full resolution.
+    The default band reproduced the reference study's kept set exactly (Jaccard 1.0) on the
+    shared slides while checking 7 of 25 (cmu) and 11 of 26 (TCGA) candidates at full
+    resolution.
     """
 
     threshold: float
@@ -268,7 +255,7 @@ class FastCriterion:
         return self.candidate_min <= coverage < min(1.0, self.threshold + self.band_above)
 
     def keep(
-        self, coverage: float, tile: np.ndarray | None, beta: float = OD_BETA
+        self, coverage: float, tile: np.ndarray | None, beta: float = BETA
     ) -> tuple[bool, float]:
         """(keep, tissue fraction used for the decision)."""
         if coverage < self.candidate_min:

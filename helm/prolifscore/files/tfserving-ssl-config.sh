@@ -1,0 +1,1 @@
+../../../k8s/components/grpc-tls/config/tfserving-ssl-config.sh
