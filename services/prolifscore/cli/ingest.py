@@ -242,7 +242,7 @@ def run(args: argparse.Namespace) -> int:
             return 0
         ids = [m.slide_id for m in msgs]
         progress = follow(bus, settings, run_id, ids, args.timeout, args.broker_timeout)
-    except BrokerLost as exc:
+    except (BrokerLost, BrokerUnavailable) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 3
     finally:

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from prolifscore.localstack.stack import EmbeddedStack
+    from prolifscore.localstack.supervisor import Supervisor
 
 STATE = "stack.json"
 STORAGE = ("durable", "memory")
@@ -77,28 +78,31 @@ def run_up(args: argparse.Namespace) -> int:
     stack = local_stack(run_dir, dict(os.environ), ALL_SERVICES, args.broker_storage)
     stack.start()
     supervisor = Supervisor(stack, log_path=run_dir / "supervisor.log")
-
-    def save() -> None:
-        state = {
-            "pid": os.getpid(),
-            "broker": stack.env["PROLIF_KAFKA_BOOTSTRAP"],
-            "ray": stack.env["PROLIF_RAY_ADDRESS"],
-            "services": {n: p.grpc_address for n, p in stack.processes.items()},
-            "logs": str(run_dir),
-            "components": supervisor.state(),
-        }
-        tmp = run_dir / f".{STATE}.tmp"
-        tmp.write_text(json.dumps(state, indent=2))
-        tmp.replace(run_dir / STATE)
-
-    save()
+    write_state(run_dir, supervisor)
     print((run_dir / STATE).read_text(), flush=True)
     try:
-        supervisor.run(stop, every_s=1.0, on_change=save)
+        supervisor.run(stop, every_s=1.0, on_change=lambda: write_state(run_dir, supervisor))
     finally:
         stack.stop()
         (run_dir / STATE).unlink(missing_ok=True)
     return 0
+
+
+def write_state(run_dir: Path, supervisor: Supervisor) -> None:
+    """`stack.json`: what `status` and `down` read (the supervisor's PID, addresses, and each
+    component's PID and state), replaced atomically."""
+    stack = supervisor.stack
+    state = {
+        "pid": os.getpid(),
+        "broker": stack.env["PROLIF_KAFKA_BOOTSTRAP"],
+        "ray": stack.env["PROLIF_RAY_ADDRESS"],
+        "services": {n: p.grpc_address for n, p in stack.processes.items()},
+        "logs": str(run_dir),
+        "components": supervisor.state(),
+    }
+    tmp = run_dir / f".{STATE}.tmp"
+    tmp.write_text(json.dumps(state, indent=2))
+    tmp.replace(run_dir / STATE)
 
 
 def _state(run_dir: Path) -> dict | None:
@@ -175,7 +179,7 @@ def run_status(args: argparse.Namespace) -> int:
         print(f"{name:<12} {pid or '-':<8} {address:<22} {health}")
     storage = components.get("broker", {}).get("storage")
     if storage:
-        print(f"broker storage: {storage}")
+        print(f"(broker storage: {storage})")
     return 0 if ok else 1
 
 

@@ -47,7 +47,7 @@ class Component:
     failures: int = 0  # consecutive failed restarts (a crash soon after a start is one)
     retry_at: float = 0.0
     last_error: str = ""
-    started: float = 0.0  # monotonic time of its last (re)start
+    started: float = 0.0  # monotonic time of its last restart (0: never restarted)
 
 
 class Supervisor:
@@ -63,8 +63,7 @@ class Supervisor:
         self._report = report or (lambda text: print(text, file=sys.stderr, flush=True))
         self.log_path = log_path
         names = ["broker", *(["ray"] if stack.ray else []), *stack.processes]
-        now = time.monotonic()
-        self.components = {name: Component(name, started=now) for name in names}
+        self.components = {name: Component(name) for name in names}
         self.lock = threading.Lock()
 
     # -- what is alive -----------------------------------------------------------------------
@@ -135,7 +134,7 @@ class Supervisor:
                 if c.state == "running":  # found dead now
                     changed = True
                     self.say(f"{name} (pid {self.pid(name)}) died; restarting it")
-                    if now - c.started < CRASH_LOOP_S:
+                    if c.started and now - c.started < CRASH_LOOP_S:
                         self._failed(c, f"exited {now - c.started:.0f} s after its start")
                 if now >= c.retry_at:
                     self._restart(c)

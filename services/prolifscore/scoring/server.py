@@ -20,7 +20,8 @@ from prolifscore.core.grading.mitoses import MitosisGrading
 from prolifscore.core.results import ResultStore
 from prolifscore.core.runtime import metrics
 from prolifscore.core.runtime.bus import Bus
-from prolifscore.core.runtime.failures import fail_slide
+from prolifscore.core.runtime.delivery import Transient
+from prolifscore.core.runtime.failures import fail_slide, slide_failed
 from prolifscore.core.runtime.service import KafkaWork, ServiceRuntime, configure, run_service
 from prolifscore.core.wsi.slide import SlideNotFound, SlidePathDenied, SlideUnreadable
 from prolifscore.core.wsi.stain import StainFitError
@@ -247,8 +248,10 @@ class BatchScorer:
             out.slide_id = score.slide_id
         except Exception as exc:
             code = status_for(exc)
-            if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL):
-                raise  # not the request's fault: leave it uncommitted, redo it later
+            if code == grpc.StatusCode.UNAVAILABLE:  # not the request's fault: redo it later
+                raise Transient(f"model server unavailable: {exc}") from exc
+            if code == grpc.StatusCode.INTERNAL:
+                raise  # a bug, or this request: retried, dead-lettered after max attempts
             out.error.code, out.error.message = code.name, str(exc)
             fail_slide(
                 self.bus,
@@ -259,11 +262,31 @@ class BatchScorer:
                 path=request.path,
                 run_id=request.request_id,
             )
+        self._store(out)
+        return out
+
+    def _store(self, out: spb.ScoreResult) -> None:
         write_atomic(
-            self.root / f"{request.request_id}.json",
+            self.root / f"{out.request_id}.json",
             json_format.MessageToJson(out, indent=None).encode(),
         )
-        return out
+
+    def abandon(self, record: Any, request: spb.ScoreRequest, reason: str) -> None:
+        """The request was given up (dead-lettered after repeated failures): its requester
+        gets an INTERNAL error result, and the slide a FAILED status."""
+        if not request.request_id:
+            request.request_id = f"{record.topic}-{record.partition}-{record.offset}"
+        out = spb.ScoreResult(request_id=request.request_id, slide_id=request.slide_id)
+        out.error.code, out.error.message = grpc.StatusCode.INTERNAL.name, reason
+        self._store(out)
+        self.bus.publish(self.settings.topic_results, request.request_id, out)
+        slide_failed(
+            self.bus,
+            reason,
+            slide_id=request.slide_id or request.path,
+            path=request.path,
+            run_id=request.request_id,
+        )
 
 
 GRPC_OPTIONS = [
@@ -301,7 +324,7 @@ def main() -> None:
         produce=[settings.topic_results, settings.kafka.topic_status],
         group_id=settings.group_id,
         msg_type=spb.ScoreRequest,
-        handler=lambda bus: BatchScorer(settings, servicer, bus).handle,
+        handler=lambda bus: BatchScorer(settings, servicer, bus),
     )
     try:
         run_service(runtime, work if settings.kafka_enabled else None, ray=settings.ray_readers)

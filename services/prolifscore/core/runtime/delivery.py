@@ -145,6 +145,8 @@ class Delivery(Generic[M]):
         blocked: set[tuple[str, int]] = set()
         done: list[Any] = []
         for i, record in enumerate(records):
+            if done:  # progress was made: pauses start short again
+                self._backoff = _BACKOFF_START_S
             if (record.topic, record.partition) in blocked:
                 continue
             item = decoded.get(id(record))
@@ -240,5 +242,8 @@ class Delivery(Generic[M]):
         self._pause()
 
     def _pause(self) -> None:
+        """Wait, then double the next wait, up to 10 s and a quarter of the poll interval (a
+        longer pause between polls would get the consumer evicted from its group)."""
         self.stopping.wait(self._backoff)
-        self._backoff = min(self._backoff * 2, _BACKOFF_MAX_S)
+        limit = min(_BACKOFF_MAX_S, self.bus.settings.max_poll_interval_ms / 4000)
+        self._backoff = max(_BACKOFF_START_S, min(self._backoff * 2, limit))
