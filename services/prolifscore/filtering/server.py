@@ -13,7 +13,7 @@ from typing import Any
 from prolifscore.core.runtime import inflight, metrics
 from prolifscore.core.runtime.bus import Bus
 from prolifscore.core.runtime.events import stamp
-from prolifscore.core.runtime.failures import fail_slide, slide_failed
+from prolifscore.core.runtime.failures import give_up, slide_failed
 from prolifscore.core.runtime.service import KafkaWork, ServiceRuntime, configure, run_service
 from prolifscore.core.wsi.leftovers import remove_stale_temporaries
 from prolifscore.core.wsi.shards import completed_markers, write_manifest
@@ -78,22 +78,13 @@ class FilteringService:
             raise errors[0]
 
     def failed(self, record: Any, task: pb.TileTask, reason: str) -> None:
-        fail_slide(
-            self.bus,
-            record,
-            reason,
-            "batch",
-            slide_id=task.slide_id,
-            path=task.path,
-            run_id=task.run_id,
-            batch_index=task.batch_index,
-            batch_count=task.batch_count,
-            spec_hash=task.spec.spec_hash,
-        )
-        inflight.end(self.settings.runtime.tiles_root, task.slide_id, task.spec.spec_hash)
+        """The batch failed for a reason a retry cannot fix: reported, and its record
+        dead-lettered."""
+        self.abandon(record, task, reason)
+        give_up(self.bus, record, reason, "batch")
 
     def abandon(self, record: Any, task: pb.TileTask, reason: str) -> None:
-        """The batch's record was given up (dead-lettered after repeated failures)."""
+        """Report the batch's slide FAILED (its record is dead-lettered by the caller)."""
         slide_failed(
             self.bus,
             reason,

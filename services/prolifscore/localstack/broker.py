@@ -7,7 +7,7 @@ only, with one of the two storage engines its build has:
   offsets survive a restart of the broker, of the store and of whatever started them;
 - in memory (`storage=None`): faster, and everything is lost when the broker stops.
 
-    python -m prolifscore.localstack.broker [--port N] [--storage DIR [--no-fsync]]
+    python -m prolifscore.localstack.broker [--port N] [--storage DIR]
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def _port_open(port: int) -> bool:
         return s.connect_ex((HOST, port)) == 0
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """Runs in the child: have Linux SIGTERM the broker when the parent dies, even by SIGKILL."""
     with contextlib.suppress(Exception):
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
@@ -65,17 +65,14 @@ class EmbeddedBroker:
         port: int | None = None,
         log_path: Path | None = None,
         storage: Path | None = None,
-        fsync: bool = True,
     ) -> None:
-        """`storage`: the folder of durable storage (None: in memory). `fsync=False` keeps the
-        data across process crashes but not across a power loss, for less latency per write."""
+        """`storage`: the folder of durable storage (None: in memory)."""
         self._auto_port = port is None
         self.port = free_port() if port is None else port
         self._log_path = log_path
         self._own_log = log_path is None
         self._proc: subprocess.Popen[bytes] | None = None
         self.storage = storage.resolve() if storage is not None else None
-        self.fsync = fsync
         self.store_port = free_port() if storage is not None else 0
         self._store: subprocess.Popen[bytes] | None = None
 
@@ -104,7 +101,7 @@ class EmbeddedBroker:
         """Where the broker keeps its data, for people reading status output and logs."""
         if self.storage is None:
             return "in memory (lost when the broker stops)"
-        return f"durable in {self.storage}" + ("" if self.fsync else " (no fsync)")
+        return f"durable in {self.storage}"
 
     @property
     def log_path(self) -> Path | None:
@@ -181,7 +178,7 @@ class EmbeddedBroker:
                 stderr=subprocess.STDOUT,
                 env=env,
                 start_new_session=True,  # a terminal's Ctrl-C reaches us, and we stop it cleanly
-                preexec_fn=_die_with_parent if main and sys.platform == "linux" else None,
+                preexec_fn=die_with_parent if main and sys.platform == "linux" else None,
             )
 
     def _start_store(self, timeout: float = 30.0) -> None:
@@ -191,8 +188,6 @@ class EmbeddedBroker:
         assert self.storage is not None
         cmd = [sys.executable, "-m", "prolifscore.localstack.objectstore"]
         cmd += ["--root", str(self.storage), "--port", str(self.store_port), "--bucket", "tansu"]
-        if not self.fsync:
-            cmd.append("--no-fsync")
         self._store = self._popen(cmd, dict(os.environ))
         deadline = time.monotonic() + timeout
         while not _port_open(self.store_port):
@@ -313,18 +308,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--storage", type=Path, default=None, help="durable storage folder (default: in memory)"
     )
-    parser.add_argument(
-        "--no-fsync", action="store_true", help="durable across crashes only, not power loss"
-    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    broker = EmbeddedBroker(
-        port=args.port, log_path=args.log_file, storage=args.storage, fsync=not args.no_fsync
-    )
+    broker = EmbeddedBroker(port=args.port, log_path=args.log_file, storage=args.storage)
     try:
         broker.start()
     except RuntimeError as exc:

@@ -12,7 +12,7 @@ ListObjectsV2 (prefix, delimiter, continuation). Anything else answers 501 with 
 so an unsupported call shows up in the broker's log instead of passing silently. Requests are not
 authenticated: the store binds 127.0.0.1 and is meant for one local broker only.
 
-    python -m prolifscore.localstack.objectstore --root DIR [--port N] [--bucket B] [--no-fsync]
+    python -m prolifscore.localstack.objectstore --root DIR [--port N] [--bucket B]
 """
 
 from __future__ import annotations
@@ -51,16 +51,15 @@ class FileStore:
     """Objects as files under `<root>/<bucket>/objects/<key>`; an object's ETag is the MD5 of its
     bytes, computed when first needed and kept in memory (this process is the only writer).
 
-    A write goes to a temporary file that is renamed over the object, so a crash leaves either the
-    old or the new object. With `fsync` (the default) the file and its folder are flushed to disk
-    before the write is acknowledged: the broker's data then survives a power loss, not only a
-    crash of the broker, of this store or of whatever started them. One lock serialises writes.
+    A write goes to a temporary file that is fsynced and renamed over the object (`write_atomic`),
+    so a crash, even a power loss, leaves either the old or the new object; it is acknowledged
+    only then. One lock serialises writes. (Writes without fsync were measured no faster: the
+    broker's cost is its round trips to the store, `bench/broker_storage.py`.)
     """
 
-    def __init__(self, root: Path, fsync: bool = True) -> None:
+    def __init__(self, root: Path) -> None:
         self.root = root.resolve()
         self.root.mkdir(parents=True, exist_ok=True)
-        self.fsync = fsync
         self.lock = threading.Lock()
         self._etags: dict[Path, tuple[int, int, str]] = {}  # path -> (mtime_ns, size, etag)
 
@@ -116,7 +115,7 @@ class FileStore:
                 raise FileExistsError(key)
             if if_match == "*" and current is None:
                 raise FileExistsError(key)
-            write_atomic(obj, data, fsync=self.fsync)
+            write_atomic(obj, data)
             stat = obj.stat()
             self._etags[obj] = (stat.st_mtime_ns, stat.st_size, etag)
         return etag
@@ -305,8 +304,8 @@ class _Handler(BaseHTTPRequestHandler):
 class ObjectStoreServer(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, root: Path, port: int = 0, fsync: bool = True) -> None:
-        self.store = FileStore(root, fsync)
+    def __init__(self, root: Path, port: int = 0) -> None:
+        self.store = FileStore(root)
         super().__init__((HOST, port), _Handler)
 
     @property
@@ -328,12 +327,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--root", type=Path, required=True, help="folder that holds the objects")
     parser.add_argument("--port", type=int, default=0, help="port on 127.0.0.1 (default: free)")
     parser.add_argument("--bucket", action="append", default=[], help="create this bucket")
-    parser.add_argument(
-        "--no-fsync", action="store_true", help="survive process crashes only, not power loss"
-    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    server = ObjectStoreServer(args.root, args.port, fsync=not args.no_fsync)
+    server = ObjectStoreServer(args.root, args.port)
     for bucket in args.bucket:
         server.store.create_bucket(bucket)
     signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown).start())

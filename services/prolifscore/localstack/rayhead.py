@@ -7,10 +7,12 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 from prolifscore.core.runtime.ray import LOOPBACK_ENV
+from prolifscore.localstack.broker import die_with_parent
 
 
 class RayHead:
@@ -51,8 +53,14 @@ class RayHead:
         out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
         # Its own process group: every Ray process of this head can be ended together (Ctrl-C
         # in a terminal reaches the caller, which stops the head).
+        main = threading.current_thread() is threading.main_thread()  # see die_with_parent
         self.proc = subprocess.Popen(
-            cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            cmd,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=die_with_parent if main and sys.platform == "linux" else None,
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

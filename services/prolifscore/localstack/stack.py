@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +19,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from prolifscore.core.runtime.settings import load
-from prolifscore.localstack.broker import EmbeddedBroker, free_port
+from prolifscore.localstack.broker import EmbeddedBroker, die_with_parent, free_port
 from prolifscore.localstack.rayhead import RayHead
 
 T = TypeVar("T")
@@ -61,9 +62,17 @@ class ServiceProcess:
         """Start the process without waiting: several services start side by side."""
         env = {**os.environ, **self.env, self.port_env: str(self.grpc_port)}
         env.setdefault("PROLIF_METRICS_PORT", "0")
+        # A service outlives nothing that started it: orphans of a killed `up` would join
+        # whatever broker takes their old port next. (PDEATHSIG fires when the forking *thread*
+        # ends, so it is armed from the main thread only.)
+        main = threading.current_thread() is threading.main_thread()
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", self.module], env=env, stdout=log, stderr=subprocess.STDOUT
+                [sys.executable, "-m", self.module],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                preexec_fn=die_with_parent if main and sys.platform == "linux" else None,
             )
         self.started_at = time.monotonic()
         return self
@@ -147,7 +156,6 @@ class EmbeddedStack:
     services: tuple[str, ...] = ("tiling", "filtering")
     ray_cpus: int = 0
     broker_storage: Path | None = None
-    broker_fsync: bool = True
     ray_address: str = ""
     broker: EmbeddedBroker | None = None
     ray: RayHead | None = None
@@ -163,7 +171,6 @@ class EmbeddedStack:
             self.broker = EmbeddedBroker(
                 log_path=self.run_dir / "broker.log",
                 storage=self.broker_storage,
-                fsync=self.broker_fsync,
             ).start()
             if not self.ray_address:
                 self.ray = RayHead(free_port(), self.ray_cpus, self.run_dir / "ray.log").start()

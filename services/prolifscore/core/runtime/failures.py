@@ -5,6 +5,7 @@ failure is also announced on the status topic, where clients follow their slides
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from kafka.consumer.fetcher import ConsumerRecord
 
@@ -59,28 +60,10 @@ def slide_failed(
 
 
 def fail_slide(
-    bus: Bus,
-    record: ConsumerRecord,
-    reason: str,
-    unit: str,
-    *,
-    slide_id: str,
-    path: str,
-    run_id: str,
-    batch_index: int = 0,
-    batch_count: int = 0,
-    spec_hash: str = "",
+    bus: Bus, record: ConsumerRecord, reason: str, unit: str, **where: Any
 ) -> pb.SlideStatus:
-    """`slide_failed`, then `give_up` on its record (one failed `unit`). Returns the status."""
-    status = slide_failed(
-        bus,
-        reason,
-        slide_id=slide_id,
-        path=path,
-        run_id=run_id,
-        batch_index=batch_index,
-        batch_count=batch_count,
-        spec_hash=spec_hash,
-    )
+    """`slide_failed` (`where`: its keyword arguments), then `give_up` on the record (one failed
+    `unit`). Returns the status published."""
+    status = slide_failed(bus, reason, **where)
     give_up(bus, record, reason, unit)
     return status

@@ -174,19 +174,16 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_atomic(path: Path, data: bytes, fsync: bool = True) -> None:
-    """Small files (manifests, batch markers): temp file, fsync, rename, fsync the folder.
-    `fsync=False`: still atomic and kept across a process crash, not across a power loss."""
+def write_atomic(path: Path, data: bytes) -> None:
+    """Small files (manifests, batch markers): temp file, fsync, rename, fsync the folder."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temporary_for(path)
     with open_locked(tmp) as f:
         f.write(data)
-        if fsync:
-            f.flush()
-            os.fsync(f.fileno())
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
-    if fsync:
-        fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 _ONE_BYTE = [bytes((i,)) for i in range(128)]
