@@ -29,6 +29,7 @@ from prolifscore.localstack.stack import EmbeddedStack
 from prolifscore.v1 import pipeline_pb2 as pb
 
 MODES = ("memory", "durable")
+TOPICS = ("INGEST", "TASKS", "SHARDS", "STATUS", "DLQ")
 
 
 def one_round(stack: EmbeddedStack, tag: str, copies: int, timeout: float = 900.0) -> float:
@@ -77,11 +78,14 @@ def main(argv: list[str] | None = None) -> int:
         for r in range(args.rounds):
             for mode in MODES:  # one stack at a time, fresh each
                 base = work / f"{mode}-{r}"
-                env = {
+                env = {  # names of its own: no stray client on a reused port shares the work
+                    **{f"PROLIF_TOPIC_{t}": f"bench.{mode}{r}.{t}" for t in TOPICS},
+                    "PROLIF_TILING_GROUP": f"bench-{mode}{r}-tiling",
+                    "PROLIF_FILTERING_GROUP": f"bench-{mode}{r}-filtering",
                     "PROLIF_SLIDE_ROOTS": str(CMU.parent),
                     "PROLIF_TILES_ROOT": str(base / "tiles"),
                     "PROLIF_BATCH_SIZE": str(args.batch_size),
-                    "PROLIF_LOG_LEVEL": "INFO",
+                    "PROLIF_LOG_LEVEL": "WARNING",
                 }
                 storage = base / "broker" if mode == "durable" else None
                 with EmbeddedStack(

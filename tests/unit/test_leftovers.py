@@ -69,12 +69,24 @@ def test_a_dead_writers_temporary_goes_a_live_ones_stays(slide: Path) -> None:
     assert remove_stale_temporaries(slide.parent) == [live]  # now its writer is gone too
 
 
-def test_a_fresh_unlocked_temporary_is_left_for_the_grace_period(slide: Path) -> None:
-    tmp = leftovers.temporary_for(slide / "x.done.json")
-    tmp.write_bytes(b"{}")  # created, its writer not yet holding the lock
+def test_a_fresh_staging_file_is_left_for_the_grace_period(slide: Path) -> None:
+    staging = slide / ".x.done.json.0123.new"
+    staging.write_bytes(b"{}")  # created, its writer not yet holding the lock
     assert remove_stale_temporaries(slide.parent) == []
-    age(tmp, leftovers.GRACE_S + 1)
-    assert remove_stale_temporaries(slide.parent) == [tmp]
+    age(staging, leftovers.GRACE_S + 1)
+    assert remove_stale_temporaries(slide.parent) == [staging]
+
+
+def test_an_unlocked_temporary_goes_at_once(slide: Path) -> None:
+    """A batch redone right after its writer died does not leave the dead one's file."""
+    shard = slide / "s-b00000-of-00001.tfrecord"
+    killed = writer(leftovers.temporary_for(shard))
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    with AtomicShardWriter(shard) as w:
+        w.write(b"tile")
+        w.commit()
+    assert [p.name for p in slide.iterdir()] == [shard.name]
 
 
 def test_rewriting_a_shard_removes_only_its_own_leftovers(slide: Path) -> None:

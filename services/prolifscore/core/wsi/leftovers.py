@@ -4,10 +4,12 @@ Shards, markers and manifests are written to `.<name>.<random>.tmp` beside their
 renamed into place. A writer killed before the rename leaves its temporary behind; redoing the
 batch writes a new one, so every crash would leak disk. A writer therefore holds an exclusive
 `flock` on its temporary while it writes: the kernel drops the lock when the process dies, however
-it dies. A temporary is stale when nobody holds its lock and it has not changed for `GRACE_S`
-(which covers the instant between a writer creating its file and locking it). Another worker
-still writing the same batch (two owners after a rebalance) holds its lock, so its temporary is
-left alone.
+it dies. To never show an unlocked live file, the writer creates it under a staging name
+(`.<name>.<random>.new`), locks it, and only then renames it to its `.tmp` name (the lock stays
+with the open file). So a `.tmp` that nobody holds locked is stale, and is removed at once; a
+staging file only once unlocked and untouched for `GRACE_S` (its writer may be between creating
+and locking it). Another worker still writing the same batch (two owners after a rebalance)
+holds its lock, so its temporary is left alone.
 
 Where a file system does not support `flock` (some network file systems), liveness cannot be
 seen, and only temporaries untouched for `UNLOCKABLE_GRACE_S` are removed.
@@ -28,6 +30,7 @@ from typing import BinaryIO
 log = logging.getLogger(__name__)
 
 SUFFIX = ".tmp"
+STAGING = ".new"
 GRACE_S = 2.0
 UNLOCKABLE_GRACE_S = 3600.0
 
@@ -38,17 +41,20 @@ def temporary_for(path: Path) -> Path:
 
 
 def open_locked(tmp: Path, buffering: int = -1) -> BinaryIO:
-    """Create `tmp` for writing and hold an exclusive lock on it until it is closed."""
-    f = open(tmp, "xb", buffering=buffering)  # noqa: SIM115 - the caller closes it
+    """Create `tmp` for writing, holding an exclusive lock on it until it is closed; it appears
+    under its name only once locked."""
+    staging = tmp.with_name(tmp.name[: -len(SUFFIX)] + STAGING)
+    f = open(staging, "xb", buffering=buffering)  # noqa: SIM115 - the caller closes it
     with contextlib.suppress(OSError):  # no flock here: the age rule alone protects it
         fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    os.rename(staging, tmp)
     return f
 
 
 def _is_temporary(path: Path, target: str | None = None) -> bool:
     name = path.name
     prefix = f".{target}." if target else "."
-    return name.startswith(prefix) and name.endswith(SUFFIX)
+    return name.startswith(prefix) and name.endswith((SUFFIX, STAGING))
 
 
 def _remove_if_stale(path: Path, now: float) -> bool:
@@ -66,7 +72,7 @@ def _remove_if_stale(path: Path, now: float) -> bool:
         except OSError:
             if age < UNLOCKABLE_GRACE_S:
                 return False
-        if age < GRACE_S:
+        if path.name.endswith(STAGING) and age < GRACE_S:
             return False
         path.unlink(missing_ok=True)
         return True
