@@ -1,0 +1,513 @@
+"""A TLS / SASL gateway in front of the embedded Kafka broker, which can do neither here.
+
+Tansu 0.6 as bundled cannot serve TLS (`--cert` with `--key` is refused by its CLI, `--cert`
+alone still listens in plaintext) and its SASL needs users that memory storage cannot hold. So the
+broker listens in plaintext on a loopback port and advertises this gateway's address; every
+client connection goes through the gateway, which
+
+1. terminates TLS (optionally requiring a client certificate signed by a CA: mTLS),
+2. authenticates SASL PLAIN / SCRAM-SHA-256 / SCRAM-SHA-512 by reading Kafka request frames
+   until authentication succeeds: ApiVersions goes to the broker and back, SaslHandshake (v0, v1)
+   and SaslAuthenticate (v0-v2) are answered here, any other request closes the connection
+   (as Kafka does), a failed authentication answers SASL_AUTHENTICATION_FAILED and closes,
+3. then relays bytes both ways untouched.
+
+    python -m prolifscore.localstack.kafka_gateway --tls-cert C --tls-key K [--client-ca CA]
+        [--users-file F] [--mechanisms PLAIN,SCRAM-SHA-512] [--port N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import concurrent.futures
+import dataclasses
+import logging
+import signal
+import ssl
+import sys
+import threading
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from types import TracebackType
+
+from prolifscore.localstack.broker import HOST, EmbeddedBroker
+from prolifscore.localstack.kafka_frames import (
+    API_VERSIONS,
+    AUTHENTICATE_MAX_VERSION,
+    HANDSHAKE_MAX_VERSION,
+    MAX_PREAUTH_FRAME,
+    SASL_AUTHENTICATE,
+    SASL_AUTHENTICATION_FAILED,
+    SASL_HANDSHAKE,
+    UNSUPPORTED_SASL_MECHANISM,
+    MalformedFrame,
+    Request,
+    authenticate_response,
+    authenticate_token,
+    handshake_mechanism,
+    handshake_response,
+    parse_request,
+    read_frame,
+    sasl_versions,
+    write_frame,
+)
+from prolifscore.localstack.kafka_sasl import (
+    MECHANISMS,
+    SaslFailure,
+    SaslServer,
+    UserStore,
+    load_users,
+    new_server,
+)
+
+log = logging.getLogger(__name__)
+FAILED_AUTH_DELAY_S = 0.1
+
+
+@dataclasses.dataclass(frozen=True)
+class TlsConfig:
+    """Server certificate and key; with `client_ca_file`, clients must present a certificate
+    signed by that CA (mutual TLS)."""
+
+    cert_file: Path
+    key_file: Path
+    client_ca_file: Path | None = None
+
+    def server_context(self) -> ssl.SSLContext:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.load_cert_chain(self.cert_file, self.key_file)
+        if self.client_ca_file is not None:
+            ctx.verify_mode = ssl.CERT_REQUIRED
+            ctx.load_verify_locations(cafile=self.client_ca_file)
+        return ctx
+
+
+class _Client:
+    """One client connection and, once needed, its connection to the broker."""
+
+    def __init__(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: str
+    ) -> None:
+        self.reader, self.writer, self.peer = reader, writer, peer
+        self.identity = ""  # TLS client certificate subject, if any
+        self.up: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
+
+    async def send(self, payload: bytes) -> None:
+        write_frame(self.writer, payload)
+        await self.writer.drain()
+
+    def close(self) -> None:
+        for writer in (self.writer, self.up[1] if self.up else None):
+            if writer is not None:
+                writer.close()
+
+
+class KafkaGateway:
+    """TLS and/or SASL in front of a plaintext Kafka broker, served by an asyncio loop thread.
+
+    `upstream()` gives the broker's (host, port) when a client needs it, so the broker can be
+    started (or moved to another port) after the gateway. `stats` counts connections,
+    tls_failures, auth_failures, authenticated and rejected (requests before authentication).
+    """
+
+    def __init__(
+        self,
+        upstream: Callable[[], tuple[str, int]],
+        *,
+        tls: TlsConfig | None = None,
+        users: Mapping[str, str] | UserStore | None = None,
+        mechanisms: Sequence[str] = MECHANISMS,
+        port: int = 0,
+        auth_timeout_s: float = 30.0,
+    ) -> None:
+        unknown = set(mechanisms) - set(MECHANISMS)
+        if unknown or not mechanisms:
+            raise ValueError(f"SASL mechanisms must be among {', '.join(MECHANISMS)}: {unknown}")
+        self._upstream = upstream
+        self.tls = tls
+        self._ssl = tls.server_context() if tls else None
+        self.users = users if isinstance(users, UserStore) or users is None else UserStore(users)
+        self.mechanisms = tuple(mechanisms)
+        self.port = port
+        self.auth_timeout_s = auth_timeout_s
+        self.stats: Counter[str] = Counter()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._server: asyncio.Server | None = None
+        self._thread: threading.Thread | None = None
+        self._clients: set[_Client] = set()
+
+    @property
+    def address(self) -> str:
+        return f"{HOST}:{self.port}"
+
+    def start(self) -> KafkaGateway:
+        """Listen on 127.0.0.1 (port 0: the OS picks one, known when this returns)."""
+        if self._thread is not None:
+            return self
+        ready: concurrent.futures.Future[None] = concurrent.futures.Future()
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self._run, args=(ready,), name="kafka-gateway", daemon=True
+        )
+        self._thread.start()
+        ready.result(timeout=10)
+        sasl = ",".join(self.mechanisms) if self.users else None
+        mtls = self.tls is not None and self.tls.client_ca_file is not None
+        log.info(
+            "kafka gateway listening",
+            extra={"address": self.address, "tls": bool(self.tls), "mtls": mtls, "sasl": sasl},
+        )
+        return self
+
+    def _run(self, ready: concurrent.futures.Future[None]) -> None:
+        assert self._loop is not None
+        asyncio.set_event_loop(self._loop)
+        try:
+            self._server = self._loop.run_until_complete(
+                asyncio.start_server(self._serve, HOST, self.port)
+            )
+        except OSError as exc:
+            ready.set_exception(exc)
+            return
+        self.port = self._server.sockets[0].getsockname()[1]
+        ready.set_result(None)
+        self._loop.run_forever()
+        self._loop.close()
+
+    def stop(self) -> None:
+        """Stop listening and close every open connection. Idempotent."""
+        loop, thread, self._thread = self._loop, self._thread, None
+        if loop is None or thread is None:
+            return
+
+        async def shutdown() -> None:
+            if self._server is not None:
+                self._server.close()
+            for client in list(self._clients):
+                client.close()
+            loop.stop()
+
+        asyncio.run_coroutine_threadsafe(shutdown(), loop)
+        thread.join(timeout=10)
+        log.info("kafka gateway stopped", extra={"address": self.address, **self.stats})
+
+    # -- one connection ---------------------------------------------------------------------
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        host, port = writer.get_extra_info("peername")[:2]
+        peer = f"{host}:{port}"
+        client = _Client(reader, writer, peer)
+        self._clients.add(client)
+        self.stats["connections"] += 1
+        try:
+            if self._ssl is not None and not await self._start_tls(client):
+                return
+            if self.users is not None:
+                authenticated = await asyncio.wait_for(
+                    self._authenticate(client, self.users), self.auth_timeout_s
+                )
+                if not authenticated:
+                    # Like Kafka's connection.failed.authentication.delay.ms: slows guessing, and
+                    # lets the client read the error before the connection closes.
+                    await asyncio.sleep(FAILED_AUTH_DELAY_S)
+                    return
+            await self._relay(client)
+        except (TimeoutError, MalformedFrame, ConnectionError, ssl.SSLError) as exc:
+            log.warning(
+                "kafka gateway closed a connection",
+                extra={"peer": peer, "reason": f"{type(exc).__name__}: {exc}"},
+            )
+        except asyncio.IncompleteReadError:
+            pass  # the client went away mid-frame
+        finally:
+            self._clients.discard(client)
+            client.close()
+
+    async def _start_tls(self, client: _Client) -> bool:
+        assert self._ssl is not None
+        try:
+            await client.writer.start_tls(self._ssl, ssl_handshake_timeout=10.0)
+        except (ssl.SSLError, ConnectionError, TimeoutError, OSError) as exc:
+            self.stats["tls_failures"] += 1
+            log.warning(
+                "kafka gateway TLS handshake failed",
+                extra={"peer": client.peer, "reason": f"{type(exc).__name__}: {exc}"},
+            )
+            return False
+        cert = client.writer.get_extra_info("peercert") or {}
+        client.identity = ",".join(f"{k}={v}" for rdn in cert.get("subject", ()) for k, v in rdn)
+        return True
+
+    async def _upstream_streams(
+        self, client: _Client
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        if client.up is None:
+            host, port = self._upstream()
+            client.up = await asyncio.open_connection(host, port)
+        return client.up
+
+    async def _authenticate(self, client: _Client, users: UserStore) -> bool:
+        """Answer the SASL exchange; True once the client is authenticated."""
+        server: SaslServer | None = None
+        raw = False  # SaslHandshake v0: bare size-prefixed tokens follow, no Kafka headers
+        while True:
+            frame = await read_frame(client.reader, MAX_PREAUTH_FRAME)
+            if frame is None:
+                return False
+            if raw:
+                assert server is not None
+                try:
+                    await client.send(server.step(frame))
+                except SaslFailure as exc:
+                    self._auth_failed(client, exc)
+                    return False  # v0 cannot carry an error: Kafka closes the connection too
+                if server.done:
+                    return self._auth_ok(client, server)
+                continue
+            req = parse_request(frame)
+            if req.api_key == API_VERSIONS and server is None:
+                up_reader, up_writer = await self._upstream_streams(client)
+                write_frame(up_writer, frame)
+                await up_writer.drain()
+                response = await read_frame(up_reader, MAX_PREAUTH_FRAME)
+                if response is None:
+                    raise ConnectionError("broker closed the connection")
+                await client.send(response)
+            elif (
+                req.api_key == SASL_HANDSHAKE
+                and server is None
+                and req.api_version <= HANDSHAKE_MAX_VERSION
+            ):
+                server = await self._handshake(client, req, users)
+                if server is None:
+                    return False
+                raw = req.api_version == 0
+            elif (
+                req.api_key == SASL_AUTHENTICATE
+                and server is not None
+                and req.api_version <= AUTHENTICATE_MAX_VERSION
+            ):
+                if not await self._authenticate_step(client, req, server):
+                    return False
+                if server.done:
+                    return self._auth_ok(client, server)
+            else:
+                self.stats["rejected"] += 1
+                log.warning(
+                    "kafka gateway: request before authentication, closing",
+                    extra={"peer": client.peer, "api_key": req.api_key, "v": req.api_version},
+                )
+                return False
+
+    async def _handshake(
+        self, client: _Client, req: Request, users: UserStore
+    ) -> SaslServer | None:
+        mechanism = handshake_mechanism(req)
+        if mechanism not in self.mechanisms:
+            await client.send(
+                handshake_response(req.correlation_id, UNSUPPORTED_SASL_MECHANISM, self.mechanisms)
+            )
+            self._auth_failed(client, SaslFailure(mechanism[:40], "mechanism not enabled"))
+            return None
+        await client.send(handshake_response(req.correlation_id, 0, self.mechanisms))
+        return new_server(mechanism, users)
+
+    async def _authenticate_step(self, client: _Client, req: Request, server: SaslServer) -> bool:
+        try:
+            answer = server.step(authenticate_token(req))
+        except SaslFailure as exc:
+            await client.send(
+                authenticate_response(
+                    req.api_version,
+                    req.correlation_id,
+                    SASL_AUTHENTICATION_FAILED,
+                    exc.client_message,
+                    b"",
+                )
+            )
+            self._auth_failed(client, exc)
+            return False
+        await client.send(
+            authenticate_response(req.api_version, req.correlation_id, 0, None, answer)
+        )
+        return True
+
+    def _auth_ok(self, client: _Client, server: SaslServer) -> bool:
+        self.stats["authenticated"] += 1
+        log.info(
+            "kafka gateway authenticated a client",
+            extra={"peer": client.peer, "user": server.user, "mechanism": server.mechanism},
+        )
+        return True
+
+    def _auth_failed(self, client: _Client, exc: SaslFailure) -> None:
+        self.stats["auth_failures"] += 1
+        log.warning(
+            "kafka gateway authentication failed",
+            extra={
+                "peer": client.peer,
+                "tls_subject": client.identity,
+                "mechanism": exc.mechanism,
+                "user": exc.user,
+                "reason": exc.detail,
+            },
+        )
+
+    async def _relay(self, client: _Client) -> None:
+        up_reader, up_writer = await self._upstream_streams(client)
+        await asyncio.gather(_copy(client.reader, up_writer), _copy(up_reader, client.writer))
+
+
+async def _copy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Relay until either side ends, then close `writer` (which ends the opposite copy too)."""
+    try:
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+    except (ConnectionError, ssl.SSLError):
+        pass
+    finally:
+        writer.close()
+
+
+class SecureEmbeddedBroker:
+    """The embedded broker behind a KafkaGateway, started and stopped as one.
+
+    `bootstrap` is the gateway (what clients use; the broker advertises it in metadata);
+    `broker_bootstrap` is the broker's own plaintext port on 127.0.0.1, which the gateway cannot
+    hide from local processes (see the README's "Kafka security").
+    """
+
+    def __init__(
+        self,
+        *,
+        tls: TlsConfig | None = None,
+        users: Mapping[str, str] | UserStore | None = None,
+        mechanisms: Sequence[str] = MECHANISMS,
+        port: int = 0,
+        log_path: Path | None = None,
+    ) -> None:
+        if tls is None and users is None:
+            raise ValueError("a secure broker needs TLS, SASL users or both")
+        self.gateway = KafkaGateway(
+            self._broker_address, tls=tls, users=users, mechanisms=mechanisms, port=port
+        )
+        self._log_path = log_path
+        self.broker: EmbeddedBroker | None = None
+
+    def _broker_address(self) -> tuple[str, int]:
+        if self.broker is None:
+            raise ConnectionError("the embedded broker is not running")
+        return HOST, self.broker.port
+
+    @property
+    def bootstrap(self) -> str:
+        return self.gateway.address
+
+    @property
+    def broker_bootstrap(self) -> str | None:
+        return self.broker.bootstrap if self.broker else None
+
+    def running(self) -> bool:
+        return self.broker is not None and self.broker.running()
+
+    def start(self, timeout: float = 30.0) -> SecureEmbeddedBroker:
+        """Open the gateway (its port is then known), then start the broker advertising it."""
+        if self.running():
+            return self
+        self.gateway.start()
+        try:
+            self.broker = EmbeddedBroker(
+                log_path=self._log_path, advertised_host=HOST, advertised_port=self.gateway.port
+            ).start(timeout)
+            if self.gateway.users is not None:
+                self._check_sasl_versions()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _check_sasl_versions(self) -> None:
+        """Clients pick SASL versions from the broker's ApiVersions, which the gateway relays:
+        refuse to start if the broker advertises one the gateway cannot answer."""
+        versions = sasl_versions(*self._broker_address())
+        answered = {
+            SASL_HANDSHAKE: HANDSHAKE_MAX_VERSION,
+            SASL_AUTHENTICATE: AUTHENTICATE_MAX_VERSION,
+        }
+        for api_key, most in answered.items():
+            if api_key not in versions or versions[api_key][1] > most:
+                raise RuntimeError(
+                    f"the broker advertises API {api_key} versions {versions.get(api_key)}; "
+                    f"the gateway answers versions 0-{most}"
+                )
+
+    def stop(self) -> None:
+        self.gateway.stop()
+        if self.broker is not None:
+            self.broker.stop()
+            self.broker = None
+
+    def __enter__(self) -> SecureEmbeddedBroker:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the embedded broker behind a TLS/SASL gateway in the foreground until Ctrl-C."""
+    parser = argparse.ArgumentParser(
+        prog="python -m prolifscore.localstack.kafka_gateway",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--port", type=int, default=0, help="gateway port (default: free)")
+    parser.add_argument("--tls-cert", type=Path, help="PEM server certificate (enables TLS)")
+    parser.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
+    parser.add_argument("--client-ca", type=Path, help="PEM CA that client certificates need")
+    parser.add_argument("--users-file", type=Path, help="user:password lines (enables SASL)")
+    parser.add_argument("--mechanisms", default=",".join(MECHANISMS), help="SASL mechanisms")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if bool(args.tls_cert) != bool(args.tls_key) or (args.client_ca and not args.tls_cert):
+        parser.error("--tls-cert and --tls-key go together; --client-ca needs them")
+    tls = TlsConfig(args.tls_cert, args.tls_key, args.client_ca) if args.tls_cert else None
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        users = load_users(args.users_file) if args.users_file else None
+        mechanisms = [m.strip().upper() for m in args.mechanisms.split(",") if m.strip()]
+        secure = SecureEmbeddedBroker(tls=tls, users=users, mechanisms=mechanisms, port=args.port)
+        secure.start()
+    except (OSError, ValueError, RuntimeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    protocol = ("SASL_" if users else "") + ("SSL" if tls else "PLAINTEXT")
+    print(
+        f"Kafka gateway ready: PROLIF_KAFKA_BOOTSTRAP={secure.bootstrap} "
+        f"PROLIF_KAFKA_SECURITY_PROTOCOL={protocol} (broker: {secure.broker_bootstrap}, "
+        "plaintext, loopback only)",
+        flush=True,
+    )
+    try:
+        while not stop.wait(0.5):
+            if not secure.running():
+                print("broker exited unexpectedly", file=sys.stderr)
+                return 1
+    finally:
+        secure.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
