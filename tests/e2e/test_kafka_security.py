@@ -115,6 +115,16 @@ def settings_for(broker: SecureEmbeddedBroker, protocol: str, **fields: str) -> 
     )
 
 
+def as_alice(broker: SecureEmbeddedBroker, protocol: str, mechanism: str) -> KafkaSettings:
+    return settings_for(
+        broker,
+        protocol,
+        sasl_mechanism=mechanism,
+        sasl_username="alice",
+        sasl_password=USERS["alice"],
+    )
+
+
 def tls_fields(pki: Path, cert: str | None = None) -> dict[str, str]:
     fields = {"ssl_ca_file": str(pki / "ca.pem")}
     if cert:
@@ -218,13 +228,7 @@ def test_records_round_trip_through_the_gateway(secure, pki, tmp_path, case, cli
 
 def test_metadata_sends_clients_to_the_gateway_not_the_broker(secure):
     broker = secure("sasl")
-    s = settings_for(
-        broker,
-        "SASL_PLAINTEXT",
-        sasl_mechanism="PLAIN",
-        sasl_username="alice",
-        sasl_password=USERS["alice"],
-    )
+    s = as_alice(broker, "SASL_PLAINTEXT", "PLAIN")
     errors: list[KafkaError] = []
     producer = Producer(rd_config(s, errors))
     brokers = producer.list_topics(timeout=10).brokers
@@ -292,8 +296,8 @@ def test_mtls_refuses_clients_without_a_valid_certificate(secure, pki, cert):
     before = broker.gateway.stats["tls_failures"]
     kafka_python_refused(s)
     errors = librdkafka_errors(s)
-    print([str(e) for e in errors])
-    assert errors and all(e.code() != KafkaError.NO_ERROR for e in errors)
+    refused = {KafkaError._SSL, KafkaError._TRANSPORT, KafkaError._ALL_BROKERS_DOWN}
+    assert errors and {e.code() for e in errors} <= refused, errors
     assert broker.gateway.stats["tls_failures"] >= before + 2
     assert broker.gateway.stats["connections"] > 0
 
@@ -309,13 +313,7 @@ def test_plaintext_client_on_the_tls_port_is_refused(secure):
 
 def test_sasl_client_on_a_sasl_ssl_port_without_tls_is_refused(secure):
     broker = secure("sasl_ssl")
-    s = settings_for(
-        broker,
-        "SASL_PLAINTEXT",
-        sasl_mechanism="SCRAM-SHA-512",
-        sasl_username="alice",
-        sasl_password=USERS["alice"],
-    )
+    s = as_alice(broker, "SASL_PLAINTEXT", "SCRAM-SHA-512")
     before = broker.gateway.stats["tls_failures"]
     kafka_python_refused(s)
     assert broker.gateway.stats["tls_failures"] > before
@@ -375,23 +373,12 @@ def test_sasl_handshake_v0_with_bare_tokens_then_requests_pass_through(secure):
 
 
 @pytest.mark.slow
-def test_librdkafka_client_ingests_slides_and_reads_their_status(broker, ray_head, tmp_path):
+def test_librdkafka_client_ingests_slides_and_reads_their_status(
+    kafka_settings, ray_head, tmp_path
+):
     """confluent-kafka publishes SlideIngest (JSON and binary protobuf) to the embedded broker;
     the real tiling service answers on the status topic, which the same client reads."""
-    suffix = uuid.uuid4().hex[:8]
-    k = load(
-        KafkaSettings,
-        environ={},
-        bootstrap_servers=broker.bootstrap,
-        partitions=2,
-        topic_ingest=f"rd.{suffix}.ingest",
-        topic_tasks=f"rd.{suffix}.tasks",
-        topic_shards=f"rd.{suffix}.shards",
-        topic_status=f"rd.{suffix}.status",
-        topic_dlq=f"rd.{suffix}.dlq",
-        max_poll_interval_ms=8000,
-        session_timeout_ms=6000,
-    )
+    k = kafka_settings
     with Bus(k, "test") as bus:
         bus.ensure_topics(
             [k.topic_ingest, k.topic_tasks, k.topic_shards, k.topic_status, k.topic_dlq]
@@ -421,7 +408,7 @@ def test_librdkafka_client_ingests_slides_and_reads_their_status(broker, ray_hea
             headers=[("content-type", b"application/x-protobuf")],
         )
         assert producer.flush(20) == 0, errors
-        consumer = Consumer({**config, "group.id": f"rd-{suffix}", "enable.auto.commit": False})
+        consumer = Consumer({**config, "group.id": k.client_id, "enable.auto.commit": False})
         consumer.assign([RdTopicPartition(k.topic_status, p, OFFSET_BEGINNING) for p in (0, 1)])
         statuses: dict[str, pb.SlideStatus] = {}
         deadline = time.monotonic() + 120

@@ -93,6 +93,7 @@ class _Client:
     ) -> None:
         self.reader, self.writer, self.peer = reader, writer, peer
         self.identity = ""  # TLS client certificate subject, if any
+        self.user: str | None = None  # SASL user, once authenticated
         self.up: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
 
     async def send(self, payload: bytes) -> None:
@@ -135,7 +136,7 @@ class KafkaGateway:
         self.auth_timeout_s = auth_timeout_s
         self.stats: Counter[str] = Counter()
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._server: asyncio.Server | None = None
+        self._stopping: asyncio.Event | None = None
         self._thread: threading.Thread | None = None
         self._clients: set[_Client] = set()
 
@@ -153,7 +154,12 @@ class KafkaGateway:
             target=self._run, args=(ready,), name="kafka-gateway", daemon=True
         )
         self._thread.start()
-        ready.result(timeout=10)
+        try:
+            ready.result(timeout=10)
+        except BaseException:
+            self._thread.join(timeout=10)
+            self._thread = None
+            raise
         sasl = ",".join(self.mechanisms) if self.users else None
         mtls = self.tls is not None and self.tls.client_ca_file is not None
         log.info(
@@ -166,31 +172,36 @@ class KafkaGateway:
         assert self._loop is not None
         asyncio.set_event_loop(self._loop)
         try:
-            self._server = self._loop.run_until_complete(
-                asyncio.start_server(self._serve, HOST, self.port)
-            )
+            self._loop.run_until_complete(self._main(ready))
+        finally:
+            self._loop.close()
+
+    async def _main(self, ready: concurrent.futures.Future[None]) -> None:
+        """Serve until stop(), then close the listener and every connection, and wait for them."""
+        self._stopping = asyncio.Event()
+        try:
+            server = await asyncio.start_server(self._serve, HOST, self.port)
         except OSError as exc:
             ready.set_exception(exc)
             return
-        self.port = self._server.sockets[0].getsockname()[1]
+        self.port = server.sockets[0].getsockname()[1]
         ready.set_result(None)
-        self._loop.run_forever()
-        self._loop.close()
+        await self._stopping.wait()
+        server.close()
+        for client in list(self._clients):
+            client.close()
+        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await server.wait_closed()
 
     def stop(self) -> None:
         """Stop listening and close every open connection. Idempotent."""
         loop, thread, self._thread = self._loop, self._thread, None
         if loop is None or thread is None:
             return
-
-        async def shutdown() -> None:
-            if self._server is not None:
-                self._server.close()
-            for client in list(self._clients):
-                client.close()
-            loop.stop()
-
-        asyncio.run_coroutine_threadsafe(shutdown(), loop)
+        loop.call_soon_threadsafe(self._stopping.set)
         thread.join(timeout=10)
         log.info("kafka gateway stopped", extra={"address": self.address, **self.stats})
 
@@ -214,14 +225,20 @@ class KafkaGateway:
                     # lets the client read the error before the connection closes.
                     await asyncio.sleep(FAILED_AUTH_DELAY_S)
                     return
+            log.info(
+                "kafka gateway connection",
+                extra={"peer": peer, "tls_subject": client.identity, "user": client.user},
+            )
             await self._relay(client)
-        except (TimeoutError, MalformedFrame, ConnectionError, ssl.SSLError) as exc:
+        except (TimeoutError, MalformedFrame, OSError) as exc:
             log.warning(
                 "kafka gateway closed a connection",
                 extra={"peer": peer, "reason": f"{type(exc).__name__}: {exc}"},
             )
         except asyncio.IncompleteReadError:
             pass  # the client went away mid-frame
+        except Exception:
+            log.exception("kafka gateway connection failed", extra={"peer": peer})
         finally:
             self._clients.discard(client)
             client.close()
@@ -337,7 +354,8 @@ class KafkaGateway:
 
     def _auth_ok(self, client: _Client, server: SaslServer) -> bool:
         self.stats["authenticated"] += 1
-        log.info(
+        client.user = server.user
+        log.debug(
             "kafka gateway authenticated a client",
             extra={"peer": client.peer, "user": server.user, "mechanism": server.mechanism},
         )
@@ -367,7 +385,7 @@ async def _copy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
         while data := await reader.read(65536):
             writer.write(data)
             await writer.drain()
-    except (ConnectionError, ssl.SSLError):
+    except OSError:  # a reset connection or a TLS error ends the relay like an end of stream
         pass
     finally:
         writer.close()
