@@ -8,11 +8,14 @@ for 127.0.0.1 and localhost, a client certificate, and a client certificate from
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import signal
 import socket
 import struct
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -24,12 +27,13 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaExcepti
 from confluent_kafka import TopicPartition as RdTopicPartition
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
-from prolifscore.core.runtime.bus import Bus, decode
+from prolifscore.core.runtime.bus import Bus
 from prolifscore.core.runtime.kafka_security import kafka_client_kwargs, librdkafka_config
 from prolifscore.core.runtime.settings import KafkaSettings, load
-from prolifscore.localstack.kafka_gateway import SecureEmbeddedBroker, TlsConfig
+from prolifscore.localstack.kafka_gateway import TlsConfig
+from prolifscore.localstack.secure_broker import SecureEmbeddedBroker
 from prolifscore.v1 import pipeline_pb2 as pb
-from tests.harness import ServiceProcess, kafka_env
+from tests.harness import ServiceProcess
 from tests.slides import CMU, SLIDES
 
 USERS = {"alice": "alice-Secret-1", "bob": "b:o=b, with spaces"}
@@ -383,11 +387,13 @@ def test_librdkafka_client_ingests_slides_and_reads_their_status(
         bus.ensure_topics(
             [k.topic_ingest, k.topic_tasks, k.topic_shards, k.topic_status, k.topic_dlq]
         )
-    env = {
-        **kafka_env(k),
-        "PROLIF_RAY_ADDRESS": ray_head.address,
-        "PROLIF_SLIDE_ROOTS": str(SLIDES),
+    env = {  # the Kafka settings the service needs, by their variables
+        f.metadata["env"]: str(getattr(k, f.name))
+        for f in dataclasses.fields(k)
+        if f.name in ("bootstrap_servers", "partitions", "session_timeout_ms")
+        or f.name.startswith(("topic_", "max_poll"))
     }
+    env |= {"PROLIF_RAY_ADDRESS": ray_head.address, "PROLIF_SLIDE_ROOTS": str(SLIDES)}
     tiling = ServiceProcess("prolifscore.tiling.server", env, tmp_path / "tiling.log").start()
     try:
         errors: list[KafkaError] = []
@@ -414,8 +420,9 @@ def test_librdkafka_client_ingests_slides_and_reads_their_status(
         deadline = time.monotonic() + 120
         while len(statuses) < 2 and time.monotonic() < deadline:
             msg = consumer.poll(0.5)
-            if msg is not None and msg.error() is None:
-                status = decode(msg.value(), msg.headers(), pb.SlideStatus)
+            if msg is not None and msg.error() is None:  # binary protobuf, and says so
+                assert ("content-type", b"application/x-protobuf") in (msg.headers() or [])
+                status = pb.SlideStatus.FromString(msg.value())
                 statuses[status.slide_id] = status
         consumer.close()
     finally:
@@ -426,3 +433,43 @@ def test_librdkafka_client_ingests_slides_and_reads_their_status(
     assert statuses["rd-proto"].stage == pb.STAGE_FAILED
     assert "does not exist" in statuses["rd-proto"].reason
     assert not errors
+
+
+def test_secure_broker_command(pki, tmp_path):
+    """`python -m prolifscore.localstack.secure_broker` prints what clients need, serves them,
+    and stops cleanly on SIGINT."""
+    users = tmp_path / "users"
+    users.write_text("svc:" + USERS["alice"] + "\n")
+    users.chmod(0o600)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "prolifscore.localstack.secure_broker",
+            *("--tls-cert", str(pki / "server.pem"), "--tls-key", str(pki / "server.key")),
+            *("--users-file", str(users), "--mechanisms", "SCRAM-SHA-512"),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        line = next(line for line in proc.stdout if line.startswith("Kafka gateway ready"))
+        env = dict(word.split("=", 1) for word in line.split() if word.startswith("PROLIF_"))
+        assert env["PROLIF_KAFKA_SECURITY_PROTOCOL"] == "SASL_SSL"
+        s = load(
+            KafkaSettings,
+            environ={
+                **env,
+                "PROLIF_KAFKA_SSL_CA_FILE": str(pki / "ca.pem"),
+                "PROLIF_KAFKA_SASL_MECHANISM": "SCRAM-SHA-512",
+                "PROLIF_KAFKA_SASL_USERNAME": "svc",
+                "PROLIF_KAFKA_SASL_PASSWORD": USERS["alice"],
+            },
+        )
+        librdkafka_round_trip(s)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0, out

@@ -24,6 +24,13 @@ class MalformedFrame(ValueError):
     pass
 
 
+def _int(kind: struct.Struct, buf: bytes, off: int = 0) -> int:
+    try:
+        return int(kind.unpack_from(buf, off)[0])
+    except struct.error:
+        raise MalformedFrame("truncated request") from None
+
+
 def _uvarint(buf: bytes, off: int) -> tuple[int, int]:
     value = shift = 0
     while True:
@@ -65,21 +72,18 @@ class Request:
 
 def parse_request(frame: bytes) -> Request:
     """Split a request into its header fields and body (header v2 for SaslAuthenticate v2)."""
-    try:
-        api_key, api_version, correlation_id = struct.unpack_from(">hhi", frame)
-        (client_id_len,) = _I16.unpack_from(frame, 8)
-        off = 10 + max(client_id_len, 0)
-        if api_key == SASL_AUTHENTICATE and api_version >= 2:
-            off = _skip_tagged_fields(frame, off)
-    except struct.error as exc:
-        raise MalformedFrame(str(exc)) from None
+    api_key, api_version = _int(_I16, frame), _int(_I16, frame, 2)
+    correlation_id = _int(_I32, frame, 4)
+    off = 10 + max(_int(_I16, frame, 8), 0)  # after the client id
+    if api_key == SASL_AUTHENTICATE and api_version >= 2 and off <= len(frame):
+        off = _skip_tagged_fields(frame, off)
     if off > len(frame):
         raise MalformedFrame("truncated request header")
     return Request(api_key, api_version, correlation_id, frame[off:])
 
 
 def handshake_mechanism(req: Request) -> str:
-    (size,) = _I16.unpack_from(req.body)
+    size = _int(_I16, req.body)
     if size < 0 or 2 + size > len(req.body):
         raise MalformedFrame("bad mechanism string")
     return req.body[2 : 2 + size].decode("utf-8", errors="replace")
@@ -97,8 +101,7 @@ def authenticate_token(req: Request) -> bytes:
         size, off = _uvarint(req.body, 0)
         size -= 1  # compact bytes: length + 1
     else:
-        (size,) = _I32.unpack_from(req.body)
-        off = 4
+        size, off = _int(_I32, req.body), 4
     if size < 0 or off + size > len(req.body):
         raise MalformedFrame("bad auth_bytes")
     return req.body[off : off + size]
