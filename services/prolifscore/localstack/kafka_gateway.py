@@ -183,10 +183,12 @@ class KafkaGateway:
         server.close()
         for client in list(self._clients):
             client.close()
+        # Closed connections end their tasks (end of stream); cancel what is still pending.
         tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-        for task in tasks:
+        _, pending = await asyncio.wait(tasks, timeout=5) if tasks else (set(), set())
+        for task in pending:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*pending, return_exceptions=True)
         await server.wait_closed()
 
     def stop(self) -> None:
@@ -230,6 +232,8 @@ class KafkaGateway:
             )
         except asyncio.IncompleteReadError:
             pass  # the client went away mid-frame
+        except asyncio.CancelledError:
+            pass  # stop(): end quietly (asyncio reports a cancelled connection task as an error)
         except Exception:
             log.exception("kafka gateway connection failed", extra={"peer": peer})
         finally:
