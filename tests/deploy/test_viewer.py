@@ -25,11 +25,13 @@ from tests.deploy.manifests import (
 )
 
 
-def _viewer(render: Render) -> tuple[PodSpec, Obj] | None:
+def _viewer(render: Render) -> tuple[PodSpec, Obj, dict[str, str | None]] | None:
+    """The viewer's pod, container and environment, where the render has a viewer."""
     if "viewer" not in render.features:
         assert not [p for p in pod_specs(render) if p.where.endswith("-viewer")]
         return None
-    return the_pod(render, "viewer")
+    pod, c = the_pod(render, "viewer")
+    return pod, c, effective_env(render, c)
 
 
 def _service(render: Render, component: str) -> Obj:
@@ -48,8 +50,7 @@ def test_viewer_env_is_what_viewer_settings_read(render: Render) -> None:
     found = _viewer(render)
     if found is None:
         return
-    pod, c = found
-    env = effective_env(render, c)
+    pod, c, env = found
     assert not c.get("envFrom"), "the shared ConfigMap carries Kafka and Ray settings"
     assert set(env) <= {var for var, _, _ in describe(ViewerSettings)}, set(env)
     settings = load(ViewerSettings, environ={k: v for k, v in env.items() if v is not None})
@@ -76,8 +77,7 @@ def test_viewer_reads_slides_and_results_read_only(render: Render) -> None:
     found = _viewer(render)
     if found is None:
         return
-    pod, c = found
-    env = effective_env(render, c)
+    pod, c, env = found
     scoring_pod, scoring = the_pod(render, "scoring")
     senv = effective_env(render, scoring)
     for var, scoring_writes in (("PROLIF_SLIDE_ROOTS", False), ("PROLIF_RESULTS_ROOT", True)):
@@ -131,7 +131,7 @@ def test_only_labelled_clients_and_the_ingress_controller_reach_the_viewer(rende
     found = _viewer(render)
     if found is None or "network-policies" not in render.features:
         return
-    pod, c = found
+    pod, c, _ = found
     ports = {p["name"]: p["containerPort"] for p in c["ports"]}
     client = dict(render.value("networkPolicy.viewerClientLabels", {}) or {}) or {
         "prolifscore.io/viewer-client": "true"

@@ -71,6 +71,21 @@ def ingest(p, slide_id: str, path: Path | str, **fields) -> None:
     p["bus"].flush()
 
 
+def send_json(p, *bodies: dict) -> None:
+    """Ingest messages as a plain Kafka producer publishes them (`kcat -H
+    content-type=application/json`), keyed by slide id, in order."""
+    producer = KafkaProducer(bootstrap_servers=p["k"].bootstrap_servers)
+    for body in bodies:
+        producer.send(
+            p["k"].topic_ingest,
+            key=body["slideId"].encode(),
+            value=json.dumps(body).encode(),
+            headers=[("content-type", b"application/json")],
+        )
+    producer.flush()
+    producer.close()
+
+
 def shard_tiles(manifest_path: str) -> dict[tuple[int, int], dict]:
     manifest = json.loads(Path(manifest_path).read_text())
     tiles: dict[tuple[int, int], dict] = {}
@@ -164,24 +179,15 @@ def test_slide_without_tissue_completes_with_zero_tiles(pipeline):
 
 def test_json_ingest_from_a_plain_kafka_producer(pipeline):
     """What `kcat -H content-type=application/json` would send."""
-    k = pipeline["k"]
-    producer = KafkaProducer(bootstrap_servers=k.bootstrap_servers)
-    body = json.dumps(
+    send_json(
+        pipeline,
         {
             "slideId": "json-cmu",
             "path": str(CMU),
             "labels": {"tumorScore": 1},
             "spec": {"maxTiles": 5},
-        }
+        },
     )
-    producer.send(
-        k.topic_ingest,
-        key=b"json-cmu",
-        value=body.encode(),
-        headers=[("content-type", b"application/json")],
-    )
-    producer.flush()
-    producer.close()
     final = final_status(pipeline["status"].wait_for(all_final(["json-cmu"])), "json-cmu")
     assert final.stage == pb.STAGE_FILTERED and 0 < final.kept_tiles <= 5
     tiles = shard_tiles(final.manifest_path)
@@ -246,18 +252,12 @@ def test_regions_of_interest_from_a_json_producer_get_their_own_shards(pipeline)
     from prolifscore.core.wsi.roi import rectangle
 
     band = rectangle(1024, 512, 512, 1280)
-    k = pipeline["k"]
-    producer = KafkaProducer(bootstrap_servers=k.bootstrap_servers)
-    for rois in ([], [{"rings": [{"xy": list(band.rings[0].xy)}]}]):
-        body = json.dumps({"slideId": "roi-cmu", "path": str(CMU), "rois": rois})
-        producer.send(
-            k.topic_ingest,
-            key=b"roi-cmu",
-            value=body.encode(),
-            headers=[("content-type", b"application/json")],
-        )
-    producer.flush()
-    producer.close()
+    ring = {"xy": list(band.rings[0].xy)}
+    send_json(
+        pipeline,
+        {"slideId": "roi-cmu", "path": str(CMU), "rois": []},
+        {"slideId": "roi-cmu", "path": str(CMU), "rois": [{"rings": [ring]}]},
+    )
     done = pipeline["status"].wait_for(
         lambda items: (
             len(
