@@ -26,6 +26,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--tiles", action="store_true", help="include per-tile predictions")
     p.add_argument("--aggregation", choices=sorted(_AGG))
+    p.add_argument(
+        "--roi",
+        type=Path,
+        help="score only tiles centred in these regions: GeoJSON or TUPAC16 x,y,w,h CSV file",
+    )
     p.add_argument("--timeout", type=float, default=600.0, help="deadline in seconds")
     p.add_argument("--token", default=os.environ.get("PROLIF_AUTH_TOKEN", ""), help="bearer token")
     p.add_argument("--tls-ca", type=Path, help="CA certificate: connect with TLS")
@@ -40,9 +45,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
 
 
 def build_request(
-    slide: str, *, heatmap: bool = False, tiles: bool = False, aggregation: str | None = None
+    slide: str,
+    *,
+    heatmap: bool = False,
+    tiles: bool = False,
+    aggregation: str | None = None,
+    roi_file: Path | None = None,
 ) -> spb.ScoreRequest:
-    """`slide` is a path as the server sees it; a local file is sent as its absolute path."""
+    """`slide` is a path as the server sees it; a local file is sent as its absolute path.
+    Raises RoiError for an unusable `roi_file`."""
+    from prolifscore.core.wsi import roi
+
     path = Path(slide)
     return spb.ScoreRequest(
         slide_id=path.stem,
@@ -50,6 +63,7 @@ def build_request(
         include_heatmap=heatmap,
         include_tiles=tiles,
         aggregation=_AGG.get(aggregation or "", 0),
+        rois=roi.read_file(roi_file) if roi_file else [],
     )
 
 
@@ -131,9 +145,17 @@ def describe_error(exc: BaseException) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    request = build_request(
-        args.slide, heatmap=args.heatmap is not None, tiles=args.tiles, aggregation=args.aggregation
-    )
+    try:
+        request = build_request(
+            args.slide,
+            heatmap=args.heatmap is not None,
+            tiles=args.tiles,
+            aggregation=args.aggregation,
+            roi_file=args.roi,
+        )
+    except ValueError as exc:  # RoiError
+        print(f"error: regions of interest: {exc}", file=sys.stderr)
+        return 2
     try:
         if args.local:
             result = score_local(args.model_root, request)

@@ -233,7 +233,7 @@ def score_slide(
     notify = progress or (lambda _e: None)
     with open_slide(path) as slide:
         try:
-            plan = plan_slide(slide, slide_id, request.spec, options.preprocess)
+            plan = plan_slide(slide, slide_id, request.spec, options.preprocess, request.rois)
         except SpecError as exc:
             raise InvalidRequest(str(exc)) from exc
         run = _SlideRun(request, slide_id, plan, options, start)
