@@ -11,17 +11,16 @@ import numpy as np
 import pytest
 
 from prolifscore.core.grading.evaluation import (
-    EvaluationError,
     aggregate_slide,
     apply_cutpoints,
     confusion_matrix,
-    evaluate_predictions,
     fit_cutpoints,
     quadratic_weighted_kappa,
     slide_metrics,
     slide_scores,
     spearman,
 )
+from prolifscore.core.grading.submission import EvaluationError, evaluate_predictions
 from prolifscore.core.wsi.shards import shard_path, write_manifest
 from prolifscore.core.wsi.tfrecord import (
     AtomicShardWriter,
@@ -44,6 +43,7 @@ from prolifscore.training.data.shards import (
     find_shards,
     shards_from_index,
     verify_shards,
+    worker_share,
 )
 
 SPEC = "spec0"
@@ -327,24 +327,16 @@ def test_slide_and_class_balanced_sampling(small_root: Path) -> None:
     assert abs(share[1] - 15 / 73) < 0.06, share
 
 
-def _sampled_slide_ids(shards: list[ShardRef], n: int, seed: int) -> Counter[str]:
-    """The slide ids behind the balanced stream (same sampler, records decoded by slide)."""
-    import tensorflow as tf
-
+def _sampled_slide_ids(
+    shards: list[ShardRef], n: int, seed: int, *, rank: int = 0, world: int = 1
+) -> Counter[str]:
+    """The slide ids behind worker `rank`'s balanced stream (the sampler `train_dataset`
+    uses, its serialized records decoded for their slide ids)."""
     from prolifscore.training.data import pipeline
-    from prolifscore.training.data.shards import by_slide
 
-    by = by_slide([s for s in shards if s.split == "train"])
-    per_class = []
-    for c in (1, 2, 3):
-        leaves = [
-            pipeline._records([s.path for s in g], seed + i, 2, True)
-            for i, g in enumerate(by.values())
-            if g[0].tumor_score == c
-        ]
-        per_class.append(tf.data.Dataset.sample_from_datasets(leaves, seed=seed + c))
-    mixed = tf.data.Dataset.sample_from_datasets(per_class, seed=seed)
-    ids = mixed.map(lambda r: pipeline.decode_tile(r)["slide_id"]).take(n)
+    train = [s for s in shards if s.split == "train"]
+    records = pipeline.sampled_records(worker_share(train, rank, world), "slide_class", seed)
+    ids = records.map(lambda r: pipeline.decode_tile(r)["slide_id"]).take(n)
     return Counter(s.decode() for s in ids.as_numpy_iterator())
 
 

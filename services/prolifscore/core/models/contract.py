@@ -29,6 +29,7 @@ MITOSIS_MODEL = "mitosis"
 SIGNATURE = "serving_default"
 INPUT = "tiles"
 TUMOR_OUTPUT = "probabilities"
+TUMOR_MOLECULAR_OUTPUT = "molecular_score"
 MITOSIS_OUTPUT = "mitosis_map"
 METADATA_FILE = "assets.extra/prolifscore.json"
 
