@@ -190,6 +190,81 @@ def test_scrambled_labels_do_not_reach_the_bar(tmp_path: Path) -> None:
     assert figures["tumor_model_backend"] == "ray_actor"  # the fallback without Ray Train
 
 
+def _journal(run: Path, rank: int) -> list[dict[str, object]]:
+    path = run / "workers" / f"rank-{rank}.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _tiles_of(share: list[list[object]]) -> list[tuple[str, int]]:
+    """The tiles (slide, column) a worker's reported share holds: its records of each shard,
+    read back from the files."""
+    out = []
+    for path, skip, stride in share:
+        for record in list(read_records(str(path)))[int(skip) :: int(stride)]:  # type: ignore[call-overload]
+            ex = parse_tile_example(record)
+            out.append((str(ex["slide_id"]), int(ex["col"])))  # type: ignore[call-overload]
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_two_ray_train_workers_share_the_data_and_resume(tmp_path: Path) -> None:
+    """Ray Train's TensorflowTrainer with 2 CPU workers (MultiWorkerMirroredStrategy): each
+    worker trains on its own share of the records, the global batch is split between them,
+    gradients are all-reduced (both keep identical weights), rank 0 alone checkpoints, and
+    after a failure both workers resume from that checkpoint. Sized for 2 cores: 32 px, 3
+    steps of 4 tiles per worker per epoch, 2 epochs."""
+    if not ray_train_available()[0]:
+        pytest.skip(f"Ray Train is not importable: {ray_train_available()[1]}")
+    shards = find_shards(make_dataset(tmp_path / "tiles"))
+    run = tmp_path / "run"
+    config = small_config(
+        workers=2,
+        cpus_per_worker=1,
+        batch_size=8,
+        steps_per_epoch=3,
+        backend="ray_train",
+        fail_after_epoch=1,
+        max_failures=1,
+    )
+    result = train_tumor(config, shards, None, run)
+    assert result.backend == "ray_train" and result.resumed_from_epoch == 1
+    assert [h["epoch"] for h in result.history] == [1, 2]
+    assert (result.metrics["workers"], result.metrics["global_batch"]) == (2, 8)
+
+    journals = {rank: _journal(run, rank) for rank in (0, 1)}
+    starts = {r: [e for e in j if e["event"] == "start"] for r, j in journals.items()}
+    epochs = {r: [e for e in j if e["event"] == "epoch"] for r, j in journals.items()}
+    # Both workers started twice: fresh, then resumed after epoch 1 from rank 0's checkpoint.
+    for rank in (0, 1):
+        assert [(e["rank"], e["world_size"]) for e in starts[rank]] == [(rank, 2)] * 2
+        assert [(e["attempt"], e["start_epoch"]) for e in starts[rank]] == [(1, 0), (2, 1)]
+        assert [e["epoch"] for e in epochs[rank]] == [1, 2]
+        # Global batch 8 = 4 per worker x 2 workers, every epoch.
+        assert {(e["per_worker_batch"], e["global_batch"]) for e in epochs[rank]} == {(4, 8)}
+    assert [e["checkpoint"] for e in epochs[0]] == [True, True]
+    assert [e["checkpoint"] for e in epochs[1]] == [False, False]
+    # All-reduced gradients: after every epoch both replicas hold the same weights.
+    assert [e["weights"] for e in epochs[0]] == [e["weights"] for e in epochs[1]]
+
+    # Disjoint shares that together hold every train record exactly once.
+    shares = [_tiles_of(starts[rank][0]["share"]) for rank in (0, 1)]  # type: ignore[arg-type]
+    assert shares[0] and shares[1] and not set(shares[0]) & set(shares[1])
+    every = [t for s in shards if s.split == "train" for t in _tiles_of([[s.path, 0, 1]])]
+    assert sorted(shares[0] + shares[1]) == sorted(every)
+    assert [starts[r][0]["share_records"] for r in (0, 1)] == [len(shares[0]), len(shares[1])]
+
+    # Rank 0's checkpoints are the run's: our files only, the last one finished.
+    final = json.loads((result.checkpoint / STATE_FILE).read_text())
+    assert final["finished"] and [r["start_epoch"] for r in final["runs"]] == [0, 1]
+    assert {p.name for p in result.checkpoint.iterdir()} <= {
+        STATE_FILE,
+        "model.weights.h5",
+        OPTIMIZER_FILE,
+        "best.weights.h5",
+    }
+
+
 # --------------------------------------------------------------------------------------------
 # Fast checks: failures before training, phases, checkpoints, metrics.
 

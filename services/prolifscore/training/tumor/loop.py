@@ -18,7 +18,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -41,6 +41,7 @@ from prolifscore.training.tumor.model import (
     load_optimizer,
     save_optimizer,
 )
+from prolifscore.training.tumor.multiworker import MultiWorkerFit
 from prolifscore.training.tumor.predict import (
     capped_tiles,
     evaluate_tiles,
@@ -163,6 +164,10 @@ class _Worker:
     strategy: tf.distribute.Strategy
     work: Path  # scratch: an epoch's checkpoint until it is reported, the best weights so far
     journal: WorkerJournal
+    multiworker: MultiWorkerFit = field(init=False)  # the steps with several workers
+
+    def __post_init__(self) -> None:
+        self.multiworker = MultiWorkerFit(self.model, self.strategy)
 
     @property
     def chief(self) -> bool:
@@ -334,17 +339,24 @@ def _run_epoch(
     global_batch = per_worker_batch * worker.strategy.num_replicas_in_sync
     started = time.perf_counter()
     clock = _step_clock()
-    fit = model.fit(
-        ds,
-        steps_per_epoch=config.steps_per_epoch,
-        initial_epoch=epoch,
-        epochs=epoch + 1,
-        verbose=config.verbose,
-        callbacks=[clock],
-    )
+    if worker.session.world_size > 1:  # Keras' fit cannot (multiworker.py)
+        history = worker.multiworker.fit(
+            lambda: _epoch_dataset(worker, epoch, augment),
+            config.steps_per_epoch,
+            clock.on_train_batch_end,
+        )
+    else:
+        history = model.fit(
+            ds,
+            steps_per_epoch=config.steps_per_epoch,
+            initial_epoch=epoch,
+            epochs=epoch + 1,
+            verbose=config.verbose,
+            callbacks=[clock],
+        ).history
     train_s = time.perf_counter() - started
-    loss = float(fit.history["loss"][-1])
-    acc = next((v for k, v in sorted(fit.history.items()) if k.endswith("accuracy")), [math.nan])
+    loss = float(history["loss"][-1])
+    acc = next((v for k, v in sorted(history.items()) if k.endswith("accuracy")), [math.nan])
     if not math.isfinite(loss):
         raise TrainingError(f"training loss is {loss} at epoch {epoch + 1}")
     started = time.perf_counter()
@@ -356,7 +368,7 @@ def _run_epoch(
         "loss": loss,
         "accuracy": float(acc[-1]),
         **evaluate_tiles(pred, validation.truth, validation.molecular, config.aggregation),
-        **{k: float(v[-1]) for k, v in fit.history.items() if k.startswith("molecular")},
+        **{k: float(v[-1]) for k, v in history.items() if k.startswith("molecular")},
         "workers": worker.session.world_size,
         "per_worker_batch": per_worker_batch,
         "global_batch": global_batch,
@@ -367,33 +379,26 @@ def _run_epoch(
     }
 
 
-def _epoch_dataset(worker: _Worker, epoch: int, augment: Augment) -> Any:
+def _epoch_dataset(worker: _Worker, epoch: int, augment: Augment) -> tf.data.Dataset:
     """The epoch's training stream, seeded by epoch and rank: a resumed epoch draws the same
     tiles, and workers draw different ones, each from its own share of the train shards
-    (`worker_share`), `per_worker_batch` tiles per step. With several workers the stream goes
-    to Keras as a distributed dataset, so TF does not re-split the batches it holds."""
+    (`worker_share`), `per_worker_batch` tiles per step."""
     config, rank, world = worker.config, worker.session.rank, worker.session.world_size
-
-    def build(_: Any = None) -> tf.data.Dataset:
-        return train_dataset(
-            worker.shards,
-            input_size=config.input_size,
-            batch_size=config.per_worker_batch,
-            seed=config.seed + 1009 * epoch + 7919 * rank,
-            balance=config.balance,
-            class_weights=config.class_weights,
-            augment=augment,
-            shuffle_buffer=config.shuffle_buffer,
-            slide_buffer=config.slide_buffer,
-            classes=config.classes,
-            molecular=bool(config.molecular),
-            rank=rank,
-            world=world,
-        )
-
-    if world == 1:
-        return build()
-    return worker.strategy.distribute_datasets_from_function(build)
+    return train_dataset(
+        worker.shards,
+        input_size=config.input_size,
+        batch_size=config.per_worker_batch,
+        seed=config.seed + 1009 * epoch + 7919 * rank,
+        balance=config.balance,
+        class_weights=config.class_weights,
+        augment=augment,
+        shuffle_buffer=config.shuffle_buffer,
+        slide_buffer=config.slide_buffer,
+        classes=config.classes,
+        molecular=bool(config.molecular),
+        rank=rank,
+        world=world,
+    )
 
 
 def _batch_dim(ds: Any) -> int:
