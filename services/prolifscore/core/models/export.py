@@ -96,8 +96,7 @@ def _tumor_serving_function(model: keras.Model, spec: Any) -> tuple[Any, dict[st
 
     input_size = int(model.input_shape[1])
     molecular = isinstance(model.output, dict)
-    shape = model.output_shape["tumor_score"] if molecular else model.output_shape
-    classes = int(shape[-1])
+    classes = int((model.output["tumor_score"] if molecular else model.output).shape[-1])
 
     @tf.function(input_signature=[spec])
     def serve_tumor(tiles: tf.Tensor) -> dict[str, tf.Tensor]:

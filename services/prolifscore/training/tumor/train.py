@@ -154,9 +154,11 @@ def train_tumor(
     """Train (or resume) the tumor-score model and export it to `model_root` (None: no export).
 
     Re-running with the same `run_dir` and `config.run_name` resumes from the newest
-    checkpoint at the next epoch. Raises `DatasetError` / `WeightsError` before training for
-    unusable inputs and `TrainingError` when the run fails or stops before finishing; in every
-    failure case nothing is exported.
+    checkpoint at the next epoch. `config.molecular` and `config.molecular_target` are
+    resolved in place from the train slides' molecular scores (`resolve_molecular`), so the
+    caller's config rebuilds the trained model (`load_trained`). Raises `DatasetError` /
+    `WeightsError` before training for unusable inputs and `TrainingError` when the run fails
+    or stops before finishing; in every failure case nothing is exported.
     """
     started = time.perf_counter()
     config.validate()
