@@ -280,6 +280,17 @@ def evaluate_predictions(
 _CONFIDENCE = ("confidence", "probability", "prob", "score")
 
 
+def _finite(cells: list[str], message: str) -> list[float]:
+    """The cells as finite numbers, else an `EvaluationError(message)`."""
+    try:
+        values = [float(c) for c in cells]
+    except ValueError:
+        raise EvaluationError(message) from None
+    if not all(math.isfinite(v) for v in values):
+        raise EvaluationError(message)
+    return values
+
+
 def read_points(path: Path, *, confidence: bool = False) -> np.ndarray:
     """`row,col` lines (TUPAC16: no header), `[n, 2]` float64; with `confidence`, an optional
     third column (`[n, 3]` when every line has one). A `row,col[,confidence]` header line is
@@ -301,17 +312,10 @@ def read_points(path: Path, *, confidence: bool = False) -> np.ndarray:
         names = [c.lower() for c in cells]
         if lineno == 1 and names[:2] == ["row", "col"] and all(n in _CONFIDENCE for n in names[2:]):
             continue
-        try:
-            if len(cells) not in widths:
-                raise ValueError
-            values = [float(c) for c in cells]
-            if not all(math.isfinite(v) for v in values):
-                raise ValueError
-        except ValueError:
-            raise EvaluationError(
-                f"{path}:{lineno}: expected {expected}, got {','.join(row)!r}"
-            ) from None
-        rows.append(values)
+        message = f"{path}:{lineno}: expected {expected}, got {','.join(row)!r}"
+        if len(cells) not in widths:
+            raise EvaluationError(message)
+        rows.append(_finite(cells, message))
     if len({len(r) for r in rows}) > 1:
         raise EvaluationError(f"{path}: some lines have a confidence and some do not")
     width = len(rows[0]) if rows else 2
@@ -359,16 +363,8 @@ def read_detection_table(path: Path) -> dict[str, np.ndarray]:
         case, region = row[col["case"]].strip(), row[col["region"]].strip()
         if not case or not region:
             raise EvaluationError(f"{where}: empty case or region")
-        try:
-            values = [float(row[col["row"]]), float(row[col["col"]])]
-            if conf is not None:
-                values.append(float(row[conf]))
-            if not all(math.isfinite(v) for v in values):
-                raise ValueError
-        except ValueError:
-            raise EvaluationError(
-                f"{where}: row, col and confidence must be numbers: {row}"
-            ) from None
+        cells = [row[col["row"]], row[col["col"]], *([row[conf]] if conf is not None else [])]
+        values = _finite(cells, f"{where}: row, col and confidence must be numbers: {row}")
         out.setdefault(f"{case}/{region}", []).append(values)
     width = 3 if conf is not None else 2
     return {k: np.asarray(v, np.float64).reshape(-1, width) for k, v in sorted(out.items())}
