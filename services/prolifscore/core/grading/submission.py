@@ -49,6 +49,7 @@ from typing import Any, Literal
 import numpy as np
 
 from prolifscore.core.grading.evaluation import (
+    TUMOR_LABELS,
     accuracy,
     confusion_matrix,
     quadratic_weighted_kappa,
@@ -93,8 +94,6 @@ def _listing(ids: list[str], limit: int = 10) -> str:
 
 _NUMBER = re.compile(r"^\s*[-+]?(\d+(\.\d*)?|\.\d+|nan|inf)([eE][-+]?\d+)?\s*$", re.IGNORECASE)
 _TRAILING = re.compile(r"(\d+)\D*$")
-TUMOR_LABELS = (1, 2, 3)
-
 Row = tuple[int | None, float | None]  # (tumor score, molecular score), None = unknown
 
 
