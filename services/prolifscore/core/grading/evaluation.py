@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from prolifscore.v1 import scoring_pb2 as spb
+
 TUMOR_LABELS = (1, 2, 3)
 
 
@@ -226,6 +228,15 @@ def proliferation_index(mean_probs: Sequence[float] | np.ndarray) -> float:
     return float((p * np.arange(1, p.size + 1)).sum())
 
 
+# The rules by the names settings and the CLI use.
+SCORE_RULES = {
+    "model": spb.SCORE_RULE_UNSPECIFIED,  # the model's own: cut points when it has them
+    "argmax": spb.SCORE_RULE_ARGMAX,
+    "cutpoints": spb.SCORE_RULE_CUTPOINTS,
+    "rounded_mean": spb.SCORE_RULE_ROUNDED_MEAN,
+}
+
+
 def slide_decision(
     mean_probs: Sequence[float] | np.ndarray,
     tile_classes: Sequence[int] | np.ndarray,
@@ -245,8 +256,6 @@ def slide_decision(
     Asking for cut points when the model has none falls back to argmax, and the returned rule
     says so (the caller can warn). The index is the same whatever the rule.
     """
-    from prolifscore.v1 import scoring_pb2 as spb
-
     index = proliferation_index(mean_probs)
     k = np.asarray(mean_probs).size
     cuts = None if cutpoints is None else [float(c) for c in cutpoints]
