@@ -100,6 +100,8 @@ def write_state(run_dir: Path, supervisor: Supervisor) -> None:
         "logs": str(run_dir),
         "components": supervisor.state(),
     }
+    if "PROLIF_VIEWER_PORT" in stack.env:
+        state["viewer"] = f"http://127.0.0.1:{stack.env['PROLIF_VIEWER_PORT']}/"
     tmp = run_dir / f".{STATE}.tmp"
     tmp.write_text(json.dumps(state, indent=2))
     tmp.replace(run_dir / STATE)
@@ -177,6 +179,8 @@ def run_status(args: argparse.Namespace) -> int:
             health += f"; supervisor: {info['state']}"
         ok = ok and health == "SERVING"
         print(f"{name:<12} {pid or '-':<8} {address:<22} {health}")
+    if "viewer" in state:
+        print(f"{'viewer-http':<12} {'-':<8} {state['viewer']}")
     storage = components.get("broker", {}).get("storage")
     if storage:
         print(f"(broker storage: {storage})")
