@@ -25,6 +25,7 @@ from prolifscore.core.grading.mitoses import (
 from prolifscore.core.models.contract import MITOSIS_OUTPUT, TUMOR_OUTPUT
 from prolifscore.core.models.export import read_metadata
 from prolifscore.core.runtime.settings import PreprocessSettings
+from prolifscore.core.runtime.validation import validate_score_request
 from prolifscore.core.wsi.prefetch import prefetched_iter
 from prolifscore.core.wsi.preprocess import SlidePlan, SpecError, TileSource, plan_slide
 from prolifscore.core.wsi.slide import Slide, confine_path, open_slide
@@ -218,15 +219,10 @@ def score_slide(
     cancelled: Callable[[], bool] = lambda: False,
     deadline: float | None = None,
 ) -> spb.SlideScore:
-    """Raises InvalidRequest, SlideError subclasses, ModelUnavailable/ModelError, Cancelled,
-    DeadlineExceeded; everything else is a bug."""
+    """Raises InvalidInput / InvalidRequest, SlideError subclasses, ModelUnavailable /
+    ModelError, Cancelled, DeadlineExceeded; everything else is a bug."""
     start = time.perf_counter()
-    if not request.path:
-        raise InvalidRequest("path is required")
-    if request.aggregation not in spb.Aggregation.values():
-        raise InvalidRequest(
-            f"aggregation {request.aggregation} is not one of {spb.Aggregation.values()}"
-        )
+    validate_score_request(request)
     path = confine_path(request.path, slide_roots)
     slide_id = request.slide_id or path.stem
     counts = _Progress()

@@ -10,6 +10,7 @@ from kafka.consumer.fetcher import ConsumerRecord
 
 from prolifscore.core.runtime import metrics
 from prolifscore.core.runtime.bus import Bus
+from prolifscore.core.runtime.validation import carried_id, carried_path, clip
 from prolifscore.v1 import pipeline_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -36,7 +37,12 @@ def fail_slide(
     batch_count: int = 0,
 ) -> pb.SlideStatus:
     """Publish a FAILED status for the slide (keyed by slide id, else path) on the bus's status
-    topic, then `give_up` on its record. Returns the status published."""
+    topic, then `give_up` on its record. Returns the status published.
+
+    The status repeats only the ids and path that pass validation (a rejected 5 MB run id or a
+    path with a NUL byte is left out: the dead letter keeps the record as it came)."""
+    slide_id, path, run_id = carried_id(slide_id), carried_path(path), carried_id(run_id)
+    reason = clip(reason)
     extra: dict[str, object] = {"slide_id": slide_id, "reason": reason}
     if batch_count:
         extra["batch"] = batch_index
