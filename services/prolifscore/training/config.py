@@ -20,12 +20,12 @@ class TrainingSettings:
     )
     data_roots: tuple[Path, ...] = env(
         "PROLIF_DATA_ROOTS",
-        ("data",),
+        (Path("data"),),
         "Folders a training request's dataset may lie in, besides PROLIF_TILES_ROOT",
     )
     weights_roots: tuple[Path, ...] = env(
         "PROLIF_WEIGHTS_ROOTS",
-        ("data/weights",),
+        (Path("data/weights"),),
         "Folders a training request's weights file may lie in, besides PROLIF_RUNS_ROOT",
     )
     workers: int = env("PROLIF_TRAIN_WORKERS", 1, "Ray Train workers per run")

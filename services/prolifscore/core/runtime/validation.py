@@ -86,11 +86,17 @@ def shown(value: str) -> str:
 
 
 def clip(text: str, max_bytes: int = MAX_MESSAGE_BYTES) -> str:
-    """`text` cut to `max_bytes` of UTF-8 (marked), for error messages that quote inputs."""
+    """`text` in at most `max_bytes` of UTF-8: its start and its end (where messages that quote
+    an input say what is wrong with it), the middle cut and counted."""
     raw = text.encode("utf-8", "replace")
     if len(raw) <= max_bytes:
         return text
-    return raw[: max_bytes - 24].decode("utf-8", "ignore") + f" [... {len(raw)} bytes]"
+    tail = max_bytes // 4
+    head = max_bytes - tail - 32
+    cut = len(raw) - head - tail
+    start = raw[:head].decode("utf-8", "ignore")
+    end = raw[-tail:].decode("utf-8", "ignore")
+    return f"{start} [... {cut} bytes cut ...] {end}"
 
 
 def check_text(field: str, value: str, max_bytes: int, *, required: bool = False) -> str:
