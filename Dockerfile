@@ -44,6 +44,11 @@ RUN pip install -c requirements/lock.txt -r requirements/base.in "ray[default]==
 COPY pyproject.toml README.md ./
 COPY protos/ protos/
 COPY services/ services/
+# The viewer's JavaScript (OpenSeadragon) from the npm registry, pinned by its lock file; only
+# the build stage has npm, the installed files travel in the package.
+RUN apt-get update && apt-get install -y --no-install-recommends npm \
+    && rm -rf /var/lib/apt/lists/* \
+    && cd services/prolifscore/viewer/web && npm ci --no-audit --no-fund --omit=dev
 # Generated protobuf code (git-ignored) becomes prolifscore.v1, as `make protos` does.
 RUN rm -rf services/prolifscore/v1 \
     && python -m grpc_tools.protoc -Iprotos --python_out=services --pyi_out=services \

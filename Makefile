@@ -8,10 +8,13 @@ STAMP := $(VENV)/.installed
 PROTO_SRC := $(wildcard protos/prolifscore/v1/*.proto)
 PROTO_OUT := services/prolifscore/v1
 PROTO_STAMP := $(PROTO_OUT)/.generated
+# The viewer's browser dependencies (OpenSeadragon), pinned by its package-lock.json.
+VIEWER_WEB := services/prolifscore/viewer/web
+VIEWER_JS := $(VIEWER_WEB)/node_modules/.installed
 
-.PHONY: setup protos demo test test-fast lint bench bench-update bench-training lock clean
+.PHONY: setup protos demo test test-fast lint bench bench-update bench-training lock clean chromium
 
-setup: $(STAMP) $(PROTO_STAMP) k8s-tools
+setup: $(STAMP) $(PROTO_STAMP) k8s-tools $(VIEWER_JS) chromium
 
 $(DEPS): requirements/lock.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,6 +34,21 @@ $(PROTO_STAMP): $(PROTO_SRC) $(DEPS)
 	$(PY) -m grpc_tools.protoc -Iprotos --python_out=services --pyi_out=services \
 	  --grpc_python_out=services $(PROTO_SRC)
 	touch $(PROTO_OUT)/__init__.py $@
+
+# npm ci into the viewer's own folder (not the repository root); node_modules is git-ignored.
+# Debian's nodejs/npm are installed first where npm is missing (as root).
+$(VIEWER_JS): $(VIEWER_WEB)/package.json $(VIEWER_WEB)/package-lock.json
+	@command -v npm >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq npm) \
+	  >/dev/null; } || { echo "npm is missing: install Node.js and npm" >&2; exit 1; }
+	cd $(VIEWER_WEB) && npm ci --no-audit --no-fund --loglevel=error >/dev/null
+	touch $@
+
+# Debian's Chromium for the viewer's browser test (tests/e2e/test_viewer_browser.py), once.
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) \
+	  >/dev/null 2>&1; } || echo "note: no chromium: the viewer's browser test will fail" >&2
 
 demo: setup
 	$(PY) -m prolifscore.cli.main demo
@@ -84,4 +102,4 @@ lock:
 	build/lockenv/bin/pip freeze > requirements/lock.txt
 
 clean:
-	rm -rf build $(PROTO_OUT) .pytest_cache
+	rm -rf build $(PROTO_OUT) .pytest_cache $(VIEWER_WEB)/node_modules

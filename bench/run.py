@@ -39,11 +39,12 @@ from bench.pipeline import (
 from bench.rayrun import ray_scaling
 from bench.scoring import ScoringConfig, bench_scoring
 from bench.table import TARGETS, update_readme
+from bench.viewer import ViewerBenchConfig, bench_viewer
 from prolifscore.v1 import pipeline_pb2 as pb
 
-SECTIONS = ("pyramid", "ratio", "breakdown", "fast_vs_seed", "rss", "ray", "scoring")
+SECTIONS = ("pyramid", "ratio", "breakdown", "fast_vs_seed", "rss", "ray", "viewer", "scoring")
 NEEDS = {"ratio": ("pyramid",), "breakdown": ("ratio",), "fast_vs_seed": ("ratio",)}
-NEEDS |= {"rss": ("ratio",), "ray": ("ratio",)}
+NEEDS |= {"rss": ("ratio",), "ray": ("ratio",), "viewer": ("pyramid",)}
 # Tissue mode `seed`: the reference (seed) study's per-tile test, as the results' `seed` keys.
 REFERENCE_SPEC = pb.TilingSpec(tissue_mode=pb.TISSUE_MODE_SEED)
 PIPELINE_SIDE = (
@@ -76,6 +77,7 @@ class Config:
     slides: tuple[tuple[str, Path], ...] = (("cmu", CMU), ("tcga", TCGA))
     pyramid_sources: tuple[Path, ...] = (CMU, TCGA)
     scoring: ScoringConfig | None = field(default_factory=ScoringConfig)  # None: skipped
+    viewer: ViewerBenchConfig = field(default_factory=ViewerBenchConfig)
 
 
 Results = dict[str, Any]
@@ -303,6 +305,7 @@ def run(
     step("fast_vs_seed", lambda: bench_fast_vs_seed(cfg, work, out))
     step("rss", lambda: bench_rss(cfg, large, work, out))  # before Ray: keep children few
     step("ray", lambda: bench_ray(cfg, large, work, out))
+    step("viewer", lambda: bench_viewer(cfg.viewer, large, out))
     if cfg.scoring is not None:
         scoring = cfg.scoring
         step("scoring", lambda: bench_scoring(scoring, out, log))

@@ -22,6 +22,7 @@ TARGETS = {
     "ray_2_vs_1_worker_speedup": ">= 1.7",
     "filter_worker_peak_rss_mb": "< 2048",
     "scoring_vs_direct_model_ratio": "<= 1.15",
+    "viewer_vs_decode_ratio": ">= 0.7",
 }
 README = Path(__file__).resolve().parents[1] / "README.md"
 START = "<!-- bench-table:start -->"

@@ -19,11 +19,12 @@ from pathlib import Path
 
 import pytest
 
-SHARED = Path(__file__).resolve().parents[3] / "shared" / "data" / "slides"
+from tests.slides import SLIDES
+
 MARK = "PROLIF_TEST_PROCESS_MARK"
 CLI = [sys.executable, "-m", "prolifscore.cli.main"]
 
-pytestmark = pytest.mark.skipif(not SHARED.is_dir(), reason=f"no sample slides at {SHARED}")
+pytestmark = pytest.mark.skipif(not SLIDES.is_dir(), reason=f"no sample slides at {SLIDES}")
 
 
 def marked_processes(mark: str) -> list[str]:
@@ -58,7 +59,7 @@ def test_demo_scores_a_real_slide_end_to_end(tmp_path: Path) -> None:
     slides = tmp_path / "slides"
     slides.mkdir()
     for name in ("cmu-1-small-region.svs", "broken.svs"):
-        shutil.copy(SHARED / name, slides / name)
+        shutil.copy(SLIDES / name, slides / name)
     out = tmp_path / "demo-output"
     mark = uuid.uuid4().hex
     # Reduced size: 9 small synthetic slides (one held out per score), 3 mitosis cases,
@@ -76,8 +77,14 @@ def test_demo_scores_a_real_slide_end_to_end(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
 
-    # The last line is the result as one JSON object.
-    last = json.loads(proc.stdout.strip().splitlines()[-1])
+    # The result as one JSON object, then the command that opens the scored slide in the viewer.
+    lines = proc.stdout.strip().splitlines()
+    cli, verb, slide, flag, results = lines[-1].split()
+    assert (Path(cli).name, verb, flag) == ("prolifscore", "view", "--results")
+    assert (tmp_path / slide).resolve().stem == "cmu-1-small-region"  # paths work from cwd
+    stored = json.loads(next((tmp_path / results).glob("cmu-1-small-region/*.json")).read_text())
+    assert stored["tiles"] and stored["slideId"] == "cmu-1-small-region"  # overlays have tiles
+    last = json.loads(next(line for line in reversed(lines) if line.startswith("{")))
     assert last["slide_id"] == "cmu-1-small-region"
     assert last["tumor_score"] in (1, 2, 3) and last["mitotic_score"] in (1, 2, 3)
     assert len(last["probabilities"]) == 3 and abs(sum(last["probabilities"]) - 1) < 0.01

@@ -75,8 +75,7 @@ def test_batch_scoring_refuses_request_ids_that_are_not_file_names(tmp_path: Pat
     settings = load(
         ScoringSettings,
         environ={},
-        runtime=load(RuntimeSettings, environ={}, slide_roots=(SLIDES,)),
-        results_root=results,
+        runtime=load(RuntimeSettings, environ={}, slide_roots=(SLIDES,), results_root=results),
         ray_readers=0,
     )
     bus = FakeBus()

@@ -4,6 +4,7 @@ import numpy as np
 
 from prolifscore.core.grading.mitoses import (
     MitosisGrading,
+    densest_region,
     densest_region_count,
     non_max_suppression,
     tile_detections,
@@ -57,3 +58,30 @@ def test_large_point_sets_use_the_grid_and_stay_close():
     exact = densest_region_count(pts, 2000)
     approx = mitosis._grid_count(np.asarray(pts), 2000)
     assert 0.75 * exact <= approx <= exact
+
+
+def _inside(pts, sq):
+    return sum(1 for x, y in pts if sq.x <= x <= sq.x + sq.side and sq.y <= y <= sq.y + sq.side)
+
+
+def test_densest_region_says_where_the_square_is():
+    rng = np.random.default_rng(3)
+    spread = [tuple(p) for p in rng.uniform(0, 100_000, size=(30, 2))]
+    cluster = [(50_000 + dx, 60_000 + dy) for dx, dy in rng.uniform(0, 2000, size=(12, 2))]
+    square = densest_region(spread + cluster, side0=2000)
+    assert square is not None and square.side == 2000
+    assert square.count == densest_region_count(spread + cluster, 2000)
+    assert _inside(spread + cluster, square) == square.count
+    assert 48_000 <= square.x <= 52_000 and 58_000 <= square.y <= 62_000  # on the cluster
+    region = square.as_region()  # as SlideScore.densest_region carries it
+    assert (region.x, region.y, region.width, region.height) == (
+        round(square.x),
+        round(square.y),
+        2000,
+        2000,
+    )
+    assert densest_region([], 10) is None
+    # the grid approximation places its square too, holding at least the points it counts
+    many = [tuple(p) for p in rng.uniform(0, 20_000, size=(1600, 2))]
+    approx = densest_region(many, 2000)
+    assert approx is not None and _inside(many, approx) >= approx.count > 0

@@ -89,6 +89,18 @@ def test_readme_sections_in_order() -> None:
     assert "BENCH_TABLE" not in README.read_text()
 
 
+def test_table_of_contents_lists_every_section_and_its_anchor() -> None:
+    """The contents block names each ## and ### heading below it, in order, with GitHub's
+    anchor for it (lower case, punctuation dropped, spaces to hyphens)."""
+    text = README.read_text()
+    toc, body = text.split("<!-- toc:end -->")
+    entries = re.findall(r"^ *- \[(.+)\]\(#(.+)\)$", toc.split("<!-- toc:start -->")[1], re.M)
+    headings = re.findall(r"^#{2,3} (.+)$", body, re.M)
+    assert [title for title, _ in entries] == headings
+    for title, anchor in entries:
+        assert anchor == re.sub(r"[^a-z0-9 -]", "", title.lower()).replace(" ", "-")
+
+
 def _help(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
     with pytest.raises(SystemExit):
         cli_main([*argv, "--help"])

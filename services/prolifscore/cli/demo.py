@@ -31,6 +31,7 @@ from prolifscore.core.runtime.bus import Bus
 from prolifscore.core.runtime.codec import DecodeError, decode
 from prolifscore.core.runtime.settings import KafkaSettings, RuntimeSettings
 from prolifscore.core.runtime.tls import open_channel
+from prolifscore.synthetic.sources import default_source_dir
 from prolifscore.training.config import TrainingSettings
 from prolifscore.v1 import pipeline_pb2 as pb
 from prolifscore.v1 import scoring_pb2 as spb
@@ -44,7 +45,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument(
         "--slides",
         type=Path,
-        default=Path(os.environ.get("PROLIF_DEMO_SLIDES", "../shared/data/slides")),
+        default=Path(os.environ.get("PROLIF_DEMO_SLIDES") or default_source_dir()),
         help="folder of real slides to ingest (default: ../shared/data/slides)",
     )
     p.add_argument("--out", type=Path, default=Path("demo-output"), help="output folder")
@@ -238,7 +239,23 @@ def run(args: argparse.Namespace) -> int:
             result = score(stack.processes["scoring"].grpc_address, msgs, args, tls)
     timings["total_s"] = round(time.time() - started, 1)
     report(out, progress, published, result, timings)
+    print_view_command(data, result)
     return 0
+
+
+def print_view_command(data: DemoData, result: spb.SlideScore) -> None:
+    """The demo's last words: the one command that opens the scored slide in the viewer (it
+    reads the slide and the stored result from disk, so it works after the stack stopped)."""
+    slide = next(p for p in sorted(data.real.iterdir()) if p.stem == result.slide_id)
+    cli = Path(sys.executable).with_name("prolifscore")
+    print("\nSee what the model saw: the slide with its tiles, heatmap and mitoses in the viewer:")
+    print(f"{_relative(cli)} view {_relative(slide)} --results {_relative(data.out / 'results')}")
+
+
+def _relative(path: Path) -> str:
+    """A path as short as it can be written from here (absolute where it is not below)."""
+    path = path.absolute()
+    return str(path.relative_to(Path.cwd())) if path.is_relative_to(Path.cwd()) else str(path)
 
 
 def report(

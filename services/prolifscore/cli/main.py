@@ -11,7 +11,7 @@ import sys
 # keep it in their logs. Before anything imports TensorFlow.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from prolifscore.cli import demo, ingest, score, train, up
+from prolifscore.cli import demo, export, ingest, score, train, up, view
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,6 +22,8 @@ def main(argv: list[str] | None = None) -> int:
     score.add_parser(sub)
     train.add_parsers(sub)
     up.add_parsers(sub)
+    view.add_parser(sub)
+    export.add_parser(sub)
     cfg = sub.add_parser("config", help="print every environment variable as a Markdown table")
     cfg.set_defaults(func=print_config)
     args = parser.parse_args(argv)
@@ -35,6 +37,7 @@ def all_settings() -> dict[str, type]:
     from prolifscore.scoring.config import ScoringSettings
     from prolifscore.tiling.config import TilingSettings
     from prolifscore.training.config import TrainingSettings
+    from prolifscore.viewer.config import ViewerSettings
 
     return {
         "tiling": TilingSettings,
@@ -42,6 +45,7 @@ def all_settings() -> dict[str, type]:
         "scoring": ScoringSettings,
         "modelserver": ModelServerSettings,
         "training": TrainingSettings,
+        "viewer": ViewerSettings,
     }
 
 

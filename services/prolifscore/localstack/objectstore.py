@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import logging
-import os
 import sys
 import threading
 import time
@@ -28,6 +27,8 @@ from email.utils import formatdate
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from xml.sax.saxutils import escape
+
+from prolifscore.core.wsi.tfrecord import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -101,8 +102,8 @@ class FileStore:
                 raise FileExistsError(key)
             if if_match == "*" and current is None:
                 raise FileExistsError(key)
-            _write_durably(obj, data)
-            _write_durably(tag, etag.encode())
+            write_atomic(obj, data)
+            write_atomic(tag, etag.encode())
         return etag
 
     def get(self, bucket: str, key: str) -> tuple[bytes, str, float] | None:
@@ -131,21 +132,6 @@ class FileStore:
                     stat = path.stat()
                     out.append((key, stat.st_size, stat.st_mtime, self.etag(bucket, key) or ""))
         return sorted(out)
-
-
-def _write_durably(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{threading.get_ident()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _list_xml(bucket: str, prefix: str, query: dict[str, str], entries: list) -> bytes:

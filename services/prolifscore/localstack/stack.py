@@ -31,6 +31,7 @@ SERVICE_MODULES = {
     "filtering": ("prolifscore.filtering.server", "PROLIF_GRPC_PORT"),
     "training": ("prolifscore.training.server", "PROLIF_GRPC_PORT"),
     "scoring": ("prolifscore.scoring.server", "PROLIF_SCORING_PORT"),
+    "viewer": ("prolifscore.viewer.server", "PROLIF_GRPC_PORT"),
 }
 ALL_SERVICES = tuple(SERVICE_MODULES)
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 from prolifscore.core.runtime.settings import (
     KafkaSettings,
@@ -60,8 +59,10 @@ class ScoringSettings:
     ray_readers: int = env(
         "PROLIF_SCORING_RAY_READERS", 2, "Parallel Ray tasks reading tiles (0 = a local thread)"
     )
-    results_root: Path = env(
-        "PROLIF_RESULTS_ROOT", Path("data/results"), "Kafka batch results (JSON + heatmap PNG)"
+    store_results: bool = env(
+        "PROLIF_SCORING_STORE_RESULTS",
+        True,
+        "Store every scoring (gRPC and Kafka) with its tiles and heatmap under the results root",
     )
     kafka_enabled: bool = env("PROLIF_SCORING_KAFKA", True, "Consume prolif.score.requests")
     topic_requests: str = env(

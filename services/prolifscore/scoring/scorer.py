@@ -18,7 +18,7 @@ import numpy as np
 
 from prolifscore.core.grading.mitoses import (
     MitosisGrading,
-    densest_region_count,
+    densest_region,
     non_max_suppression,
     tile_detections,
 )
@@ -342,7 +342,10 @@ def _grade_mitoses(run: _SlideRun, result: spb.SlideScore) -> None:
     result.mitosis_count = len(kept)
     result.mitoses.extend(spb.Mitosis(x=round(x), y=round(y), probability=p) for x, y, p in kept)
     side0 = options.grading.region_side_um() / mpp0
-    densest = densest_region_count([(x, y) for x, y, _ in kept], side0)
+    square = densest_region([(x, y) for x, y, _ in kept], side0)
+    densest = square.count if square else 0
+    if square:
+        result.densest_region.CopyFrom(square.as_region())
     result.mitoses_per_10hpf = float(densest)
     result.mitotic_score = options.grading.mitotic_score(densest) if run.tiles else 0
 

@@ -17,6 +17,7 @@ import grpc
 from google.protobuf import json_format
 
 from prolifscore.core.grading.mitoses import MitosisGrading
+from prolifscore.core.results import ResultStore
 from prolifscore.core.runtime import metrics
 from prolifscore.core.runtime.bus import Bus
 from prolifscore.core.runtime.failures import fail_slide
@@ -104,6 +105,7 @@ class ScoringServicer(scoring_pb2_grpc.ScoringServiceServicer):
         self.options = options_from(settings)
         self.roots = tuple(str(r) for r in settings.runtime.slide_roots)
         self._slots = threading.BoundedSemaphore(settings.max_concurrent)
+        self.store = ResultStore(settings.runtime.results_root) if settings.store_results else None
 
     def score(
         self,
@@ -112,9 +114,13 @@ class ScoringServicer(scoring_pb2_grpc.ScoringServiceServicer):
         cancelled: Callable[[], bool] = lambda: False,
         deadline: float | None = None,
     ) -> spb.SlideScore:
+        asked = spb.ScoreRequest()
+        asked.CopyFrom(request)
+        if self.store is not None:  # stored whole (tiles, heatmap) for the viewer and exports
+            asked.include_tiles = asked.include_heatmap = True
         with self._slots, metrics.DURATION.labels(NAME, "slide").time():
             result = score_slide(
-                request,
+                asked,
                 slide_roots=self.roots,
                 options=self.options,
                 models=self.models,
@@ -124,6 +130,14 @@ class ScoringServicer(scoring_pb2_grpc.ScoringServiceServicer):
             )
         metrics.SLIDES.labels(NAME, "scored").inc()
         metrics.TILES.labels(NAME, "scored").inc(result.tiles_scored)
+        if self.store is not None:
+            png = result.heatmap_png
+            stored = self.store.save(result)
+            result.heatmap_path = str(stored.with_suffix(".png")) if png else ""
+            if not request.include_tiles:
+                del result.tiles[:]
+            if not request.include_heatmap:
+                result.heatmap_png = b""
         return result
 
     def _fail(self, context: grpc.ServicerContext, exc: BaseException) -> None:
@@ -212,7 +226,7 @@ class BatchScorer:
         self.settings = settings
         self.servicer = servicer
         self.bus = bus
-        self.root = Path(settings.results_root)
+        self.root = Path(settings.runtime.results_root)
 
     def handle(self, items: list[tuple[Any, spb.ScoreRequest]]) -> None:
         for record, request in items:
@@ -253,12 +267,7 @@ class BatchScorer:
     def _score(self, record: Any, request: spb.ScoreRequest) -> spb.ScoreResult:
         out = spb.ScoreResult(request_id=request.request_id)
         try:
-            request.include_heatmap = True
-            score = self.servicer.score(request)
-            png = self.root / f"{request.request_id}.png"
-            write_atomic(png, score.heatmap_png)
-            score.heatmap_png = b""
-            score.heatmap_path = str(png)
+            score = self.servicer.score(request)  # stored per slide, heatmap beside it
             out.score.CopyFrom(score)
             out.slide_id = score.slide_id
         except Exception as exc:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
@@ -20,8 +21,10 @@ SYNTHETIC_MPP = 0.5
 
 
 def default_source_dir() -> Path:
-    """../shared/data/slides beside the checkout (as the tests find it)."""
-    return Path(__file__).resolve().parents[4] / "shared/data/slides"
+    """The real sample slides: PROLIF_TEST_SLIDES, else ../shared/data/slides beside the
+    checkout. The one definition the demo, the benchmarks and the tests share."""
+    checkout = Path(__file__).resolve().parents[3]
+    return Path(os.environ.get("PROLIF_TEST_SLIDES", checkout.parent / "shared/data/slides"))
 
 
 @lru_cache(maxsize=4)

@@ -15,6 +15,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from prolifscore.v1 import pipeline_pb2 as pb
+from prolifscore.v1 import scoring_pb2 as spb
 
 
 @dataclass(frozen=True)
@@ -79,20 +80,36 @@ def non_max_suppression(
 EXACT_LIMIT = 1500
 
 
-def densest_region_count(points: list[tuple[float, float]], side0: float) -> int:
-    """Most points inside any axis-aligned square of side `side0`.
+@dataclass(frozen=True)
+class DenseSquare:
+    """The densest axis-aligned square: its mitosis count and where it lies (level-0 pixels,
+    top-left corner and side), so that a viewer can show the region that set the score."""
+
+    count: int
+    x: float
+    y: float
+    side: float
+
+    def as_region(self) -> spb.Region:
+        """The square as `SlideScore.densest_region` (level-0 pixels, rounded)."""
+        side = round(self.side)
+        return spb.Region(x=round(self.x), y=round(self.y), width=side, height=side)
+
+
+def densest_region(points: list[tuple[float, float]], side0: float) -> DenseSquare | None:
+    """The square of side `side0` holding the most points (None without points).
 
     Exact (O(n^2 log n)) up to EXACT_LIMIT points; beyond, windows snap to a grid of side/4
     cells (can undercount by the points in one border strip), which keeps an untrained or
     noisy detector on a large slide from stalling the service.
     """
     if not points:
-        return 0
+        return None
     if len(points) > EXACT_LIMIT:
-        return _grid_count(np.asarray(points, np.float64), side0)
+        return _grid_square(np.asarray(points, np.float64), side0)
     pts = sorted(points)
     xs = [p[0] for p in pts]
-    best = 0
+    best = DenseSquare(0, 0.0, 0.0, side0)
     for i, (x_left, _) in enumerate(pts):
         j = bisect.bisect_right(xs, x_left + side0)
         ys = sorted(p[1] for p in pts[i:j])
@@ -100,13 +117,21 @@ def densest_region_count(points: list[tuple[float, float]], side0: float) -> int
         for hi, y in enumerate(ys):
             while y - ys[lo] > side0:
                 lo += 1
-            best = max(best, hi - lo + 1)
+            if hi - lo + 1 > best.count:
+                best = DenseSquare(hi - lo + 1, x_left, ys[lo], side0)
     return best
 
 
-def _grid_count(pts: np.ndarray, side0: float, cells: int = 4) -> int:
+def densest_region_count(points: list[tuple[float, float]], side0: float) -> int:
+    """Most points inside any axis-aligned square of side `side0` (see `densest_region`)."""
+    square = densest_region(points, side0)
+    return square.count if square else 0
+
+
+def _grid_square(pts: np.ndarray, side0: float, cells: int = 4) -> DenseSquare:
     cell = side0 / cells
-    ij = np.floor((pts - pts.min(axis=0)) / cell).astype(np.int64)
+    origin = pts.min(axis=0)
+    ij = np.floor((pts - origin) / cell).astype(np.int64)
     grid = np.zeros(ij.max(axis=0) + cells + 1, np.int64)
     np.add.at(grid, (ij[:, 0], ij[:, 1]), 1)
     integral = np.pad(grid.cumsum(0).cumsum(1), ((1, 0), (1, 0)))
@@ -116,4 +141,11 @@ def _grid_count(pts: np.ndarray, side0: float, cells: int = 4) -> int:
         - integral[cells:, :-cells]
         + integral[:-cells, :-cells]
     )
-    return int(win.max())
+    i, j = np.unravel_index(int(win.argmax()), win.shape)
+    return DenseSquare(
+        int(win[i, j]), float(origin[0] + i * cell), float(origin[1] + j * cell), side0
+    )
+
+
+def _grid_count(pts: np.ndarray, side0: float, cells: int = 4) -> int:
+    return _grid_square(pts, side0, cells).count

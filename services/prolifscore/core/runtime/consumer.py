@@ -1,8 +1,9 @@
 """A group consumer that commits explicit offsets: only what the service has finished.
 
 The embedded broker (Tansu) and kafka-python make a bare `KafkaConsumer.commit()` commit what
-poll() returned, not what was processed (DESIGN.md section 6), so `Consumer.commit(records)`
-always names its offsets, and `rewind(records)` retries a batch without a restart.
+poll() returned, not what was processed (docs/architecture.md, section 7), so
+`Consumer.commit(records)` always names its offsets, and `rewind(records)` retries a batch
+without a restart.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ class Consumer:
         """Commit offset+1 of the highest given record per partition, and nothing else.
 
         Never a bare `KafkaConsumer.commit()`: that commits everything poll() returned, so a
-        crash after a partial batch loses the rest (DESIGN.md section 6: 25 of 200 lost).
+        crash after a partial batch loses the rest (docs/architecture.md, section 7: 25 of 200
+        lost).
         Raises CommitFailedError if the partition was reassigned meanwhile (records will be
         redelivered to the new owner: effects must be idempotent).
         """

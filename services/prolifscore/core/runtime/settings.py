@@ -214,6 +214,11 @@ class RuntimeSettings:
         "PROLIF_SLIDE_ROOTS", ("data/slides",), "Comma-separated folders slides may be read from"
     )
     tiles_root: Path = env("PROLIF_TILES_ROOT", Path("data/tiles"), "Where TFRecord shards go")
+    results_root: Path = env(
+        "PROLIF_RESULTS_ROOT",
+        Path("data/results"),
+        "Stored results: <slide>/<request>.json + heatmap PNG (the viewer and exports read them)",
+    )
     bind_host: str = env("PROLIF_BIND_HOST", "127.0.0.1", "Address gRPC and metrics bind to")
     grpc_port: int = env(
         "PROLIF_GRPC_PORT", 0, "gRPC port: health, reflection and the service's API (0 = any free)"

@@ -1,4 +1,5 @@
-"""The optical-density convention (DESIGN.md section 3), one for the tissue mask and the stain fits.
+"""The optical-density convention (docs/architecture.md, section 6), one for the tissue mask
+and the stain fits.
 
 OD = -ln((I + 1) / io) with io = 240, and a pixel is tissue when its OD is >= beta = 0.15 in all
 three channels. For integer I that is exactly `max(R, G, B) <= io * exp(-beta) - 1` (205 for the

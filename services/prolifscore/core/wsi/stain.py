@@ -11,8 +11,8 @@ low-resolution mask), not on a thumbnail: downsampling blurs dark nuclei, which 
 percentile concentrations (CMU-1: [2.24, 2.05] on a 512 px thumbnail, [3.58, 2.70] on its level-0
 tissue tiles) and so over-darkens every normalized tile. Stain directions move less (~5 degrees).
 
-Optical density and which pixels are tissue follow `od` (DESIGN.md section 3), as the tiling
-tissue mask does.
+Optical density and which pixels are tissue follow `od` (docs/architecture.md, section 6), as
+the tiling tissue mask does.
 
 Two methods:
 
@@ -145,8 +145,8 @@ _LN10 = math.log(10.0)
 # The reference (seed) study's H&E reference, from apache/systemds
 # projects/breast_cancer/breastcancer/preprocessing.py (`normalize_staining`: `stain_ref`,
 # `max_sat_ref`). The study fitted it with SVD on
-# OD10 = -log10(I / 255), while this module uses OD = -ln((I + 1) / 240) as DESIGN.md does. Unit
-# stain directions do not change when OD is scaled, so the stain matrix is kept as is; the
+# OD10 = -log10(I / 255), while this module uses OD = -ln((I + 1) / 240) (docs/architecture.md).
+# Unit stain directions do not change when OD is scaled, so the stain matrix is kept as is; the
 # concentrations scale with OD, so max_sat_ref is multiplied by ln(10). Beyond that scale the two
 # conventions differ by an OD offset of -(ln(255/240) + ln((I+1)/I)) in every channel, about -0.07
 # for stained pixels (I of 50 to 200), which this first-order conversion ignores.
