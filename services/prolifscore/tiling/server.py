@@ -8,9 +8,9 @@ from typing import Any
 
 from prolifscore.core.runtime import metrics
 from prolifscore.core.runtime.bus import Bus
-from prolifscore.core.runtime.failures import fail_slide
+from prolifscore.core.runtime.failures import accepted, fail_slide
 from prolifscore.core.runtime.service import KafkaWork, ServiceRuntime, configure, run_service
-from prolifscore.core.runtime.validation import InvalidInput, validate_ingest
+from prolifscore.core.runtime.validation import validate_ingest
 from prolifscore.tiling.config import TilingSettings
 from prolifscore.tiling.worker import TilingOutcome, tile_slide
 from prolifscore.v1 import pipeline_pb2 as pb
@@ -31,12 +31,12 @@ class TilingService:
     def handle(self, items: list[tuple[Any, pb.SlideIngest]]) -> None:
         import ray
 
-        accepted = [(record, msg) for record, msg in items if self.accept(record, msg)]
-        refs = [
+        valid = [(r, m) for r, m in items if accepted(self.bus, r, m, validate_ingest, "slide")]
+        refs = [  # only valid messages reach Ray
             self._remote.remote(msg.SerializeToString(), self._roots, self.settings.preprocess)
-            for _, msg in accepted
+            for _, msg in valid
         ]
-        for (record, msg), ref in zip(accepted, refs, strict=True):
+        for (record, msg), ref in zip(valid, refs, strict=True):
             with metrics.DURATION.labels(NAME, "slide").time():
                 outcome: TilingOutcome = ray.get(ref)
             if outcome.error:
@@ -64,24 +64,6 @@ class TilingService:
                     "batches": len(outcome.tasks),
                 },
             )
-
-    def accept(self, record: Any, msg: pb.SlideIngest) -> bool:
-        """Whether the message is valid; if not, its FAILED status and dead letter are published
-        and no Ray task sees it."""
-        try:
-            validate_ingest(msg)
-        except InvalidInput as exc:
-            fail_slide(
-                self.bus,
-                record,
-                str(exc),
-                "slide",
-                slide_id=msg.slide_id,
-                path=msg.path,
-                run_id=msg.run_id,
-            )
-            return False
-        return True
 
 
 def main() -> None:

@@ -5,12 +5,14 @@ failure is also announced on the status topic, where clients follow their slides
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from typing import Protocol, TypeVar
 
 from kafka.consumer.fetcher import ConsumerRecord
 
 from prolifscore.core.runtime import metrics
 from prolifscore.core.runtime.bus import Bus
-from prolifscore.core.runtime.validation import carried_id, carried_path, clip
+from prolifscore.core.runtime.validation import InvalidInput, carried_id, carried_path, clip
 from prolifscore.v1 import pipeline_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -61,3 +63,29 @@ def fail_slide(
     bus.publish(bus.settings.topic_status, slide_id or path, status)
     give_up(bus, record, reason, unit)
     return status
+
+
+class SlideMessage(Protocol):
+    """A message about one slide (SlideIngest, TileTask)."""
+
+    slide_id: str
+    path: str
+    run_id: str
+
+
+S = TypeVar("S", bound=SlideMessage)
+
+
+def accepted(
+    bus: Bus, record: ConsumerRecord, msg: S, validate: Callable[[S], None], unit: str
+) -> bool:
+    """Whether `msg` passes `validate`; if not, its slide's FAILED status (repeating only the
+    fields that pass) and its record's dead letter are published, and nothing else sees it."""
+    try:
+        validate(msg)
+    except InvalidInput as exc:
+        fail_slide(
+            bus, record, str(exc), unit, slide_id=msg.slide_id, path=msg.path, run_id=msg.run_id
+        )
+        return False
+    return True
