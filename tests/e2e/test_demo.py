@@ -135,7 +135,9 @@ def test_up_status_down_leave_no_process(tmp_path: Path) -> None:
             "filtering",
             "training",
             "scoring",
+            "viewer",
         }
+        assert state["viewer"].startswith("http://127.0.0.1:")
         for address in [state["broker"], state["ray"], *state["services"].values()]:
             assert address.startswith("127.0.0.1:")
 
