@@ -54,6 +54,7 @@ def services(pki, tmp_path_factory):
             "PROLIF_MODEL_SERVER": models.grpc_address,
             "PROLIF_SCORING_KAFKA": "0",
             "PROLIF_SCORING_RAY_READERS": "0",
+            "PROLIF_RESULTS_ROOT": str(tmp / "results"),
         },
         tmp / "scoring.log",
         port_env="PROLIF_SCORING_PORT",

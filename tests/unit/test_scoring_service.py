@@ -70,12 +70,12 @@ class SlowModels:
 
 
 @pytest.fixture
-def service() -> Iterator[tuple[grpc.Channel, SlowModels]]:
+def service(tmp_path) -> Iterator[tuple[grpc.Channel, SlowModels]]:
     models = SlowModels(delay=0.25)
     settings = load(
         ScoringSettings,
         environ={},
-        runtime=load(RuntimeSettings, environ={}, slide_roots=(SLIDES,)),
+        runtime=load(RuntimeSettings, environ={}, slide_roots=(SLIDES,), results_root=tmp_path),
         port=0,
         ray_readers=0,
         kafka_enabled=False,

@@ -145,14 +145,14 @@ def model_server(pki, tmp_path_factory):
     server.stop()
 
 
-def scoring(pki: PKI, identity: Identity, model_port: int) -> ServiceRuntime:
+def scoring(pki: PKI, identity: Identity, model_port: int, results: Path) -> ServiceRuntime:
     from prolifscore.scoring.config import ScoringSettings
     from prolifscore.scoring.server import build
 
     settings = load(
         ScoringSettings,
         environ={},
-        runtime=tls(identity, pki.ca, slide_roots=(SLIDES,)),
+        runtime=tls(identity, pki.ca, slide_roots=(SLIDES,), results_root=results),
         port=0,
         ray_readers=0,
         kafka_enabled=False,
@@ -165,15 +165,15 @@ def scoring(pki: PKI, identity: Identity, model_port: int) -> ServiceRuntime:
     return rt
 
 
-def test_scoring_calls_the_model_server_over_mutual_tls(pki, model_server):
+def test_scoring_calls_the_model_server_over_mutual_tls(pki, model_server, tmp_path):
     from prolifscore.v1 import scoring_pb2 as spb
     from prolifscore.v1 import scoring_pb2_grpc
 
     request = spb.ScoreRequest(path=str(CMU))
-    good = scoring(pki, pki.server, model_server.port)
+    good = scoring(pki, pki.server, model_server.port, tmp_path)
     # scoring's own certificate is of another CA: the model server refuses its calls (the test
     # client trusts that CA to reach this scoring server at all)
-    stranger = scoring(pki, pki.stranger, model_server.port)
+    stranger = scoring(pki, pki.stranger, model_server.port, tmp_path)
     try:
         with open_channel(f"localhost:{good.port}", tls(pki.client, pki.ca)) as channel:
             result = scoring_pb2_grpc.ScoringServiceStub(channel).ScoreSlide(request, timeout=120)
@@ -193,8 +193,8 @@ def test_scoring_calls_the_model_server_over_mutual_tls(pki, model_server):
         stranger.stop()
 
 
-def test_score_cli_dials_with_the_tls_flags(pki, model_server, capsys):
-    rt = scoring(pki, pki.server, model_server.port)
+def test_score_cli_dials_with_the_tls_flags(pki, model_server, capsys, tmp_path):
+    rt = scoring(pki, pki.server, model_server.port, tmp_path)
     argv = ["score", str(CMU), "--server", f"localhost:{rt.port}", "--json"]
     ca = ["--tls-ca", str(pki.ca)]
     cert = ["--tls-cert", str(pki.client.cert), "--tls-key", str(pki.client.key)]
