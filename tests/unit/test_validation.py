@@ -228,6 +228,8 @@ def ingest(**fields) -> pb.SlideIngest:
         (ingest(labels=pb.Labels(molecular_score=math.nan)), "labels.molecular_score"),
         (ingest(split=7), "split"),
         (ingest(spec=pb.TilingSpec(tile_size=1)), "spec.tile_size"),
+        (ingest(rois=[pb.Polygon(rings=[pb.Ring(xy=[0.0] * 60_000)])]), "rois"),  # 30000 vertices
+        (ingest(rois=[pb.Polygon(rings=[pb.Ring(xy=[0, 0, math.inf, 0, 5, 5])])]), "rois"),
     ],
 )
 def test_ingest_messages(message, field):

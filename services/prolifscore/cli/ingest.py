@@ -20,6 +20,7 @@ from prolifscore.core.runtime.validation import (
     id_from_name,
     validate_ingest,
 )
+from prolifscore.core.wsi import roi
 from prolifscore.core.wsi.split import VALIDATION, stratified_splits
 from prolifscore.v1 import pipeline_pb2 as pb
 
@@ -58,7 +59,26 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument("--tissue-mode", choices=sorted(_MODES))
     p.add_argument("--stain", choices=sorted(_STAINS))
     p.add_argument("--max-tiles", type=int)
+    p.add_argument(
+        "--roi",
+        type=Path,
+        help="regions of interest (level-0 pixels): a GeoJSON or TUPAC16 x,y,w,h CSV file for "
+        "one slide, or a folder of per-slide files (<slide>-ROI.csv, <slide>.geojson)",
+    )
     p.set_defaults(func=run)
+
+
+def rois_for(paths: Sequence[Path], where: Path | None) -> dict[Path, list[pb.Polygon]]:
+    """Each slide's regions of interest: one file for a single slide, or each slide's own file
+    in a folder (slides without one are tiled whole). Raises RoiError."""
+    if where is None:
+        return {}
+    if not where.is_dir():
+        if len(paths) != 1:
+            raise roi.RoiError(f"{where} is one file for {len(paths)} slides: give a folder")
+        return {paths[0]: roi.read_file(where)}
+    found = {p: roi.file_for(where, p.stem) for p in paths}
+    return {p: roi.read_file(f) for p, f in found.items() if f is not None}
 
 
 def build_messages(
@@ -69,10 +89,13 @@ def build_messages(
     tissue_mode: str | None = None,
     stain: str | None = None,
     max_tiles: int | None = None,
+    roi_path: Path | None = None,
 ) -> list[pb.SlideIngest]:
     """One ingest message per slide (id = file stem), with its labels from the ground-truth
-    CSV and the tiling options given; with labels, an exact stratified train/validation split."""
+    CSV, its regions of interest (`rois_for`) and the tiling options given; with labels, an
+    exact stratified train/validation split. Raises RoiError."""
     by_key = read_labels(labels) if labels else {}
+    rois = rois_for(paths, roi_path)
     pre = load(PreprocessSettings)
     msgs = []
     for path in paths:
@@ -90,6 +113,7 @@ def build_messages(
             msg.spec.stain_normalization = _STAINS[stain]
         if max_tiles is not None:
             msg.spec.max_tiles = max_tiles
+        msg.rois.extend(rois.get(path, []))
         msgs.append(msg)
     if by_key:  # the CLI sees the whole set: an exact stratified split
         splits = stratified_splits(
@@ -176,7 +200,8 @@ def follow(
 
 def prepare(args: argparse.Namespace, run_id: str) -> tuple[list[pb.SlideIngest], int]:
     """The messages for the readable slides, and how many paths could not be sent (each
-    reported on stderr). Raises InvalidInput for options the services would refuse."""
+    reported on stderr). Raises InvalidInput for options the services would refuse, RoiError
+    for unusable regions of interest."""
     check_id("--run-id", run_id)
     found = find_slides(args.paths, args.pattern or DEFAULT_PATTERNS)
     for path, why in found.problems:
@@ -188,6 +213,7 @@ def prepare(args: argparse.Namespace, run_id: str) -> tuple[list[pb.SlideIngest]
         tissue_mode=args.tissue_mode,
         stain=args.stain,
         max_tiles=args.max_tiles,
+        roi_path=args.roi,
     )
     for msg in msgs:
         try:
@@ -208,6 +234,12 @@ def run(args: argparse.Namespace) -> int:
     except InvalidInput as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except roi.RoiError as exc:
+        print(f"error: regions of interest: {exc}", file=sys.stderr)
+        return 2
+    if args.roi is not None:
+        with_rois = sum(1 for m in msgs if m.rois)
+        print(f"regions of interest for {with_rois} of {len(msgs)} slide(s)", file=sys.stderr)
     unsent = f"; {problems} path(s) not sent (listed above)" if problems else ""
     if not msgs:
         print(f"nothing to publish{unsent}", file=sys.stderr)

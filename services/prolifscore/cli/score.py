@@ -10,6 +10,7 @@ from pathlib import Path
 
 from google.protobuf import json_format
 
+from prolifscore.core.grading.evaluation import SCORE_RULES
 from prolifscore.core.runtime.settings import RuntimeSettings, load
 from prolifscore.core.runtime.tls import (
     TLSConfigError,
@@ -34,6 +35,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--tiles", action="store_true", help="include per-tile predictions")
     p.add_argument("--aggregation", choices=sorted(_AGG))
+    p.add_argument(
+        "--rule",
+        choices=list(SCORE_RULES),
+        help="how the slide's class is chosen (default: the service's, normally the model's own)",
+    )
+    p.add_argument(
+        "--roi",
+        type=Path,
+        help="score only tiles centred in these regions: GeoJSON or TUPAC16 x,y,w,h CSV file",
+    )
     p.add_argument("--timeout", type=float, default=600.0, help="deadline in seconds")
     p.add_argument("--token", default=os.environ.get("PROLIF_AUTH_TOKEN", ""), help="bearer token")
     p.add_argument(
@@ -62,10 +73,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
 
 
 def build_request(
-    slide: str, *, heatmap: bool = False, tiles: bool = False, aggregation: str | None = None
+    slide: str,
+    *,
+    heatmap: bool = False,
+    tiles: bool = False,
+    aggregation: str | None = None,
+    roi_file: Path | None = None,
+    rule: str | None = None,
 ) -> spb.ScoreRequest:
     """`slide` is a path as the server sees it; a local file is sent as its absolute path. The
-    slide id is the file name without extension (made a valid id if it is not one)."""
+    slide id is the file name without extension (made a valid id if it is not one). Raises
+    RoiError for an unusable `roi_file`."""
+    from prolifscore.core.wsi import roi
+
     path = Path(slide)
     return spb.ScoreRequest(
         slide_id=id_from_name(path.stem),
@@ -73,6 +93,8 @@ def build_request(
         include_heatmap=heatmap,
         include_tiles=tiles,
         aggregation=_AGG.get(aggregation or "", 0),
+        score_rule=SCORE_RULES.get(rule or "", 0),
+        rois=roi.read_file(roi_file) if roi_file else [],
     )
 
 
@@ -130,12 +152,19 @@ def score_local(model_root: Path, request: spb.ScoreRequest) -> spb.SlideScore:
 
 
 def summary(result: spb.SlideScore) -> dict[str, object]:
+    rule = next((n for n, v in SCORE_RULES.items() if v == result.score_rule), "")
     return {
         "slide_id": result.slide_id,
         "tumor_score": result.tumor_score,
+        "score_rule": rule,
+        "proliferation_index": round(result.proliferation_index, 4),
         "probabilities": [round(p, 4) for p in result.probabilities],
+        "molecular_score": (
+            round(result.molecular_score, 4) if result.HasField("molecular_score") else None
+        ),
         "mitotic_score": result.mitotic_score,
         "mitoses_per_10hpf": result.mitoses_per_10hpf,
+        "fused_score": result.fused_score,
         "tiles_scored": result.tiles_scored,
         "models": {m.name: m.version for m in result.models},
     }
@@ -164,9 +193,18 @@ def tls_files(args: argparse.Namespace) -> RuntimeSettings:
 
 
 def run(args: argparse.Namespace) -> int:
-    request = build_request(
-        args.slide, heatmap=args.heatmap is not None, tiles=args.tiles, aggregation=args.aggregation
-    )
+    try:
+        request = build_request(
+            args.slide,
+            heatmap=args.heatmap is not None,
+            tiles=args.tiles,
+            aggregation=args.aggregation,
+            roi_file=args.roi,
+            rule=args.rule,
+        )
+    except ValueError as exc:  # RoiError
+        print(f"error: regions of interest: {exc}", file=sys.stderr)
+        return 2
     try:
         validate_score_request(request)
         tls = None if args.local else tls_files(args)

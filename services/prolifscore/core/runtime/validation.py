@@ -11,7 +11,7 @@ method, CLI) before any of it is used, copied into events or turned into a file 
   (NUL, newlines, bidi overrides, zero-width characters, lone surrogates); where they may point is
   decided by `confine` (or the slide reader's own confinement) against configured roots.
 - **Numbers** have ranges (`SPEC_RANGES`, `TRAIN_RANGES`), enums must be known values, doubles
-  finite.
+  finite; regions of interest stay within `core/wsi/roi.py`'s limits.
 
 A rejected value is never echoed whole: messages name the field, the rule and at most a short,
 escaped prefix of what was sent (`InvalidInput`), so that neither a 5 MB id nor a 100 KB path can
@@ -29,6 +29,7 @@ from pathlib import Path
 
 from google.protobuf.internal.enum_type_wrapper import EnumTypeWrapper
 
+from prolifscore.core.wsi import roi
 from prolifscore.v1 import pipeline_pb2 as pb
 from prolifscore.v1 import scoring_pb2 as spb
 from prolifscore.v1 import training_pb2 as tpb
@@ -210,6 +211,15 @@ def validate_spec(spec: pb.TilingSpec, prefix: str = "spec.") -> None:
     check_enum(prefix + "tissue_mode", spec.tissue_mode, pb.TissueMode)
 
 
+def check_rois(field: str, rois: Sequence[pb.Polygon]) -> None:
+    """Regions of interest within `core/wsi/roi.py`'s limits (regions, rings, vertices, finite
+    coordinates): checked on entry, before a slide is opened for them."""
+    try:
+        roi.validate(rois)
+    except roi.RoiError as exc:
+        raise InvalidInput(field, f"are unusable: {clip(str(exc), 200)}") from exc
+
+
 def validate_labels(labels: pb.Labels, prefix: str = "labels.") -> None:
     if labels.HasField("tumor_score") and labels.tumor_score not in (1, 2, 3):
         raise InvalidInput(prefix + "tumor_score", f"must be 1, 2 or 3, got {labels.tumor_score}")
@@ -226,6 +236,7 @@ def validate_ingest(msg: pb.SlideIngest) -> None:
     validate_labels(msg.labels)
     check_enum("split", msg.split, pb.Split)
     validate_spec(msg.spec)
+    check_rois("rois", msg.rois)
 
 
 def validate_tile_task(task: pb.TileTask) -> None:
@@ -256,6 +267,7 @@ def validate_score_request(request: spb.ScoreRequest) -> None:
     validate_spec(request.spec)
     check_enum("aggregation", request.aggregation, spb.Aggregation)
     check_enum("score_rule", request.score_rule, spb.ScoreRule)
+    check_rois("rois", request.rois)
 
 
 def validate_train_request(request: tpb.TrainRequest, models: Sequence[str]) -> None:
