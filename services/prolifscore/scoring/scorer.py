@@ -26,7 +26,7 @@ from prolifscore.core.grading.mitoses import (
 from prolifscore.core.models.contract import MITOSIS_OUTPUT, TUMOR_MOLECULAR_OUTPUT, TUMOR_OUTPUT
 from prolifscore.core.models.export import read_metadata
 from prolifscore.core.runtime.settings import PreprocessSettings
-from prolifscore.core.runtime.validation import validate_score_request
+from prolifscore.core.runtime.validation import InvalidInput, validate_score_request
 from prolifscore.core.wsi.prefetch import prefetched_iter
 from prolifscore.core.wsi.preprocess import SlidePlan, SpecError, TileSource, plan_slide
 from prolifscore.core.wsi.slide import Slide, confine_path, open_slide
@@ -233,10 +233,14 @@ def score_slide(
     cancelled: Callable[[], bool] = lambda: False,
     deadline: float | None = None,
 ) -> spb.SlideScore:
-    """Raises InvalidInput / InvalidRequest, SlideError subclasses, ModelUnavailable /
-    ModelError, Cancelled, DeadlineExceeded; everything else is a bug."""
+    """Raises InvalidRequest (the request breaks an input rule of `validation.py` or asks for
+    an impossible spec), SlideError subclasses, ModelUnavailable / ModelError, Cancelled,
+    DeadlineExceeded; everything else is a bug."""
     start = time.perf_counter()
-    validate_score_request(request)
+    try:
+        validate_score_request(request)
+    except InvalidInput as exc:
+        raise InvalidRequest(str(exc)) from exc
     path = confine_path(request.path, slide_roots)
     slide_id = request.slide_id or path.stem
     counts = _Progress()

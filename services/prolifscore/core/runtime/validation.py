@@ -71,8 +71,8 @@ MAX_BATCHES = 1_000_000
 class InvalidInput(ValueError):
     """A field of a request or message breaks a rule; the message is short and safe to show."""
 
-    def __init__(self, field: str, problem: str) -> None:
-        super().__init__(f"{field} {problem}")
+    def __init__(self, field: str, problem: str, *, text: str = "") -> None:
+        super().__init__(text or f"{field} {problem}")
         self.field = field
 
 
@@ -217,7 +217,8 @@ def check_rois(field: str, rois: Sequence[pb.Polygon]) -> None:
     try:
         roi.validate(rois)
     except roi.RoiError as exc:
-        raise InvalidInput(field, f"are unusable: {clip(str(exc), 200)}") from exc
+        reason = clip(str(exc), 200)
+        raise InvalidInput(field, reason, text=f"regions of interest: {reason}") from exc
 
 
 def validate_labels(labels: pb.Labels, prefix: str = "labels.") -> None:
