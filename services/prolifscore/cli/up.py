@@ -127,6 +127,10 @@ def run_status(args: argparse.Namespace) -> int:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+    from prolifscore.core.runtime.settings import RuntimeSettings, load
+    from prolifscore.core.runtime.tls import open_channel
+
+    tls = load(RuntimeSettings)  # the stack's PROLIF_TLS_* (mutual TLS needs a certificate)
     state = _state(args.run_dir)
     if state is None:
         print("not running")
@@ -137,7 +141,7 @@ def run_status(args: argparse.Namespace) -> int:
         print(f"{'viewer-http':<12} {state['viewer']}")
     for name, address in state["services"].items():
         try:
-            with grpc.insecure_channel(address) as ch:
+            with open_channel(address, tls) as ch:
                 resp = health_pb2_grpc.HealthStub(ch).Check(
                     health_pb2.HealthCheckRequest(), timeout=2
                 )

@@ -8,8 +8,9 @@ from typing import Any
 
 from prolifscore.core.runtime import metrics
 from prolifscore.core.runtime.bus import Bus
-from prolifscore.core.runtime.failures import fail_slide
+from prolifscore.core.runtime.failures import accepted, fail_slide
 from prolifscore.core.runtime.service import KafkaWork, ServiceRuntime, configure, run_service
+from prolifscore.core.runtime.validation import validate_tile_task
 from prolifscore.core.wsi.shards import completed_markers, write_manifest
 from prolifscore.filtering.config import FilteringSettings
 from prolifscore.filtering.worker import SPLIT_NAMES, BatchFilter
@@ -38,6 +39,9 @@ class FilteringService:
         )
 
     def handle(self, items: list[tuple[Any, pb.TileTask]]) -> None:
+        # Tasks come from the tiling service, but the topic is open to any producer: a task's
+        # slide id and spec hash name shard files, so it is checked before a worker sees it.
+        items = [(r, t) for r, t in items if accepted(self.bus, r, t, validate_tile_task, "batch")]
         by_index = {i: item for i, item in enumerate(items)}
         payloads = [(i, msg.SerializeToString()) for i, (_, msg) in by_index.items()]
         results = self.pool.map_unordered(lambda a, v: a.process_indexed.remote(*v), payloads)

@@ -18,7 +18,8 @@ from typing import TypeVar
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from prolifscore.core.runtime.settings import load
+from prolifscore.core.runtime.settings import RuntimeSettings, load
+from prolifscore.core.runtime.tls import open_channel
 from prolifscore.localstack.broker import EmbeddedBroker, free_port
 from prolifscore.localstack.rayhead import RayHead
 
@@ -71,9 +72,11 @@ class ServiceProcess:
         return self.proc is not None and self.proc.poll() is None
 
     def wait_serving(self, timeout: float) -> None:
-        """Until the gRPC health check says SERVING (the consumer has joined its group)."""
+        """Until the gRPC health check says SERVING (the consumer has joined its group); over
+        the TLS the service's environment sets up, with its certificate."""
         deadline = time.monotonic() + timeout
-        with grpc.insecure_channel(self.grpc_address) as channel:
+        tls = load(RuntimeSettings, environ={**os.environ, **self.env})
+        with open_channel(self.grpc_address, tls) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             while time.monotonic() < deadline:
                 if not self.alive():

@@ -21,6 +21,7 @@ from prolifscore.core.models.tensors import (
     grpc_message_options,
     to_tensor_proto,
 )
+from prolifscore.core.runtime.tls import TLSFiles, open_channel
 
 log = logging.getLogger(__name__)
 
@@ -65,11 +66,14 @@ class PredictionClient:
         retries: int = 4,
         backoff_s: float = 0.5,
         max_message_mb: int = 256,
+        tls: TLSFiles | None = None,
     ) -> None:
+        """`tls`: the PROLIF_TLS_* settings (`RuntimeSettings`); with a CA the channel is TLS,
+        mutual when they name a certificate (`core.runtime.tls`). None = plaintext."""
         self.address = address
         self.retries = retries
         self.backoff_s = backoff_s
-        self._channel = grpc.insecure_channel(address, options=grpc_message_options(max_message_mb))
+        self._channel = open_channel(address, tls, grpc_message_options(max_message_mb))
         self._stub = prediction_service_pb2_grpc.PredictionServiceStub(self._channel)
 
     def predict(

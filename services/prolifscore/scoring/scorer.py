@@ -26,6 +26,7 @@ from prolifscore.core.grading.mitoses import (
 from prolifscore.core.models.contract import MITOSIS_OUTPUT, TUMOR_MOLECULAR_OUTPUT, TUMOR_OUTPUT
 from prolifscore.core.models.export import read_metadata
 from prolifscore.core.runtime.settings import PreprocessSettings
+from prolifscore.core.runtime.validation import InvalidInput, validate_score_request
 from prolifscore.core.wsi.prefetch import prefetched_iter
 from prolifscore.core.wsi.preprocess import SlidePlan, SpecError, TileSource, plan_slide
 from prolifscore.core.wsi.slide import Slide, confine_path, open_slide
@@ -232,19 +233,14 @@ def score_slide(
     cancelled: Callable[[], bool] = lambda: False,
     deadline: float | None = None,
 ) -> spb.SlideScore:
-    """Raises InvalidRequest, SlideError subclasses, ModelUnavailable/ModelError, Cancelled,
+    """Raises InvalidRequest (the request breaks an input rule of `validation.py` or asks for
+    an impossible spec), SlideError subclasses, ModelUnavailable / ModelError, Cancelled,
     DeadlineExceeded; everything else is a bug."""
     start = time.perf_counter()
-    if not request.path:
-        raise InvalidRequest("path is required")
-    if request.aggregation not in spb.Aggregation.values():
-        raise InvalidRequest(
-            f"aggregation {request.aggregation} is not one of {spb.Aggregation.values()}"
-        )
-    if request.score_rule not in spb.ScoreRule.values():
-        raise InvalidRequest(
-            f"score_rule {request.score_rule} is not one of {spb.ScoreRule.values()}"
-        )
+    try:
+        validate_score_request(request)
+    except InvalidInput as exc:
+        raise InvalidRequest(str(exc)) from exc
     path = confine_path(request.path, slide_roots)
     slide_id = request.slide_id or path.stem
     counts = _Progress()

@@ -23,6 +23,7 @@ from prolifscore.core.runtime import metrics
 from prolifscore.core.runtime.bus import Bus
 from prolifscore.core.runtime.failures import fail_slide
 from prolifscore.core.runtime.service import KafkaWork, ServiceRuntime, configure, run_service
+from prolifscore.core.runtime.validation import InvalidInput, carried_id, check_id, clip
 from prolifscore.core.wsi.slide import SlideNotFound, SlidePathDenied, SlideUnreadable
 from prolifscore.core.wsi.stain import StainFitError
 from prolifscore.core.wsi.tfrecord import write_atomic
@@ -48,6 +49,7 @@ _AGGREGATIONS = {
 
 # What each failure means to a client: (gRPC code, whether it is the caller's fault).
 ERROR_CODES: list[tuple[type[BaseException], grpc.StatusCode]] = [
+    (InvalidInput, grpc.StatusCode.INVALID_ARGUMENT),
     (InvalidRequest, grpc.StatusCode.INVALID_ARGUMENT),
     (SlideNotFound, grpc.StatusCode.NOT_FOUND),
     (SlidePathDenied, grpc.StatusCode.PERMISSION_DENIED),
@@ -148,8 +150,8 @@ class ScoringServicer(scoring_pb2_grpc.ScoringServiceServicer):
         if code == grpc.StatusCode.INTERNAL:
             log.exception("scoring failed", exc_info=exc)
         else:
-            log.info("request failed", extra={"code": code.name, "error": str(exc)})
-        context.abort(code, str(exc))
+            log.info("request failed", extra={"code": code.name, "error": clip(str(exc))})
+        context.abort(code, clip(str(exc)))  # short: a trailer, never an echo of the request
 
     @staticmethod
     def _deadline(context: grpc.ServicerContext) -> float | None:
@@ -234,8 +236,31 @@ class BatchScorer:
         for record, request in items:
             if not request.request_id:  # deterministic, so a redelivery maps to the same result
                 request.request_id = f"{record.topic}-{record.partition}-{record.offset}"
-            result = self._stored(request.request_id) or self._score(record, request)
-            self.bus.publish(self.settings.topic_results, request.request_id, result)
+            try:
+                check_id("request_id", request.request_id)  # it names the result files
+            except InvalidInput as exc:
+                result = self._failed(record, request, grpc.StatusCode.INVALID_ARGUMENT, exc)
+            else:
+                result = self._stored(request.request_id) or self._score(record, request)
+            self.bus.publish(self.settings.topic_results, result.request_id, result)
+
+    def _failed(
+        self, record: Any, request: spb.ScoreRequest, code: grpc.StatusCode, exc: BaseException
+    ) -> spb.ScoreResult:
+        """The request's error result, its failed status and its dead letter; only fields that
+        passed validation are repeated in them."""
+        status = fail_slide(
+            self.bus,
+            record,
+            str(exc),
+            "request",
+            slide_id=request.slide_id,
+            path=request.path,
+            run_id=request.request_id,
+        )
+        out = spb.ScoreResult(request_id=status.run_id, slide_id=carried_id(request.slide_id))
+        out.error.code, out.error.message = code.name, status.reason
+        return out
 
     def _stored(self, request_id: str) -> spb.ScoreResult | None:
         path = self.root / f"{request_id}.json"
@@ -244,7 +269,7 @@ class BatchScorer:
         return json_format.Parse(path.read_text(), spb.ScoreResult())
 
     def _score(self, record: Any, request: spb.ScoreRequest) -> spb.ScoreResult:
-        out = spb.ScoreResult(request_id=request.request_id, slide_id=request.slide_id)
+        out = spb.ScoreResult(request_id=request.request_id)
         try:
             score = self.servicer.score(request)  # stored per slide, heatmap beside it
             out.score.CopyFrom(score)
@@ -253,16 +278,7 @@ class BatchScorer:
             code = status_for(exc)
             if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL):
                 raise  # not the request's fault: leave it uncommitted, redo it later
-            out.error.code, out.error.message = code.name, str(exc)
-            fail_slide(
-                self.bus,
-                record,
-                str(exc),
-                "request",
-                slide_id=request.slide_id or request.path,
-                path=request.path,
-                run_id=request.request_id,
-            )
+            out = self._failed(record, request, code, exc)
         write_atomic(
             self.root / f"{request.request_id}.json",
             json_format.MessageToJson(out, indent=None).encode(),
@@ -272,7 +288,10 @@ class BatchScorer:
 
 GRPC_OPTIONS = [
     ("grpc.max_send_message_length", 64 * 1024 * 1024),
-    ("grpc.max_receive_message_length", 16 * 1024 * 1024),
+    # A ScoreRequest is a path and options (a few KB at the fields' limits): 1 MiB lets the
+    # servicer answer an oversize field with INVALID_ARGUMENT naming it; past that the transport
+    # refuses the message (RESOURCE_EXHAUSTED) before any code runs.
+    ("grpc.max_receive_message_length", 1024 * 1024),
 ]
 
 
@@ -289,7 +308,13 @@ def build(
         interceptors=interceptors,
     )
     servicer = ScoringServicer(
-        settings, models or PredictionClient(settings.model_server, retries=settings.model_retries)
+        settings,
+        models
+        or PredictionClient(
+            settings.model_server,
+            retries=settings.model_retries,
+            tls=settings.runtime,
+        ),
     )
     scoring_pb2_grpc.add_ScoringServiceServicer_to_server(servicer, runtime.server)
     runtime.add_service(SERVICE_NAME)
