@@ -83,7 +83,13 @@ class Client:
 
 def _start(root: Path, **overrides: object) -> tuple[ModelServer, Client]:
     settings = load(
-        ModelServerSettings, environ={}, model_root=root, port=0, poll_s=0.2, **overrides
+        ModelServerSettings,
+        environ={},
+        model_root=root,
+        port=0,
+        rest_port=0,
+        poll_s=0.2,
+        **overrides,
     )
     server, port = serve(settings)
     return server, Client(port)
@@ -327,6 +333,7 @@ def test_entry_point_serves_health_and_stops_on_sigterm(tmp_path: Path) -> None:
         **os.environ,
         "PROLIF_MODEL_ROOT": str(tmp_path),
         "PROLIF_MODEL_SERVER_PORT": str(port),
+        "PROLIF_MODEL_SERVER_REST_PORT": "0",
         "PROLIF_LOG_LEVEL": "WARNING",
         "TF_CPP_MIN_LOG_LEVEL": "2",
     }
