@@ -22,6 +22,7 @@ SharedBatchScheduler and BatchingSession (sources: `shared_batch_scheduler.h`,
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -72,17 +73,13 @@ def _batching_parameters_class() -> type:
             label=F.LABEL_OPTIONAL,
             type_name=f".google.protobuf.{wrapper}",
         )
-    msg.field.add(
-        name="allowed_batch_sizes", number=20, type=F.TYPE_INT64, label=F.LABEL_REPEATED
-    )
+    msg.field.add(name="allowed_batch_sizes", number=20, type=F.TYPE_INT64, label=F.LABEL_REPEATED)
     msg.field.add(
         name="pad_variable_length_inputs", number=21, type=F.TYPE_BOOL, label=F.LABEL_OPTIONAL
     )
     pool = descriptor_pool.Default()
-    try:
+    with contextlib.suppress(TypeError):  # already added (module reloaded)
         pool.Add(proto)
-    except TypeError:  # already added (module reloaded)
-        pass
     descriptor = pool.FindMessageTypeByName("prolifscore.modelserver.BatchingParameters")
     return message_factory.GetMessageClass(descriptor)
 
@@ -112,12 +109,12 @@ class BatchingOptions:
             if i > 0 and size <= last:
                 raise ValueError("allowed_batch_sizes entries must be monotonically increasing")
             last = size
-        if self.allowed_batch_sizes and not self.enable_large_batch_splitting:
-            if last != self.max_batch_size:
-                raise ValueError(
-                    "final entry in allowed_batch_sizes must equal max_batch_size when "
-                    "enable_large_batch_splitting is False"
-                )
+        splitting = self.enable_large_batch_splitting
+        if self.allowed_batch_sizes and not splitting and last != self.max_batch_size:
+            raise ValueError(
+                "final entry in allowed_batch_sizes must equal max_batch_size when "
+                "enable_large_batch_splitting is False"
+            )
 
     @property
     def execution_batch_size(self) -> int:
@@ -411,9 +408,7 @@ class BatchScheduler:
                 self.cond.notify_all()
 
 
-def _run_batch(
-    queue: BatchQueue, batch: _Batch
-) -> list[tuple[Arrays | None, ServingError | None]]:
+def _run_batch(queue: BatchQueue, batch: _Batch) -> list[tuple[Arrays | None, ServingError | None]]:
     """Merge the tasks' inputs (padded as configured), run the model once, split the outputs."""
     try:
         merged, padding = _merge(batch, queue.options)
@@ -482,4 +477,3 @@ def _pad_to_largest(arrays: list[np.ndarray]) -> list[np.ndarray]:
             a = np.pad(a, widths, constant_values=a.flat[0])
         padded.append(a)
     return padded
-

@@ -249,9 +249,7 @@ def fill_predict_request(
     if "instances" in doc:
         instances = doc["instances"]
         if not isinstance(instances, list):
-            raise _invalid(
-                f"JSON Value: {_render(doc)} Excepting 'instances' to be an list/array"
-            )
+            raise _invalid(f"JSON Value: {_render(doc)} Excepting 'instances' to be an list/array")
         if not instances:
             raise _invalid(f"JSON Value: {_render(doc)} No values in 'instances' array")
         arrays = _from_instances(instances, info_map)
@@ -306,9 +304,7 @@ def _from_instances(instances: list[Any], infos: InfoMap) -> dict[str, np.ndarra
     return {name: np.stack(parts) for name, parts in rows.items()}
 
 
-def _add_row(
-    rows: dict[str, list[np.ndarray]], name: str, value: Any, infos: InfoMap
-) -> None:
+def _add_row(rows: dict[str, list[np.ndarray]], name: str, value: Any, infos: InfoMap) -> None:
     if name not in infos:
         raise _invalid(f"JSON object: does not have named input: {name}")
     array = json_to_array(value, infos[name].dtype)

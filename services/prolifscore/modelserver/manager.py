@@ -20,14 +20,14 @@ from tensorflow_serving.apis import get_model_status_pb2
 from tensorflow_serving.config import model_server_config_pb2
 
 from prolifscore.core.models.export import complete_versions
+from prolifscore.modelserver.batching import BatchScheduler
+from prolifscore.modelserver.errors import ServingError
 from prolifscore.modelserver.repository import (
     ModelConfig,
     ModelEntry,
     parse_model_config,
     version_fingerprint,
 )
-from prolifscore.modelserver.batching import BatchScheduler
-from prolifscore.modelserver.errors import ServingError
 from prolifscore.modelserver.servable import Servable
 from prolifscore.modelserver.warmup import replay_warmup
 

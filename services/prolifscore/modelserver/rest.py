@@ -185,9 +185,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         code, answer = self.api.handle(self.command, path, body)
         self._reply(code, answer)
 
-    do_GET = do_POST = do_PUT = do_DELETE = do_HEAD = _serve  # noqa: N815
+    do_GET = do_POST = do_PUT = do_DELETE = do_HEAD = _serve
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+    def log_message(self, format: str, *args: Any) -> None:
         log.debug("rest " + format, *args)
 
 

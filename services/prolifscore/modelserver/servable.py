@@ -145,7 +145,9 @@ def _output_aliases(
             )
     if len(set(aliases)) != len(aliases):
         dup = next(a for a in aliases if aliases.count(a) > 1)
-        raise ServingError(grpc.StatusCode.INVALID_ARGUMENT, f"duplicate output tensor alias: {dup}")
+        raise ServingError(
+            grpc.StatusCode.INVALID_ARGUMENT, f"duplicate output tensor alias: {dup}"
+        )
     return aliases
 
 

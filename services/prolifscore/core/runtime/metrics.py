@@ -28,7 +28,7 @@ def start_metrics_server(port: int, host: str) -> ThreadingHTTPServer:
     this port by mistake (a TF Serving REST status check, say) fails instead of reading 200."""
 
     class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802
+        def do_GET(self) -> None:
             if urlsplit(self.path).path != "/metrics":
                 self.send_error(404)
                 return
@@ -39,7 +39,7 @@ def start_metrics_server(port: int, host: str) -> ThreadingHTTPServer:
             self.end_headers()
             self.wfile.write(body)
 
-        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+        def log_message(self, format: str, *args: Any) -> None:
             pass
 
     server = ThreadingHTTPServer((host, port), Handler)
