@@ -26,6 +26,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--tiles", action="store_true", help="include per-tile predictions")
     p.add_argument("--aggregation", choices=sorted(_AGG))
+    p.add_argument(
+        "--model-label", default="", help="version label of the tumor model (e.g. stable, canary)"
+    )
     p.add_argument("--timeout", type=float, default=600.0, help="deadline in seconds")
     p.add_argument("--token", default=os.environ.get("PROLIF_AUTH_TOKEN", ""), help="bearer token")
     p.add_argument("--tls-ca", type=Path, help="CA certificate: connect with TLS")
@@ -40,7 +43,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
 
 
 def build_request(
-    slide: str, *, heatmap: bool = False, tiles: bool = False, aggregation: str | None = None
+    slide: str,
+    *,
+    heatmap: bool = False,
+    tiles: bool = False,
+    aggregation: str | None = None,
+    model_label: str = "",
 ) -> spb.ScoreRequest:
     """`slide` is a path as the server sees it; a local file is sent as its absolute path."""
     path = Path(slide)
@@ -50,6 +58,7 @@ def build_request(
         include_heatmap=heatmap,
         include_tiles=tiles,
         aggregation=_AGG.get(aggregation or "", 0),
+        model_label=model_label,
     )
 
 
@@ -132,7 +141,11 @@ def describe_error(exc: BaseException) -> str:
 
 def run(args: argparse.Namespace) -> int:
     request = build_request(
-        args.slide, heatmap=args.heatmap is not None, tiles=args.tiles, aggregation=args.aggregation
+        args.slide,
+        heatmap=args.heatmap is not None,
+        tiles=args.tiles,
+        aggregation=args.aggregation,
+        model_label=args.model_label,
     )
     try:
         if args.local:

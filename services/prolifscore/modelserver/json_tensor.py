@@ -372,7 +372,9 @@ def _leaves(array: np.ndarray, as_b64: bool) -> np.ndarray:
     return np.array(flat, dtype=object).reshape(array.shape)
 
 
-def _nest(text: np.ndarray) -> str:
+def _nest(text: Any) -> str:
+    if not isinstance(text, np.ndarray):  # one leaf (a numpy scalar, or a str of an object array)
+        return str(text)
     if text.ndim == 0:
         return str(text.item())
     if text.ndim == 1:

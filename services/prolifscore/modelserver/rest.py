@@ -108,6 +108,10 @@ class RestApi:
         except ServingError as exc:
             metrics.FAILURES.labels(NAME, exc.code.name.lower()).inc()
             return _HTTP.get(exc.code, 500), json.dumps({"error": exc.message}).encode()
+        except Exception as exc:  # a bug: the client still gets TF Serving's error shape
+            log.exception("REST request failed", extra={"method": method, "path": path})
+            metrics.FAILURES.labels(NAME, "internal").inc()
+            return 500, json.dumps({"error": f"{type(exc).__name__}: {exc}"}).encode()
 
     def _dispatch(self, method: str, path: str, body: bytes) -> bytes:
         if method == "POST" and (m := _PREDICT.fullmatch(path)):

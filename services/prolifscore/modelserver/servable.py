@@ -67,9 +67,10 @@ class Servable:
                 self._batcher.close_queue(queue)
 
     def predict(
-        self, request: predict_pb2.PredictRequest, signature_name: str
+        self, request: predict_pb2.PredictRequest, signature_name: str, *, batched: bool = True
     ) -> dict[str, np.ndarray]:
-        """Validate like TF Serving's PreProcessPrediction, run, return the filtered outputs."""
+        """Validate like TF Serving's PreProcessPrediction, run (through the signature's batch
+        queue unless `batched` is False), return the filtered outputs."""
         sig = self.signature_defs.get(signature_name)
         if sig is None or signature_name not in self.functions:
             raise ServingError(
@@ -78,7 +79,7 @@ class Servable:
             )
         feeds = _feeds(request, sig)
         aliases = _output_aliases(request, sig)
-        queue = self._queues.get(signature_name)
+        queue = self._queues.get(signature_name) if batched else None
         if queue is not None and (not aliases or set(aliases) == set(sig.outputs)):
             try:
                 outputs = queue.submit(feeds)

@@ -87,7 +87,8 @@ def _run(servable: Servable, entry: prediction_log_pb2.PredictionLog) -> None:
     kind = entry.WhichOneof("log_type")
     if kind == "predict_log":
         request = entry.predict_log.request
-        servable.predict(request, request.model_spec.signature_name or DEFAULT_SIGNATURE)
+        signature = request.model_spec.signature_name or DEFAULT_SIGNATURE
+        servable.predict(request, signature, batched=False)  # no wait for a batch timeout
         return
     if kind is None:  # TF Serving skips a record without a log
         return

@@ -40,9 +40,15 @@ class ModelError(Exception):
 
 class Models(Protocol):
     def predict(
-        self, model: str, tiles: np.ndarray, output: str, timeout: float | None = None
+        self,
+        model: str,
+        tiles: np.ndarray,
+        output: str,
+        timeout: float | None = None,
+        label: str = "",
     ) -> tuple[np.ndarray, int]:
-        """(output array, model version that produced it)."""
+        """(output array, model version that produced it); `label` names a version label
+        (ModelSpec.version_label), empty for the newest version."""
         ...
 
     def close(self) -> None: ...
@@ -66,11 +72,18 @@ class PredictionClient:
         self._stub = prediction_service_pb2_grpc.PredictionServiceStub(self._channel)
 
     def predict(
-        self, model: str, tiles: np.ndarray, output: str, timeout: float | None = None
+        self,
+        model: str,
+        tiles: np.ndarray,
+        output: str,
+        timeout: float | None = None,
+        label: str = "",
     ) -> tuple[np.ndarray, int]:
         request = predict_pb2.PredictRequest()
         request.model_spec.name = model
         request.model_spec.signature_name = SIGNATURE
+        if label:
+            request.model_spec.version_label = label
         request.inputs[INPUT].CopyFrom(to_tensor_proto(tiles))
         request.output_filter.append(output)
         delay = self.backoff_s
@@ -129,10 +142,21 @@ class InProcessModels:
         return self._loaded[model]
 
     def predict(
-        self, model: str, tiles: np.ndarray, output: str, timeout: float | None = None
+        self,
+        model: str,
+        tiles: np.ndarray,
+        output: str,
+        timeout: float | None = None,
+        label: str = "",
     ) -> tuple[np.ndarray, int]:
         import tensorflow as tf
 
+        if label:
+            raise ModelError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"version label {label!r} of {model}: labels need a model server (the model "
+                "config maps them); in-process scoring loads the newest version",
+            )
         version, fn = self._signature(model)
         out = fn(**{INPUT: tf.constant(tiles)})  # type: ignore[operator]
         return out[output].numpy(), version

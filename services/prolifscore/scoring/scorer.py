@@ -61,6 +61,8 @@ class ScoringOptions:
     preprocess: PreprocessSettings = field(default_factory=PreprocessSettings)
     tumor_model: str = "resnet50"
     mitosis_model: str = "mitosis"
+    tumor_label: str = ""  # version labels: ScoreRequest.model_label overrides the tumor one
+    mitosis_label: str = ""
     predict_batch: int = 32
     aggregation: int = spb.AGGREGATION_MEAN_PROBABILITY
     grading: MitosisGrading = field(default_factory=MitosisGrading)
@@ -172,12 +174,15 @@ class _SlideRun:
     ) -> None:
         """Both models on one batch; mitosis detections in level-0 coordinates."""
         started, options = time.perf_counter(), self.options
+        label = self.request.model_label or options.tumor_label
         probs, self.versions[options.tumor_model] = models.predict(
-            options.tumor_model, pixels, TUMOR_OUTPUT, timeout
+            options.tumor_model, pixels, TUMOR_OUTPUT, timeout, label
         )
         self.probs.append(np.asarray(probs, np.float32))
         if not self.request.skip_mitosis:
-            maps, version = models.predict(options.mitosis_model, pixels, MITOSIS_OUTPUT, timeout)
+            maps, version = models.predict(
+                options.mitosis_model, pixels, MITOSIS_OUTPUT, timeout, options.mitosis_label
+            )
             self.versions[options.mitosis_model] = version
             threshold = mitosis_threshold(options, version)
             for tile, m in zip(tiles, maps, strict=True):
