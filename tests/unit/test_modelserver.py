@@ -40,12 +40,9 @@ END = get_model_status_pb2.ModelVersionStatus.END
 
 
 @pytest.fixture(scope="module")
-def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def root(exported_root: Path) -> Path:
     """A model root with both models (untrained, small), as training would leave it."""
-    root = tmp_path_factory.mktemp("models")
-    export_untrained(root, "tumor", input_size=64)
-    export_untrained(root, "mitosis")
-    return root
+    return exported_root
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,6 @@ import pytest
 
 tf = pytest.importorskip("tensorflow")
 
-from prolifscore.core.models.export import export_untrained  # noqa: E402
 from prolifscore.modelserver.server import ModelServer  # noqa: E402
 from tests.modelserving import Client, predict_request, start_server, tiles  # noqa: E402
 
@@ -40,10 +39,12 @@ def _export_strings_model(root: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ModelServer, Client]]:
+def served(
+    exported_root: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[ModelServer, Client]]:
     root = tmp_path_factory.mktemp("models")
-    export_untrained(root, "tumor", input_size=64)
-    export_untrained(root, "mitosis")
+    for name in ("resnet50", "mitosis"):
+        shutil.copytree(exported_root / name, root / name)
     _export_strings_model(root)
     server, client = start_server(root)
     yield server, client

@@ -166,17 +166,9 @@ class ModelManager:
             for name, entry in entries.items():
                 current = served.setdefault(name, {})
                 on_disk = complete_versions(entry.base_path)
-                aspired = entry.aspired(v for v in on_disk if not self._still_failed(entry, v))
-                for version in sorted(aspired - set(current)):
-                    if self._stop.is_set():
-                        return
-                    servable = self._load(entry, version)
-                    if servable is not None:
-                        current[version] = servable
-                        self._publish(served)
-                # A version that failed just now leaves the policy's choice, so the previous
-                # version keeps serving rather than being dropped for a broken one.
-                aspired = entry.aspired(v for v in on_disk if not self._still_failed(entry, v))
+                aspired = self._load_aspired(entry, on_disk, served)
+                if aspired is None:
+                    return
                 ready = aspired <= set(current)
                 for version in sorted(set(current) - aspired):
                     if ready or version not in on_disk:
@@ -184,6 +176,26 @@ class ModelManager:
                 if not current:
                     served.pop(name)
             self._publish(served)
+
+    def _load_aspired(
+        self, entry: ModelEntry, on_disk: list[int], served: dict[str, dict[int, Servable]]
+    ) -> set[int] | None:
+        """Load the versions the policy picks. A version that fails leaves the policy's choice,
+        so the next one (the previous version) loads in its place in the same scan rather than
+        the model being dropped for a broken version. None: the server is stopping."""
+        current = served[entry.name]
+        while True:
+            aspired = entry.aspired(v for v in on_disk if not self._still_failed(entry, v))
+            missing = sorted(aspired - set(current))
+            if not missing:
+                return aspired
+            for version in missing:
+                if self._stop.is_set():
+                    return None
+                servable = self._load(entry, version)
+                if servable is not None:
+                    current[version] = servable
+                    self._publish(served)
 
     def _current_entries(self) -> dict[str, ModelEntry]:
         """The config to apply now: a changed config file whose labels break TF Serving's rule
