@@ -220,7 +220,13 @@ def scoring_service(
         model_server=model_server_address,
         ray_readers=ray_readers,
         kafka_enabled=False,
-        runtime=load(RuntimeSettings, environ={}, grpc_port=0, slide_roots=tuple(slide_roots)),
+        runtime=load(
+            RuntimeSettings,
+            environ={},
+            grpc_port=0,
+            slide_roots=tuple(slide_roots),
+            results_root=WORK_DIR / "results",  # stored like every scoring, in the work dir
+        ),
     )
     runtime, servicer = build(settings)
     runtime.start()

@@ -6,7 +6,8 @@
    -> tumor-score model -> quadratic weighted kappa on the held-out validation slides.
 3. Mitosis-count route: the scoring library with the trained detector on the held-out slides
    -> mitotic score -> kappa against the slide labels.
-Writes bench/validate.json (mitosis_f1, tumor_model_kappa, mitosis_route_kappa).
+Writes bench/validate.json (mitosis_f1, tumor_model_kappa, molecular_spearman from the molecular
+head the synthetic labels train, mitosis_route_kappa).
 """
 
 from __future__ import annotations
@@ -149,8 +150,18 @@ def main(argv: list[str] | None = None) -> int:
         batch_size=args.batch_size,
         finetune_lr=args.lr,
     )
-    results.update({"tumor_model_kappa": tumor["tumor_model_kappa"], "tumor_detail": tumor})
-    print(f"tumor model: kappa {tumor['tumor_model_kappa']:.3f}", flush=True)
+    results.update(
+        {
+            "tumor_model_kappa": tumor["tumor_model_kappa"],
+            "molecular_spearman": tumor["molecular_spearman"],
+            "tumor_detail": tumor,
+        }
+    )
+    print(
+        f"tumor model: kappa {tumor['tumor_model_kappa']:.3f}, "
+        f"molecular Spearman {tumor['molecular_spearman']}",
+        flush=True,
+    )
     if "mitosis" in parts:
         held_out = sorted(s for s, split in pre["splits"].items() if split == pb.SPLIT_VALIDATION)
         route = mitosis_route(slide_dir, models, held_out)
@@ -159,7 +170,13 @@ def main(argv: list[str] | None = None) -> int:
     results["seconds"] = round(time.perf_counter() - started, 1)
     results["settings"] = {k: str(v) for k, v in vars(args).items()}
     args.out.write_text(json.dumps(results, indent=2, default=str))
-    keys = ("mitosis_f1", "tumor_model_kappa", "mitosis_route_kappa", "seconds")
+    keys = (
+        "mitosis_f1",
+        "tumor_model_kappa",
+        "molecular_spearman",
+        "mitosis_route_kappa",
+        "seconds",
+    )
     print(json.dumps({k: results.get(k) for k in keys}))
     return 0
 

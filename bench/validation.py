@@ -226,6 +226,9 @@ def _score_held_out(
         "tumor_model_slide_accuracy": final["val_slide_accuracy"],
         "tumor_model_slide_confusion": final["val_slide_confusion"],
         "tumor_model_spearman": final["val_slide_spearman"],
+        # TUPAC16 task 2 from the molecular head (when the labels carried molecular scores).
+        "molecular_spearman": final.get("val_molecular_spearman"),
+        "molecular_slides": final.get("val_molecular_slides", 0),
         "tumor_model_tile_accuracy": final["val_tile_accuracy"],
         "tumor_model_slides": final["val_slides"],
         "tumor_model_tiles": final["val_tiles"],

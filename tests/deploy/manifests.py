@@ -83,6 +83,7 @@ HELM_CASES: dict[str, Obj | None] = {
             },
         },
         "training": {"service": {"enabled": False}, "models": ["mitosis"]},
+        "viewer": {"enabled": False},
     },
     "bundled-prod-tls-monitoring-existing-claims": {
         "fullnameOverride": "pscore",
@@ -114,7 +115,9 @@ KUSTOMIZE_CASES: dict[str, frozenset[str]] = {
         {"keda", "network-policies", "gpu", "cert-manager", "grpc-tls", "monitoring"}
     ),
 }
-ALWAYS = frozenset({"ray", "ray-autoscaling", "bundled-kafka", "training-service", "job", "rayjob"})
+ALWAYS = frozenset(
+    {"ray", "ray-autoscaling", "bundled-kafka", "training-service", "job", "rayjob", "viewer"}
+)
 
 # Environment variables our containers may carry besides the PROLIF_* settings: Ray reads these
 # (prolifscore.core.runtime.ray defaults RAY_AUTH_MODE=token; the token comes from the Secret);
@@ -127,6 +130,7 @@ SERVICE_COMMANDS = {
     "prolifscore-scoring": "scoring",
     "prolifscore-modelserver": "modelserver",
     "prolifscore-training": "training",
+    "prolifscore-viewer": "viewer",
 }
 # The gRPC services (Deployments) and what each Kafka consumer consumes:
 # (topic variable, consumer-group variable).
@@ -238,6 +242,7 @@ def helm_features(values: Obj | None) -> frozenset[str]:
         "training-service": on("training.service.enabled"),
         "job": on("training.job.enabled"),
         "rayjob": ray and on("training.rayJob.enabled"),
+        "viewer": on("viewer.enabled"),
     }
     return frozenset(k for k, v in flags.items() if v)
 
@@ -466,6 +471,11 @@ def grpc_services(render: Render) -> tuple[str, ...]:
     return tuple(
         s for s in GRPC_SERVICES if s != "training" or "training-service" in render.features
     )
+
+
+def grpc_servers(render: Render) -> tuple[str, ...]:
+    """Every Deployment of ours serving gRPC: the services and the viewer (health only)."""
+    return (*grpc_services(render), *(("viewer",) if "viewer" in render.features else ()))
 
 
 def port_number(container: Obj, port: int | str) -> int:

@@ -38,6 +38,7 @@ from tests.deploy.manifests import (
     containers,
     dig,
     effective_env,
+    grpc_servers,
     grpc_services,
     is_ours,
     matches,
@@ -374,7 +375,7 @@ def test_probes(render: Render) -> None:
                 if probe not in c:
                     errors.append(f"{pod.where}/{c['name']}: no {probe}")
             component = pod.labels.get("app.kubernetes.io/component")
-            if component in grpc_services(render):
+            if component in grpc_servers(render):
                 grpc_port = next(p["containerPort"] for p in c["ports"] if p["name"] == "grpc")
                 tls = effective_env(render, c).get("PROLIF_TLS_CERT_FILE")
                 for probe in ("startupProbe", "readinessProbe", "livenessProbe"):

@@ -20,7 +20,7 @@ from tests.deploy.manifests import (
     Render,
     configmap_file,
     effective_env,
-    grpc_services,
+    grpc_servers,
     pod_specs,
     the_pod,
 )
@@ -51,7 +51,7 @@ def _certificate_for(render: Render, service: str) -> Obj:
 
 
 def test_services_serve_and_call_grpc_with_mutual_tls(render: Render) -> None:
-    for service in grpc_services(render):
+    for service in grpc_servers(render):
         pod, c = the_pod(render, service)
         env = effective_env(render, c)
         if "grpc-tls" not in render.features:
@@ -101,7 +101,7 @@ def test_cert_manager_certificates(render: Render) -> None:
         return
     namespace = render.objects[0]["metadata"].get("namespace", HELM_NAMESPACE)
     issuers = {i["metadata"]["name"]: i for i in render.of_kind("Issuer")}
-    servers = [*grpc_services(render), "model-server"]
+    servers = [*grpc_servers(render), "model-server"]
     for service in servers:
         cert = _certificate_for(render, service)
         svc = next(

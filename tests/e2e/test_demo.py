@@ -88,7 +88,13 @@ def test_demo_scores_a_real_slide_end_to_end(tmp_path: Path) -> None:
     assert last["slide_id"] == "cmu-1-small-region"
     assert last["tumor_score"] in (1, 2, 3) and last["mitotic_score"] in (1, 2, 3)
     assert len(last["probabilities"]) == 3 and abs(sum(last["probabilities"]) - 1) < 0.01
-    assert last["tumor_score"] == 1 + max(range(3), key=lambda i: last["probabilities"][i])
+    index = sum((k + 1) * p for k, p in enumerate(last["probabilities"]))
+    assert last["proliferation_index"] == pytest.approx(index, abs=1e-3)
+    if last["score_rule"] == "argmax":
+        assert last["tumor_score"] == 1 + max(range(3), key=lambda i: last["probabilities"][i])
+    else:  # the quick model's exported cut points, applied to the index
+        assert last["score_rule"] == "cutpoints"
+    assert last["fused_score"] in (1, 2, 3)
     assert last["tiles_scored"] > 0
     # The versions the training service just exported, served by the model server.
     assert last["models"] == {"resnet50": 1, "mitosis": 1}
@@ -135,7 +141,9 @@ def test_up_status_down_leave_no_process(tmp_path: Path) -> None:
             "filtering",
             "training",
             "scoring",
+            "viewer",
         }
+        assert state["viewer"].startswith("http://127.0.0.1:")
         for address in [state["broker"], state["ray"], *state["services"].values()]:
             assert address.startswith("127.0.0.1:")
 

@@ -71,6 +71,21 @@ def ingest(p, slide_id: str, path: Path | str, **fields) -> None:
     p["bus"].flush()
 
 
+def send_json(p, *bodies: dict) -> None:
+    """Ingest messages as a plain Kafka producer publishes them (`kcat -H
+    content-type=application/json`), keyed by slide id, in order."""
+    producer = KafkaProducer(bootstrap_servers=p["k"].bootstrap_servers)
+    for body in bodies:
+        producer.send(
+            p["k"].topic_ingest,
+            key=body["slideId"].encode(),
+            value=json.dumps(body).encode(),
+            headers=[("content-type", b"application/json")],
+        )
+    producer.flush()
+    producer.close()
+
+
 def shard_tiles(manifest_path: str) -> dict[tuple[int, int], dict]:
     manifest = json.loads(Path(manifest_path).read_text())
     tiles: dict[tuple[int, int], dict] = {}
@@ -164,24 +179,15 @@ def test_slide_without_tissue_completes_with_zero_tiles(pipeline):
 
 def test_json_ingest_from_a_plain_kafka_producer(pipeline):
     """What `kcat -H content-type=application/json` would send."""
-    k = pipeline["k"]
-    producer = KafkaProducer(bootstrap_servers=k.bootstrap_servers)
-    body = json.dumps(
+    send_json(
+        pipeline,
         {
             "slideId": "json-cmu",
             "path": str(CMU),
             "labels": {"tumorScore": 1},
             "spec": {"maxTiles": 5},
-        }
+        },
     )
-    producer.send(
-        k.topic_ingest,
-        key=b"json-cmu",
-        value=body.encode(),
-        headers=[("content-type", b"application/json")],
-    )
-    producer.flush()
-    producer.close()
     final = final_status(pipeline["status"].wait_for(all_final(["json-cmu"])), "json-cmu")
     assert final.stage == pb.STAGE_FILTERED and 0 < final.kept_tiles <= 5
     tiles = shard_tiles(final.manifest_path)
@@ -237,3 +243,47 @@ def test_health_reflection_and_metrics(pipeline):
     text = urllib.request.urlopen(pipeline["metrics"], timeout=5).read().decode()
     kept = [line for line in text.splitlines() if line.startswith('prolif_tiles_total{kind="kept"')]
     assert kept and float(kept[0].split()[-1]) > 0
+
+
+def test_regions_of_interest_from_a_json_producer_get_their_own_shards(pipeline):
+    """A JSON ingest with a region (TUPAC16's x,y,w,h rectangle as a ring) next to the same
+    slide without one: the region's manifest holds only tiles centred in it, both sets of shards
+    stay (different spec hashes), and they equal the library's tiles for each."""
+    from prolifscore.core.wsi.roi import rectangle
+
+    band = rectangle(1024, 512, 512, 1280)
+    ring = {"xy": list(band.rings[0].xy)}
+    send_json(
+        pipeline,
+        {"slideId": "roi-cmu", "path": str(CMU), "rois": []},
+        {"slideId": "roi-cmu", "path": str(CMU), "rois": [{"rings": [ring]}]},
+    )
+    done = pipeline["status"].wait_for(
+        lambda items: (
+            len(
+                {
+                    e.manifest_path
+                    for e in items
+                    if e.slide_id == "roi-cmu" and e.stage == pb.STAGE_FILTERED
+                }
+            )
+            >= 2
+        ),
+        timeout=120,
+    )
+    manifests = {
+        e.manifest_path for e in done if e.slide_id == "roi-cmu" and e.stage == pb.STAGE_FILTERED
+    }
+    by_digest = {
+        json.loads(Path(m).read_text())["spec"].get("roi_digest", ""): m for m in manifests
+    }
+    assert len(by_digest) == 2 and "" in by_digest
+    region = next(m for d, m in by_digest.items() if d)
+    whole, inside = shard_tiles(by_digest[""]), shard_tiles(region)
+    with open_slide(CMU) as slide:
+        defaults = load(PreprocessSettings, environ={}, batch_size=BATCH)
+        plan = plan_slide(slide, "roi-cmu", pb.TilingSpec(), defaults, [band])
+        expected = {(t.col, t.row) for t, _, _ in iter_kept_tiles(slide, plan)}
+    assert inside.keys() == expected and 0 < len(inside) < len(whole)
+    assert all(1024 <= c * 256 + 128 < 1536 and 512 <= r * 256 + 128 < 1792 for c, r in inside)
+    assert Path(by_digest[""]).exists() and Path(region).exists()

@@ -47,16 +47,18 @@ def test_hand_cases() -> None:
     assert evaluate_detections([(10, 10), (12, 12)], [(11, 11)], r) == Counts(1, 1, 0)
     # One detection claims one ground truth: the other is missed.
     assert evaluate_detections([(10, 15)], [(10, 10), (10, 20)], r) == Counts(1, 0, 1)
-    # Greedy by distance still finds both pairs: A-X (2 px) first, then B-Y.
+    # Both pairs are found: A-X (2 px) and B-Y.
     assert evaluate_detections([(0, 2), (0, 14)], [(0, 0), (0, 10)], r) == Counts(2, 0, 0)
 
 
-def test_confidence_order_decides_who_claims() -> None:
+def test_confidences_do_not_decide_who_claims() -> None:
+    """The challenge ignores confidences when matching; the matching is a maximum one-to-one
+    assignment (tests/unit/test_evaluate.py has the tie cases), whatever the order."""
     truth = [(0.0, 0.0)]
-    # The confident detection claims the centroid even though the other one is closer.
-    counts = evaluate_detections([(0, 1, 0.2), (0, 10, 0.9)], truth, 15.0)
-    assert counts == Counts(1, 1, 0)
-    # Each detection takes its nearest unclaimed centroid within the radius.
+    # Two detections near one centroid: one true positive, one false positive, either order.
+    for pred in ([(0, 1, 0.2), (0, 10, 0.9)], [(0, 10, 0.9), (0, 1, 0.2)]):
+        assert evaluate_detections(pred, truth, 15.0) == Counts(1, 1, 0)
+    # Each centroid is claimed once and both are found.
     counts = evaluate_detections([(0, 9, 0.9), (0, 1, 0.5)], [(0, 0), (0, 10)], 15.0)
     assert counts == Counts(2, 0, 0)
 

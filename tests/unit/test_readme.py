@@ -132,11 +132,20 @@ TOPICS = {
 }
 
 
+def kafka_example() -> str:
+    """The README's Kafka client example (the Python block under "Any Kafka client")."""
+    text = README.read_text()
+    after = text[text.index("\n### Any Kafka client (JSON)\n") :]
+    return after.split("```python\n", 1)[1].split("```", 1)[0]
+
+
 def test_kafka_json_examples_parse() -> None:
-    examples = re.findall(
-        r"echo '(\{.*?\})' \|\n\s*kcat -P .*?-t (\S+) -k (\S+) -H content-type=application/json",
-        README.read_text(),
-    )
+    examples = [
+        (body, topic, key)
+        for topic, key, body in re.findall(
+            r'^send\("(\S+)", "(\S+)", (\{.*\})\)$', kafka_example(), re.M
+        )
+    ]
     assert {topic for _, topic, _ in examples} == set(TOPICS)
     for body, topic, key in examples:
         message = json_format.Parse(body, TOPICS[topic]())  # unknown JSON fields raise

@@ -9,6 +9,7 @@ import logging
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -74,12 +75,12 @@ class SlowModels:
 
 
 @pytest.fixture
-def service() -> Iterator[tuple[grpc.Channel, SlowModels]]:
+def service(tmp_path: Path) -> Iterator[tuple[grpc.Channel, SlowModels]]:
     models = SlowModels(delay=0.25)
     settings = load(
         ScoringSettings,
         environ={},
-        runtime=load(RuntimeSettings, environ={}, slide_roots=(SLIDES,)),
+        runtime=load(RuntimeSettings, environ={}, slide_roots=(SLIDES,), results_root=tmp_path),
         port=0,
         ray_readers=0,
         kafka_enabled=False,
@@ -198,18 +199,6 @@ def test_model_errors_map_to_status_codes():
 
 
 # -- aggregation, grading settings, heatmap --------------------------------------------------
-
-
-def test_mean_probability_and_the_seeds_rounded_mean_class_differ_where_they_should():
-    from prolifscore.scoring.scorer import aggregate
-
-    probs = np.float32([[0.9, 0.05, 0.05], [0.9, 0.05, 0.05], [0.0, 0.1, 0.9]])
-    score, slide = aggregate(probs, spb.AGGREGATION_MEAN_PROBABILITY)
-    assert score == 1 and slide == pytest.approx([0.6, 0.0667, 0.3333], abs=1e-4)
-    assert sum(slide) == pytest.approx(1.0)
-    # per-tile classes 1, 1, 3: mean 1.67, rounded 2
-    assert aggregate(probs, spb.AGGREGATION_ROUNDED_MEAN_CLASS) == (2, slide)
-    assert aggregate(np.zeros((0, 3), np.float32), spb.AGGREGATION_MEAN_PROBABILITY) == (0, [])
 
 
 def test_grading_thresholds_and_aggregation_come_from_settings():

@@ -11,17 +11,16 @@ import numpy as np
 import pytest
 
 from prolifscore.core.grading.evaluation import (
-    EvaluationError,
     aggregate_slide,
     apply_cutpoints,
     confusion_matrix,
-    evaluate_predictions,
     fit_cutpoints,
     quadratic_weighted_kappa,
     slide_metrics,
     slide_scores,
     spearman,
 )
+from prolifscore.core.grading.submission import EvaluationError, evaluate_predictions
 from prolifscore.core.wsi.shards import shard_path, write_manifest
 from prolifscore.core.wsi.tfrecord import (
     AtomicShardWriter,
@@ -41,11 +40,13 @@ from prolifscore.training.data.pipeline import (
 from prolifscore.training.data.shards import (
     DatasetError,
     ShardRef,
+    ShardSlice,
     check_dataset,
     dataset_fingerprint,
     find_shards,
     shards_from_index,
     verify_shards,
+    worker_share,
 )
 
 SPEC = "spec0"
@@ -326,24 +327,16 @@ def test_slide_and_class_balanced_sampling(small_root: Path) -> None:
     assert abs(share[1] - 15 / 73) < 0.06, share
 
 
-def _sampled_slide_ids(shards: list[ShardRef], n: int, seed: int) -> Counter[str]:
-    """The slide ids behind the balanced stream (same sampler, records decoded by slide)."""
-    import tensorflow as tf
-
+def _sampled_slide_ids(
+    shards: list[ShardRef], n: int, seed: int, *, rank: int = 0, world: int = 1
+) -> Counter[str]:
+    """The slide ids behind worker `rank`'s balanced stream (the sampler `train_dataset`
+    uses, its serialized records decoded for their slide ids)."""
     from prolifscore.training.data import pipeline
-    from prolifscore.training.data.shards import by_slide
 
-    by = by_slide([s for s in shards if s.split == "train"])
-    per_class = []
-    for c in (1, 2, 3):
-        leaves = [
-            pipeline._records([s.path for s in g], seed + i, 2, True)
-            for i, g in enumerate(by.values())
-            if g[0].tumor_score == c
-        ]
-        per_class.append(tf.data.Dataset.sample_from_datasets(leaves, seed=seed + c))
-    mixed = tf.data.Dataset.sample_from_datasets(per_class, seed=seed)
-    ids = mixed.map(lambda r: pipeline.decode_tile(r)["slide_id"]).take(n)
+    train = [s for s in shards if s.split == "train"]
+    records = pipeline.sampled_records(worker_share(train, rank, world), "slide_class", seed)
+    ids = records.map(lambda r: pipeline.decode_tile(r)["slide_id"]).take(n)
     return Counter(s.decode() for s in ids.as_numpy_iterator())
 
 
@@ -357,6 +350,75 @@ def test_class_weights(small_root: Path) -> None:
     ds = train_dataset(shards, input_size=32, batch_size=4, class_weights={3: 2.0})
     _, y, sw = next(iter(ds))
     np.testing.assert_array_equal(sw.numpy(), np.where(y.numpy() == 2, 2.0, 1.0))
+
+
+def _tile_ids(parts: list[ShardSlice]) -> list[tuple[str, int]]:
+    """(slide, column) of every record a share holds, read back from the shard files."""
+    out = []
+    for part in parts:
+        for record in list(read_records(part.shard.path))[part.skip :: part.stride]:
+            ex = parse_tile_example(record)
+            out.append((str(ex["slide_id"]), int(ex["col"])))  # type: ignore[call-overload]
+    return out
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_worker_shares_are_disjoint_and_cover_every_record(small_root: Path, world: int) -> None:
+    """Class 1's 2 shards (2 and 30 tiles), class 2's 2 and class 3's 3: dealt whole to 2
+    workers, split by record when a class has fewer shards than workers."""
+    train = [s for s in find_shards(small_root) if s.split == "train"]
+    every = sorted(_tile_ids([ShardSlice(s) for s in train]))
+    shares = [worker_share(train, rank, world) for rank in range(world)]
+    ids = [_tile_ids(share) for share in shares]
+    assert sorted(t for i in ids for t in i) == every  # each record exactly once
+    for share, mine in zip(shares, ids, strict=True):
+        assert sum(p.records for p in share) == len(mine) > 0
+        assert {p.shard.tumor_score for p in share} == {1, 2, 3}  # every class on every worker
+    if world == 2:  # whole files: no worker reads another's shards
+        assert all(p.skip == 0 and p.stride == 1 for share in shares for p in share)
+        assert not {p.shard.path for p in shares[0]} & {p.shard.path for p in shares[1]}
+    with pytest.raises(ValueError, match="rank 2 is not in a world of 2"):
+        worker_share(train, 2, 2)
+
+
+def test_each_worker_samples_only_its_share(small_root: Path) -> None:
+    """The balanced stream a worker trains on draws from its share alone."""
+    from prolifscore.training.data.pipeline import sampled_records
+
+    train = [s for s in find_shards(small_root) if s.split == "train"]
+    drawn = []
+    for rank in (0, 1):
+        share = worker_share(train, rank, 3)  # class 1 and 3 split by record
+        records = sampled_records(share, "slide_class", rank).take(200).as_numpy_iterator()
+        seen = {(str(e["slide_id"]), int(e["col"])) for e in map(parse_tile_example, records)}  # type: ignore[call-overload]
+        assert seen <= set(_tile_ids(share)) and len(seen) > 10
+        drawn.append(seen)
+    assert not drawn[0] & drawn[1]
+    # The per-worker batch: `train_dataset` of rank 1 of 2 yields batches of its own size.
+    ds = train_dataset(train, input_size=32, batch_size=4, rank=1, world=2, augment=Augment.off())
+    x, y = next(iter(ds))
+    assert x.shape == (4, 32, 32, 3) and y.shape == (4,)
+
+
+def test_molecular_targets_are_nan_where_the_slide_has_none(tmp_path: Path) -> None:
+    root = tmp_path / "tiles"
+    for score in (1, 2, 3):
+        write_slide(root, f"known-{score}", score, "train", 4, seed=score, molecular=score / 10)
+        write_slide(root, f"unknown-{score}", score, "train", 4, seed=10 + score)
+    shards = find_shards(root)
+    ds = train_dataset(shards, input_size=32, batch_size=32, molecular=True, shuffle_buffer=1)
+    x, y = next(iter(ds))
+    assert set(y) == {"tumor_score", "molecular_score"} and x.shape[0] == 32
+    mol = y["molecular_score"].numpy()
+    known = mol[np.isfinite(mol)]
+    assert 0 < known.size < mol.size  # both kinds of slides are drawn
+    assert {round(float(v), 4) for v in known} <= {0.1, 0.2, 0.3}
+    # Class weights weigh the class head only.
+    ds = train_dataset(shards, input_size=32, batch_size=8, molecular=True, class_weights={3: 2.0})
+    _, y, w = next(iter(ds))
+    np.testing.assert_array_equal(w["molecular_score"].numpy(), np.ones(8))
+    expected = np.where(y["tumor_score"].numpy() == 2, 2.0, 1.0)
+    np.testing.assert_array_equal(w["tumor_score"].numpy(), expected)
 
 
 def test_eval_dataset_keeps_every_tile_or_a_strided_cap(small_root: Path) -> None:

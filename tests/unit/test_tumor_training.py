@@ -14,7 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from prolifscore.core.grading.evaluation import slide_metrics, slide_scores
+from prolifscore.core.grading.evaluation import (
+    quadratic_weighted_kappa,
+    slide_metrics,
+    slide_scores,
+)
 from prolifscore.core.models.architectures import WeightsError
 from prolifscore.core.models.export import read_metadata
 from prolifscore.core.wsi.tfrecord import parse_tile_example, read_records
@@ -40,8 +44,11 @@ MIN_KAPPA = 0.6
 MIN_SLIDE_ACCURACY = 0.65
 
 
-def make_dataset(root: Path, *, rotate_train_labels: bool = False, corrupt: int = 0) -> Path:
-    """9 train slides (3 per class, 12 tiles), 6 validation slides (2 per class, 6 tiles)."""
+def make_dataset(
+    root: Path, *, rotate_train_labels: bool = False, corrupt: int = 0, molecular: bool = False
+) -> Path:
+    """9 train slides (3 per class, 12 tiles), 6 validation slides (2 per class, 6 tiles) with
+    molecular scores (the train slides too when `molecular`)."""
     k = 0
     for score in (1, 2, 3):
         label = score % 3 + 1 if rotate_train_labels else score
@@ -56,6 +63,7 @@ def make_dataset(root: Path, *, rotate_train_labels: bool = False, corrupt: int 
                 seed=k,
                 shards=2,
                 look=score,
+                molecular=score - 0.2 + 0.1 * i if molecular else None,
             )
             k += 1
         for i in range(2):
@@ -145,7 +153,10 @@ def test_learns_resumes_after_a_crash_and_exports(tmp_path: Path) -> None:
     assert meta["trained"] is True and meta["dataset_fingerprint"] == result.dataset_fingerprint
     assert meta["metrics"]["epoch"] == result.best_epoch and meta["input_size"] == SIZE
     assert len(meta["skipped_shards"]) == 1
+    assert meta["molecular_head"] is None  # no molecular score on any train slide: no head
+    assert meta["score_rule"]["default"] == "argmax" and meta["score_rule"]["cutpoints"] is None
     serve = tf.saved_model.load(str(result.export_path)).signatures["serving_default"]
+    assert list(serve.structured_outputs) == ["probabilities"]
     tiles, ids = validation_tiles(shards)
     probs = serve(tiles=tf.constant(tiles))["probabilities"].numpy()
     assert probs.shape == (len(tiles), 3)
@@ -157,6 +168,59 @@ def test_learns_resumes_after_a_crash_and_exports(tmp_path: Path) -> None:
     # A finished run is not silently retrained or re-exported.
     with pytest.raises(TrainingError, match="already finished"):
         train_tumor(config, shards, models, run)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_molecular_head_trains_resumes_and_exports_with_the_score_rule(tmp_path: Path) -> None:
+    """Train slides with molecular scores: both heads train in one run, a crash resumes both
+    from the checkpoint, the export serves `molecular_score` and states its score rule, and
+    the reported figures are what the served model gives (Ray-actor backend: cheaper start)."""
+    import tensorflow as tf
+
+    from prolifscore.core.grading.evaluation import slide_decision, spearman
+    from prolifscore.training.tumor.predict import slide_means
+
+    shards = find_shards(make_dataset(tmp_path / "tiles", molecular=True))
+    config = small_config(calibrate=True, fail_after_epoch=1, max_failures=1, backend="ray_actor")
+    result = train_tumor(config, shards, tmp_path / "models", tmp_path / "run")
+    assert config.molecular is True and result.resumed_from_epoch == 1
+    assert [h["epoch"] for h in result.history] == [1, 2]
+    assert all(np.isfinite(h["molecular_score_loss"]) for h in result.history)
+    m = result.metrics
+    assert m["val_molecular_slides"] == 6 and np.isfinite(m["val_molecular_spearman"])
+
+    assert result.export_path is not None
+    meta = read_metadata(result.export_path)
+    head = meta["molecular_head"]
+    assert head["trained"] is True and head["output"] == "molecular_score"
+    assert [head["target_mean"], head["target_std"]] == config.molecular_target
+    assert head["val_spearman"] == m["val_molecular_spearman"]
+    rule = meta["score_rule"]
+    assert rule["default"] == "cutpoints" and rule["fitted_on"] == "training slides"
+    assert rule["cutpoints"] == meta["slide_cutpoints"] == m["slide_cutpoints"]
+    assert rule["slides"] == 9
+
+    # What the scorer will do with the export reproduces the figures training reported.
+    serve = tf.saved_model.load(str(result.export_path)).signatures["serving_default"]
+    tiles, ids = validation_tiles(shards)
+    out = serve(tiles=tf.constant(tiles))
+    assert out["molecular_score"].shape == (len(tiles),)
+    served = slide_means(out["molecular_score"].numpy(), np.array(ids))
+    truth = {s.slide_id: s.molecular_score for s in shards if s.split == "validation"}
+    slides = sorted(served)
+    rho = spearman([served[s] for s in slides], [truth[s] for s in slides])
+    assert rho == pytest.approx(m["val_molecular_spearman"], abs=1e-6)
+    probs = out["probabilities"].numpy()
+    labels = {s.slide_id: s.tumor_score for s in shards}
+    decided = []
+    for s in slides:
+        rows = [i for i, sid in enumerate(ids) if sid == s]
+        mean = probs[rows].mean(axis=0)
+        decided.append(slide_decision(mean, probs[rows].argmax(axis=1) + 1, 0, rule["cutpoints"]))
+    assert {d[1] for d in decided} == {2}  # SCORE_RULE_CUTPOINTS, the model's own rule
+    kappa = quadratic_weighted_kappa([labels[s] for s in slides], [d[0] for d in decided])
+    assert kappa == pytest.approx(m["val_slide_kappa_calibrated"], nan_ok=True)
 
 
 @pytest.mark.slow
@@ -188,6 +252,81 @@ def test_scrambled_labels_do_not_reach_the_bar(tmp_path: Path) -> None:
     assert not reached, figures
     assert len(figures["tumor_model_slide_cutpoints"]) == 2
     assert figures["tumor_model_backend"] == "ray_actor"  # the fallback without Ray Train
+
+
+def _journal(run: Path, rank: int) -> list[dict[str, object]]:
+    path = run / "workers" / f"rank-{rank}.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _tiles_of(share: list[list[object]]) -> list[tuple[str, int]]:
+    """The tiles (slide, column) a worker's reported share holds: its records of each shard,
+    read back from the files."""
+    out = []
+    for path, skip, stride in share:
+        for record in list(read_records(str(path)))[int(skip) :: int(stride)]:  # type: ignore[call-overload]
+            ex = parse_tile_example(record)
+            out.append((str(ex["slide_id"]), int(ex["col"])))  # type: ignore[call-overload]
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_two_ray_train_workers_share_the_data_and_resume(tmp_path: Path) -> None:
+    """Ray Train's TensorflowTrainer with 2 CPU workers (MultiWorkerMirroredStrategy): each
+    worker trains on its own share of the records, the global batch is split between them,
+    gradients are all-reduced (both keep identical weights), rank 0 alone checkpoints, and
+    after a failure both workers resume from that checkpoint. Sized for 2 cores: 32 px, 3
+    steps of 4 tiles per worker per epoch, 2 epochs."""
+    if not ray_train_available()[0]:
+        pytest.skip(f"Ray Train is not importable: {ray_train_available()[1]}")
+    shards = find_shards(make_dataset(tmp_path / "tiles"))
+    run = tmp_path / "run"
+    config = small_config(
+        workers=2,
+        cpus_per_worker=1,
+        batch_size=8,
+        steps_per_epoch=3,
+        backend="ray_train",
+        fail_after_epoch=1,
+        max_failures=1,
+    )
+    result = train_tumor(config, shards, None, run)
+    assert result.backend == "ray_train" and result.resumed_from_epoch == 1
+    assert [h["epoch"] for h in result.history] == [1, 2]
+    assert (result.metrics["workers"], result.metrics["global_batch"]) == (2, 8)
+
+    journals = {rank: _journal(run, rank) for rank in (0, 1)}
+    starts = {r: [e for e in j if e["event"] == "start"] for r, j in journals.items()}
+    epochs = {r: [e for e in j if e["event"] == "epoch"] for r, j in journals.items()}
+    # Both workers started twice: fresh, then resumed after epoch 1 from rank 0's checkpoint.
+    for rank in (0, 1):
+        assert [(e["rank"], e["world_size"]) for e in starts[rank]] == [(rank, 2)] * 2
+        assert [(e["attempt"], e["start_epoch"]) for e in starts[rank]] == [(1, 0), (2, 1)]
+        assert [e["epoch"] for e in epochs[rank]] == [1, 2]
+        # Global batch 8 = 4 per worker x 2 workers, every epoch.
+        assert {(e["per_worker_batch"], e["global_batch"]) for e in epochs[rank]} == {(4, 8)}
+    assert [e["checkpoint"] for e in epochs[0]] == [True, True]
+    assert [e["checkpoint"] for e in epochs[1]] == [False, False]
+    # All-reduced gradients: after every epoch both replicas hold the same weights.
+    assert [e["weights"] for e in epochs[0]] == [e["weights"] for e in epochs[1]]
+
+    # Disjoint shares that together hold every train record exactly once.
+    shares = [_tiles_of(starts[rank][0]["share"]) for rank in (0, 1)]  # type: ignore[arg-type]
+    assert shares[0] and shares[1] and not set(shares[0]) & set(shares[1])
+    every = [t for s in shards if s.split == "train" for t in _tiles_of([[s.path, 0, 1]])]
+    assert sorted(shares[0] + shares[1]) == sorted(every)
+    assert [starts[r][0]["share_records"] for r in (0, 1)] == [len(shares[0]), len(shares[1])]
+
+    # Rank 0's checkpoints are the run's: our files only, the last one finished.
+    final = json.loads((result.checkpoint / STATE_FILE).read_text())
+    assert final["finished"] and [r["start_epoch"] for r in final["runs"]] == [0, 1]
+    assert {p.name for p in result.checkpoint.iterdir()} <= {
+        STATE_FILE,
+        "model.weights.h5",
+        OPTIMIZER_FILE,
+        "best.weights.h5",
+    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -365,3 +504,106 @@ def test_epoch_metrics() -> None:
     assert m["val_tile_confusion"] == [[2, 0, 0], [0, 0, 0], [0, 1, 1]]
     assert m["val_slide_accuracy"] == 1.0 and m["val_slides"] == 2
     assert m["val_loss"] == pytest.approx(-np.mean(np.log([0.8, 0.6, 0.7, 0.3])))
+
+
+# --------------------------------------------------------------------------------------------
+# The molecular head (TUPAC16 task 2) and the exported score rule.
+
+
+def test_masked_molecular_loss_ignores_unknown_targets() -> None:
+    import tensorflow as tf
+
+    from prolifscore.training.tumor.model import masked_molecular_loss
+
+    loss = masked_molecular_loss(std=0.5)
+    y_true = tf.constant([np.nan, 1.0, np.nan, 3.0])
+    y_pred = tf.Variable([[5.0], [1.5], [-2.0], [2.0]])
+    with tf.GradientTape() as tape:
+        per_tile = loss(y_true, y_pred)
+        total = tf.reduce_sum(per_tile)
+    # ((1.5 - 1) / 0.5)^2 = 1 and ((2 - 3) / 0.5)^2 = 4; unknown targets give 0 ...
+    np.testing.assert_allclose(per_tile.numpy(), [0.0, 1.0, 0.0, 4.0])
+    # ... and no gradient (not NaN: the NaN target never enters the arithmetic).
+    grad = tape.gradient(total, y_pred).numpy().ravel()
+    np.testing.assert_allclose(grad, [0.0, 2 * 0.5 / 0.25, 0.0, 2 * -1.0 / 0.25])
+
+
+def test_resolve_molecular_from_the_train_slides() -> None:
+    from prolifscore.training.tumor.config import resolve_molecular
+
+    config = small_config()
+    resolve_molecular(config, {"a": 0.1, "b": 0.5, "c": 0.9})
+    assert config.molecular is True
+    # Population std of (0.1, 0.5, 0.9): sqrt(0.32 / 3).
+    assert config.molecular_target == pytest.approx([0.5, (0.32 / 3) ** 0.5], abs=1e-6)
+    assert config.molecular_stats == pytest.approx((0.5, (0.32 / 3) ** 0.5), abs=1e-6)
+    few = small_config()
+    resolve_molecular(few, {"a": 0.1, "b": 0.1, "c": 0.9})  # two distinct values: no head
+    assert few.molecular is False and few.molecular_stats is None
+    with pytest.raises(ValueError, match="needs at least 3 train slides"):
+        resolve_molecular(small_config(molecular=True), {"a": 0.1})
+    off = small_config(molecular=False)
+    resolve_molecular(off, {"a": 0.1, "b": 0.5, "c": 0.9})
+    assert off.molecular is False
+    with pytest.raises(ValueError, match="multiple of workers"):
+        small_config(batch_size=16, workers=3).validate()
+
+
+def test_checkpoints_of_another_head_layout_are_not_resumed(tmp_path: Path) -> None:
+    from prolifscore.training.tumor.loop import _check_resumable
+
+    with_head = small_config(molecular=True, molecular_target=[0.5, 0.2])
+    saved = {"dataset_fingerprint": "f", "config": small_config(molecular=False).to_dict()}
+    with pytest.raises(TrainingError, match="has molecular=False, this run True"):
+        _check_resumable(tmp_path, saved, with_head, "f")
+    old = {"dataset_fingerprint": "f", "config": {"input_size": SIZE, "classes": 3}}
+    _check_resumable(tmp_path, old, small_config(molecular=False), "f")  # before the head
+    with pytest.raises(TrainingError, match="molecular=False"):
+        _check_resumable(tmp_path, old, with_head, "f")
+
+
+def test_molecular_head_export_signature_and_metadata(tmp_path: Path) -> None:
+    """With the head the signature adds `molecular_score` float32 [N] (tile values) and the
+    metadata says whether the head is trained; without it the export is today's."""
+    import tensorflow as tf
+
+    from prolifscore.core.models.export import export_untrained
+
+    plain = export_untrained(tmp_path, "tumor", input_size=SIZE)
+    meta = read_metadata(plain)
+    assert list(meta["outputs"]) == ["probabilities"] and meta["molecular_head"] is None
+    fn = tf.saved_model.load(str(plain)).signatures["serving_default"]
+    assert list(fn.structured_outputs) == ["probabilities"]
+
+    both = export_untrained(tmp_path, "tumor", input_size=SIZE, molecular=(0.5, 0.2))
+    meta = read_metadata(both)
+    assert sorted(meta["outputs"]) == ["molecular_score", "probabilities"]  # JSON keys sorted
+    assert meta["molecular_head"] == {
+        "output": "molecular_score",
+        "trained": False,
+        "slide_value": "mean of tiles",
+    }
+    fn = tf.saved_model.load(str(both)).signatures["serving_default"]
+    tiles = np.random.default_rng(0).integers(0, 256, (3, 40, 40, 3), dtype=np.uint8)
+    out = fn(tiles=tf.constant(tiles))
+    assert sorted(out) == ["molecular_score", "probabilities"]
+    assert out["molecular_score"].dtype == tf.float32 and out["molecular_score"].shape == (3,)
+    assert out["probabilities"].shape == (3, 3)
+
+
+def test_molecular_metrics_on_validation_slides() -> None:
+    probs = np.full((6, 3), 1 / 3)
+    pred = {
+        "probs": probs,
+        "labels": np.array([0, 0, 1, 1, 2, 2]),
+        "slide_ids": np.array(["a", "a", "b", "b", "c", "c"]),
+        "molecular": np.full(6, np.nan),
+        "molecular_pred": np.array([0.0, 0.2, 0.5, 0.3, 0.3, 0.9]),  # slide means .1, .4, .6
+    }
+    m = evaluate_tiles(pred, {"a": 1, "b": 2, "c": 3}, {"a": 1.0, "b": 0.5, "c": 2.0})
+    # Ranks (1, 2, 3) against (2, 1, 3): 1 - 6 * (1 + 1 + 0) / (3 * 8) = 0.5.
+    assert m["val_molecular_spearman"] == pytest.approx(0.5)
+    assert m["val_molecular_mae"] == pytest.approx((0.9 + 0.1 + 1.4) / 3)
+    assert m["val_molecular_slides"] == 3
+    del pred["molecular_pred"]  # no head: no molecular figures
+    assert "val_molecular_spearman" not in evaluate_tiles(pred, {"a": 1}, {})

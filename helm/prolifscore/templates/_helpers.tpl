@@ -293,7 +293,7 @@ the KafkaUser <fullname>-<service> and the Secret Strimzi makes for it. */}}
 {{- end }}
 
 {{/* gRPC mutual TLS Secret of a service (tls.crt, tls.key, ca.crt); (dict "ctx" $ "service" s)
-with s one of tiling, filtering, scoring, training, modelServer. */}}
+with s one of tiling, filtering, scoring, training, viewer, modelServer. */}}
 {{- define "prolifscore.tlsSecret" -}}
 {{- if .ctx.Values.tls.certManager.enabled }}
 {{- printf "%s-%s-tls" (include "prolifscore.fullname" .ctx) (ternary "tfserving" .service (eq .service "modelServer")) }}

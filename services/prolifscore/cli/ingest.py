@@ -13,6 +13,7 @@ from pathlib import Path
 from prolifscore.cli.labels import labels_for, read_labels
 from prolifscore.core.runtime.bus import Bus
 from prolifscore.core.runtime.settings import KafkaSettings, PreprocessSettings, load
+from prolifscore.core.wsi import roi
 from prolifscore.core.wsi.split import VALIDATION, stratified_splits
 from prolifscore.v1 import pipeline_pb2 as pb
 
@@ -39,7 +40,26 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument("--tissue-mode", choices=sorted(_MODES))
     p.add_argument("--stain", choices=sorted(_STAINS))
     p.add_argument("--max-tiles", type=int)
+    p.add_argument(
+        "--roi",
+        type=Path,
+        help="regions of interest (level-0 pixels): a GeoJSON or TUPAC16 x,y,w,h CSV file for "
+        "one slide, or a folder of per-slide files (<slide>-ROI.csv, <slide>.geojson)",
+    )
     p.set_defaults(func=run)
+
+
+def rois_for(paths: Sequence[Path], where: Path | None) -> dict[Path, list[pb.Polygon]]:
+    """Each slide's regions of interest: one file for a single slide, or each slide's own file
+    in a folder (slides without one are tiled whole). Raises RoiError."""
+    if where is None:
+        return {}
+    if not where.is_dir():
+        if len(paths) != 1:
+            raise roi.RoiError(f"{where} is one file for {len(paths)} slides: give a folder")
+        return {paths[0]: roi.read_file(where)}
+    found = {p: roi.file_for(where, p.stem) for p in paths}
+    return {p: roi.read_file(f) for p, f in found.items() if f is not None}
 
 
 def build_messages(
@@ -50,10 +70,13 @@ def build_messages(
     tissue_mode: str | None = None,
     stain: str | None = None,
     max_tiles: int | None = None,
+    roi_path: Path | None = None,
 ) -> list[pb.SlideIngest]:
     """One ingest message per slide (id = file stem), with its labels from the ground-truth
-    CSV and the tiling options given; with labels, an exact stratified train/validation split."""
+    CSV, its regions of interest (`rois_for`) and the tiling options given; with labels, an
+    exact stratified train/validation split. Raises RoiError."""
     by_key = read_labels(labels) if labels else {}
+    rois = rois_for(paths, roi_path)
     pre = load(PreprocessSettings)
     msgs = []
     for path in paths:
@@ -69,6 +92,7 @@ def build_messages(
             msg.spec.stain_normalization = _STAINS[stain]
         if max_tiles is not None:
             msg.spec.max_tiles = max_tiles
+        msg.rois.extend(rois.get(path, []))
         msgs.append(msg)
     if by_key:  # the CLI sees the whole set: an exact stratified split
         splits = stratified_splits(
@@ -157,14 +181,22 @@ def run(args: argparse.Namespace) -> int:
     overrides = {"bootstrap_servers": args.bootstrap} if args.bootstrap else {}
     settings = load(KafkaSettings, **overrides)
     run_id = args.run_id or uuid.uuid4().hex[:12]
-    msgs = build_messages(
-        args.paths,
-        run_id,
-        labels=args.labels,
-        tissue_mode=args.tissue_mode,
-        stain=args.stain,
-        max_tiles=args.max_tiles,
-    )
+    try:
+        msgs = build_messages(
+            args.paths,
+            run_id,
+            labels=args.labels,
+            tissue_mode=args.tissue_mode,
+            stain=args.stain,
+            max_tiles=args.max_tiles,
+            roi_path=args.roi,
+        )
+    except roi.RoiError as exc:
+        print(f"error: regions of interest: {exc}", file=sys.stderr)
+        return 2
+    if args.roi is not None:
+        with_rois = sum(1 for m in msgs if m.rois)
+        print(f"regions of interest for {with_rois} of {len(msgs)} slide(s)", file=sys.stderr)
     bus = Bus(settings, "cli")
     try:
         publish_slides(bus, msgs)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from google.protobuf import json_format
 
+from prolifscore.core.grading.evaluation import SCORE_RULES
 from prolifscore.v1 import scoring_pb2 as spb
 
 _AGG = {
@@ -26,6 +27,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--tiles", action="store_true", help="include per-tile predictions")
     p.add_argument("--aggregation", choices=sorted(_AGG))
+    p.add_argument(
+        "--rule",
+        choices=list(SCORE_RULES),
+        help="how the slide's class is chosen (default: the service's, normally the model's own)",
+    )
+    p.add_argument(
+        "--roi",
+        type=Path,
+        help="score only tiles centred in these regions: GeoJSON or TUPAC16 x,y,w,h CSV file",
+    )
     p.add_argument(
         "--model-label", default="", help="version label of the tumor model (e.g. stable, canary)"
     )
@@ -48,9 +59,14 @@ def build_request(
     heatmap: bool = False,
     tiles: bool = False,
     aggregation: str | None = None,
+    roi_file: Path | None = None,
+    rule: str | None = None,
     model_label: str = "",
 ) -> spb.ScoreRequest:
-    """`slide` is a path as the server sees it; a local file is sent as its absolute path."""
+    """`slide` is a path as the server sees it; a local file is sent as its absolute path.
+    Raises RoiError for an unusable `roi_file`."""
+    from prolifscore.core.wsi import roi
+
     path = Path(slide)
     return spb.ScoreRequest(
         slide_id=path.stem,
@@ -58,6 +74,8 @@ def build_request(
         include_heatmap=heatmap,
         include_tiles=tiles,
         aggregation=_AGG.get(aggregation or "", 0),
+        score_rule=SCORE_RULES.get(rule or "", 0),
+        rois=roi.read_file(roi_file) if roi_file else [],
         model_label=model_label,
     )
 
@@ -120,12 +138,19 @@ def score_local(model_root: Path, request: spb.ScoreRequest) -> spb.SlideScore:
 
 
 def summary(result: spb.SlideScore) -> dict[str, object]:
+    rule = next((n for n, v in SCORE_RULES.items() if v == result.score_rule), "")
     return {
         "slide_id": result.slide_id,
         "tumor_score": result.tumor_score,
+        "score_rule": rule,
+        "proliferation_index": round(result.proliferation_index, 4),
         "probabilities": [round(p, 4) for p in result.probabilities],
+        "molecular_score": (
+            round(result.molecular_score, 4) if result.HasField("molecular_score") else None
+        ),
         "mitotic_score": result.mitotic_score,
         "mitoses_per_10hpf": result.mitoses_per_10hpf,
+        "fused_score": result.fused_score,
         "tiles_scored": result.tiles_scored,
         "models": {m.name: m.version for m in result.models},
     }
@@ -140,13 +165,19 @@ def describe_error(exc: BaseException) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    request = build_request(
-        args.slide,
-        heatmap=args.heatmap is not None,
-        tiles=args.tiles,
-        aggregation=args.aggregation,
-        model_label=args.model_label,
-    )
+    try:
+        request = build_request(
+            args.slide,
+            heatmap=args.heatmap is not None,
+            tiles=args.tiles,
+            aggregation=args.aggregation,
+            roi_file=args.roi,
+            rule=args.rule,
+            model_label=args.model_label,
+        )
+    except ValueError as exc:  # RoiError
+        print(f"error: regions of interest: {exc}", file=sys.stderr)
+        return 2
     try:
         if args.local:
             result = score_local(args.model_root, request)

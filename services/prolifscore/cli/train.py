@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import uuid
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from google.protobuf import json_format
 
@@ -35,10 +36,47 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
         help="announce the outcome on the models topic (ModelPublished) like the training service",
     )
     p.set_defaults(func=run_train)
-    e = sub.add_parser("evaluate", help="TUPAC16 metrics of predictions against ground truth")
-    e.add_argument("--predictions", type=Path, required=True)
-    e.add_argument("--ground-truth", type=Path, required=True)
-    e.set_defaults(func=run_evaluate)
+    e = sub.add_parser(
+        "evaluate",
+        help="TUPAC16 metrics of predictions and detections against ground truth",
+        description=(
+            "TUPAC16 tasks 1 and 2 (quadratic weighted kappa over classes 1-3, Spearman with "
+            "average ranks) from --predictions against --ground-truth, and task 3 (mitosis "
+            "F1, a detection within 30 px at 0.25 um/px of an unclaimed centroid) from "
+            "--detections against --mitosis-ground-truth. Prints one JSON object (tasks 1-2 "
+            "at the top level, task 3 under 'mitosis'). Exit 0 when scored (missing "
+            "predictions are listed under 'errors' and on stderr), 1 when a file cannot be "
+            "evaluated or --missing fail finds a missing prediction, 2 on usage errors. "
+            "File formats: core/grading/submission.py."
+        ),
+    )
+    e.add_argument("--predictions", type=Path, help="tasks 1-2: predictions CSV")
+    e.add_argument("--ground-truth", type=Path, help="tasks 1-2: ground-truth CSV")
+    e.add_argument(
+        "--detections",
+        type=Path,
+        help="task 3: CSV with case,region,row,col[,confidence] or a <case>/<region>.csv folder",
+    )
+    e.add_argument(
+        "--mitosis-ground-truth", type=Path, help="task 3: folder of <case>/<region>.csv row,col"
+    )
+    e.add_argument(
+        "--threshold", type=float, help="task 3: count detections with confidence above this"
+    )
+    e.add_argument(
+        "--mpp",
+        type=float,
+        default=0.25,
+        help="task 3: um per pixel of the coordinates (the 30 px radius is at 0.25)",
+    )
+    e.add_argument(
+        "--missing",
+        choices=["skip", "fail"],
+        default="skip",
+        help="a slide or region without a prediction: skip = leave out and list it (default), "
+        "fail = score nothing and exit 1",
+    )
+    e.set_defaults(func=run_evaluate, parser=e)
 
 
 def train_request(
@@ -117,12 +155,53 @@ def _publish(published: tpb.ModelPublished, settings: TrainingSettings) -> None:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    from prolifscore.core.grading.evaluation import evaluate_predictions
+    from prolifscore.core.grading.matching import match_radius_px
+    from prolifscore.core.grading.submission import (
+        evaluate_detection_files,
+        evaluate_predictions,
+    )
 
+    slides = (args.predictions, args.ground_truth)
+    regions = (args.detections, args.mitosis_ground_truth)
+    if (None in slides and slides != (None, None)) or (None in regions and regions != (None, None)):
+        args.parser.error(
+            "give --predictions with --ground-truth, --detections with --mitosis-ground-truth"
+        )
+    if slides == (None, None) and regions == (None, None):
+        args.parser.error(
+            "nothing to evaluate: give --predictions/--ground-truth and/or "
+            "--detections/--mitosis-ground-truth"
+        )
+    result: dict[str, Any] = {}
+    errors: list[str] = []
     try:
-        result = evaluate_predictions(args.predictions, args.ground_truth)
-    except (ValueError, FileNotFoundError) as exc:
+        if args.predictions is not None:
+            result.update(evaluate_predictions(*slides, missing=args.missing))
+            errors += result["errors"]
+        if args.detections is not None:
+            result["mitosis"] = evaluate_detection_files(
+                *regions,
+                radius_px=match_radius_px(args.mpp),
+                threshold=args.threshold,
+                missing=args.missing,
+            )
+            errors += result["mitosis"]["errors"]
+    except (ValueError, OSError) as exc:  # EvaluationError is a ValueError
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    print(json.dumps(result, default=float))
+    for message in errors:
+        print(f"warning: left out, {message}", file=sys.stderr)
+    print(json.dumps(_finite(result), allow_nan=False))
     return 0
+
+
+def _finite(value: object) -> object:
+    """NaN (an undefined metric, e.g. kappa when both sides use one class) -> null: JSON has
+    no NaN."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value

@@ -61,6 +61,7 @@ def run_up(args: argparse.Namespace) -> int:
         "broker": stack.env["PROLIF_KAFKA_BOOTSTRAP"],
         "ray": stack.env["PROLIF_RAY_ADDRESS"],
         "services": {n: p.grpc_address for n, p in stack.processes.items()},
+        "viewer": f"http://127.0.0.1:{stack.env['PROLIF_VIEWER_PORT']}/",
         "logs": str(run_dir),
     }
     (run_dir / STATE).write_text(json.dumps(state, indent=2))
@@ -132,6 +133,8 @@ def run_status(args: argparse.Namespace) -> int:
         return 1
     print(f"{'broker':<12} {state['broker']}")
     print(f"{'ray':<12} {state['ray']}")
+    if "viewer" in state:
+        print(f"{'viewer-http':<12} {state['viewer']}")
     for name, address in state["services"].items():
         try:
             with grpc.insecure_channel(address) as ch:

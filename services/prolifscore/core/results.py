@@ -108,10 +108,8 @@ class ResultStore:
         stored = spb.SlideScore()
         stored.CopyFrom(score)
         stored.request_id = request_id
-        if png:  # beside the JSON, not inside it as base64
+        if png:  # beside the JSON (`to_json` leaves the bytes out)
             write_atomic(path.with_suffix(".png"), png)
-            stored.heatmap_png = b""
-            stored.heatmap_path = str(path.with_suffix(".png"))
         write_atomic(path, to_json(stored).encode())
         return path
 

@@ -50,9 +50,18 @@ def _die_with_parent() -> None:
 class EmbeddedBroker:
     """A Tansu broker child process on 127.0.0.1, started and checked ready by `start()`."""
 
-    def __init__(self, port: int | None = None, log_path: Path | None = None) -> None:
+    def __init__(
+        self,
+        port: int | None = None,
+        log_path: Path | None = None,
+        advertised_host: str | None = None,
+        advertised_port: int | None = None,
+    ) -> None:
         self._auto_port = port is None
         self.port = free_port() if port is None else port
+        # Where metadata sends clients (a TLS/SASL gateway in front, kafka_gateway.py); default:
+        # this broker's own address.
+        self._advertised = (advertised_host, advertised_port)
         self._log_path = log_path
         self._own_log = log_path is None
         self._proc: subprocess.Popen[bytes] | None = None
@@ -60,6 +69,11 @@ class EmbeddedBroker:
     @property
     def bootstrap(self) -> str:
         return f"{HOST}:{self.port}"
+
+    @property
+    def advertised(self) -> str:
+        host, port = self._advertised
+        return f"{host or HOST}:{port or self.port}"
 
     @property
     def pid(self) -> int | None:
@@ -103,7 +117,8 @@ class EmbeddedBroker:
             self._log_path = Path(name)
         assert self._log_path is not None
         url = f"tcp://{HOST}:{self.port}"
-        cmd = [binary, "broker", "--listener-url", url, "--advertised-listener-url", url]
+        cmd = [binary, "broker", "--listener-url", url]
+        cmd += ["--advertised-listener-url", f"tcp://{self.advertised}"]
         cmd += ["--storage-engine", "memory://tansu/"]
         # PDEATHSIG fires when the *thread* that forked exits, so only arm it from the main thread.
         main = threading.current_thread() is threading.main_thread()
@@ -148,7 +163,10 @@ class EmbeddedBroker:
         except Exception:
             return False
         try:
-            admin.list_topics()
+            # The bootstrap above already did a metadata round trip on our port; list_topics goes
+            # to the advertised address, which is a gateway's (it needs its own credentials).
+            if self.advertised == self.bootstrap:
+                admin.list_topics()
             return True
         except Exception:
             return False

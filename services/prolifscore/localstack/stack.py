@@ -7,6 +7,7 @@ deployment runs, only on one machine.
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -148,6 +149,8 @@ class EmbeddedStack:
                     procs[name] = ServiceProcess(
                         module, self.env, self.run_dir / f"{name}.log", port_env
                     )
+            if "viewer" in procs and "PROLIF_VIEWER_PORT" not in self.env:
+                self.env["PROLIF_VIEWER_PORT"] = str(_viewer_port())
             if "modelserver" in procs:  # clients must know its address before they start
                 self.env["PROLIF_MODEL_SERVER"] = procs["modelserver"].grpc_address
             # Side by side: each waits on its own imports and group join (seconds each), and
@@ -175,3 +178,13 @@ class EmbeddedStack:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _viewer_port(preferred: int = 8088) -> int:
+    """The viewer's usual port where it is free (a stable URL), else any free one."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind(("127.0.0.1", preferred))
+            return preferred
+        except OSError:
+            return free_port()

@@ -44,7 +44,15 @@ class ScoringSettings:
     )
     predict_batch: int = env("PROLIF_PREDICT_BATCH", 32, "Tiles per Predict request")
     aggregation: str = env(
-        "PROLIF_AGGREGATION", "mean", "Slide score from tiles: mean (probability) or rounded_mean"
+        "PROLIF_AGGREGATION",
+        "mean",
+        "Older name of the rule: mean (the model's rule below) or rounded_mean (the seed's)",
+    )
+    score_rule: str = env(
+        "PROLIF_SCORE_RULE",
+        "model",
+        "Slide class from the mean tile probabilities: model (the export's cut points when it "
+        "has them, else argmax), argmax, cutpoints or rounded_mean; a request may ask another",
     )
     mitosis_threshold: float = env(
         "PROLIF_MITOSIS_THRESHOLD",

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -51,6 +52,17 @@ class Models(Protocol):
         (ModelSpec.version_label), empty for the newest version."""
         ...
 
+    def predict_many(
+        self,
+        model: str,
+        tiles: np.ndarray,
+        outputs: Sequence[str],
+        timeout: float | None = None,
+        label: str = "",
+    ) -> tuple[dict[str, np.ndarray], int]:
+        """Several outputs of one call: {output: array}, and the version."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -79,13 +91,24 @@ class PredictionClient:
         timeout: float | None = None,
         label: str = "",
     ) -> tuple[np.ndarray, int]:
+        outputs, version = self.predict_many(model, tiles, (output,), timeout, label)
+        return outputs[output], version
+
+    def predict_many(
+        self,
+        model: str,
+        tiles: np.ndarray,
+        outputs: Sequence[str],
+        timeout: float | None = None,
+        label: str = "",
+    ) -> tuple[dict[str, np.ndarray], int]:
         request = predict_pb2.PredictRequest()
         request.model_spec.name = model
         request.model_spec.signature_name = SIGNATURE
         if label:
             request.model_spec.version_label = label
         request.inputs[INPUT].CopyFrom(to_tensor_proto(tiles))
-        request.output_filter.append(output)
+        request.output_filter.extend(outputs)
         delay = self.backoff_s
         # `timeout` is what is left of the caller's deadline: it bounds every attempt and the
         # backoff between them, so retrying never outlives the request it serves.
@@ -94,9 +117,8 @@ class PredictionClient:
             remaining = None if end is None else max(end - time.monotonic(), 0.001)
             try:
                 response = self._stub.Predict(request, timeout=remaining)
-                return from_tensor_proto(
-                    response.outputs[output]
-                ), response.model_spec.version.value
+                arrays = {name: from_tensor_proto(response.outputs[name]) for name in outputs}
+                return arrays, response.model_spec.version.value
             except grpc.RpcError as exc:
                 code = exc.code()  # type: ignore[attr-defined]
                 if code not in _RETRYABLE:
@@ -149,6 +171,17 @@ class InProcessModels:
         timeout: float | None = None,
         label: str = "",
     ) -> tuple[np.ndarray, int]:
+        outputs, version = self.predict_many(model, tiles, (output,), timeout, label)
+        return outputs[output], version
+
+    def predict_many(
+        self,
+        model: str,
+        tiles: np.ndarray,
+        outputs: Sequence[str],
+        timeout: float | None = None,
+        label: str = "",
+    ) -> tuple[dict[str, np.ndarray], int]:
         import tensorflow as tf
 
         if label:
@@ -159,7 +192,7 @@ class InProcessModels:
             )
         version, fn = self._signature(model)
         out = fn(**{INPUT: tf.constant(tiles)})  # type: ignore[operator]
-        return out[output].numpy(), version
+        return {name: out[name].numpy() for name in outputs}, version
 
     def close(self) -> None:
         self._loaded.clear()

@@ -16,13 +16,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from prolifscore.core.grading.evaluation import slide_decision
 from prolifscore.core.grading.mitoses import (
     MitosisGrading,
     densest_region,
     non_max_suppression,
     tile_detections,
 )
-from prolifscore.core.models.contract import MITOSIS_OUTPUT, TUMOR_OUTPUT
+from prolifscore.core.models.contract import MITOSIS_OUTPUT, TUMOR_MOLECULAR_OUTPUT, TUMOR_OUTPUT
 from prolifscore.core.models.export import read_metadata
 from prolifscore.core.runtime.settings import PreprocessSettings
 from prolifscore.core.wsi.prefetch import prefetched_iter
@@ -65,6 +66,7 @@ class ScoringOptions:
     mitosis_label: str = ""
     predict_batch: int = 32
     aggregation: int = spb.AGGREGATION_MEAN_PROBABILITY
+    score_rule: int = spb.SCORE_RULE_UNSPECIFIED  # the model's own: cut points when exported
     grading: MitosisGrading = field(default_factory=MitosisGrading)
     pipelined: bool = True  # read the next batch while the model server predicts this one
     ray_readers: int = 0  # > 0: read candidate chunks in that many parallel Ray tasks
@@ -168,6 +170,7 @@ class _SlideRun:
     detections: list[tuple[float, float, float]] = field(default_factory=list)  # x0, y0, p
     tile_mitosis_max: list[float] = field(default_factory=list)
     versions: dict[str, int] = field(default_factory=dict)  # model -> version that answered
+    molecular: list[np.ndarray] = field(default_factory=list)  # [n] per batch, when trained
 
     def predict(
         self, models: Models, tiles: list[pb.Tile], pixels: np.ndarray, timeout: float | None
@@ -175,9 +178,22 @@ class _SlideRun:
         """Both models on one batch; mitosis detections in level-0 coordinates."""
         started, options = time.perf_counter(), self.options
         label = self.request.model_label or options.tumor_label
-        probs, self.versions[options.tumor_model] = models.predict(
-            options.tumor_model, pixels, TUMOR_OUTPUT, timeout, label
-        )
+        if self.molecular:  # the served version has a trained molecular head: one call, both
+            out, version = models.predict_many(
+                options.tumor_model, pixels, (TUMOR_OUTPUT, TUMOR_MOLECULAR_OUTPUT), timeout, label
+            )
+            probs = out[TUMOR_OUTPUT]
+            self.molecular.append(np.asarray(out[TUMOR_MOLECULAR_OUTPUT], np.float32))
+        else:
+            probs, version = models.predict(
+                options.tumor_model, pixels, TUMOR_OUTPUT, timeout, label
+            )
+            if not self.probs and molecular_head(options, version):  # known after 1st answer
+                values, _ = models.predict(
+                    options.tumor_model, pixels, TUMOR_MOLECULAR_OUTPUT, timeout, label
+                )
+                self.molecular.append(np.asarray(values, np.float32))
+        self.versions[options.tumor_model] = version
         self.probs.append(np.asarray(probs, np.float32))
         if not self.request.skip_mitosis:
             maps, version = models.predict(
@@ -232,13 +248,17 @@ def score_slide(
         raise InvalidRequest(
             f"aggregation {request.aggregation} is not one of {spb.Aggregation.values()}"
         )
+    if request.score_rule not in spb.ScoreRule.values():
+        raise InvalidRequest(
+            f"score_rule {request.score_rule} is not one of {spb.ScoreRule.values()}"
+        )
     path = confine_path(request.path, slide_roots)
     slide_id = request.slide_id or path.stem
     counts = _Progress()
     notify = progress or (lambda _e: None)
     with open_slide(path) as slide:
         try:
-            plan = plan_slide(slide, slide_id, request.spec, options.preprocess)
+            plan = plan_slide(slide, slide_id, request.spec, options.preprocess, request.rois)
         except SpecError as exc:
             raise InvalidRequest(str(exc)) from exc
         run = _SlideRun(request, slide_id, plan, options, start)
@@ -281,20 +301,65 @@ def mitosis_threshold(options: ScoringOptions, version: int) -> float:
     return float(meta.get("threshold", options.grading.threshold))
 
 
-def aggregate(tile_probs: np.ndarray, aggregation: int) -> tuple[int, list[float]]:
-    """Tile class probabilities `[N, 3]` -> (tumor score 1..3, slide probabilities summing to 1).
+def molecular_head(options: ScoringOptions, version: int) -> bool:
+    """Whether the served tumor model version has a trained molecular-score head (its export
+    metadata; unknown without the model root, so then no molecular score is reported)."""
+    head = model_metadata(options, options.tumor_model, version).get("molecular_head")
+    return bool(head and head.get("trained"))
 
-    The probabilities are always the normalised mean; the score is their argmax
-    (AGGREGATION_MEAN_PROBABILITY) or the seed's rounded mean of per-tile predicted scores
-    (AGGREGATION_ROUNDED_MEAN_CLASS). No tile: (0, [])."""
-    if not len(tile_probs):
-        return 0, []
-    mean = tile_probs.mean(axis=0)
-    probabilities = (mean / mean.sum()).tolist()
+
+def score_rule(request: spb.ScoreRequest, options: ScoringOptions) -> int:
+    """The rule asked for: the request's, else the seed's rounded mean where the request or
+    the service asks for that aggregation, else the model's own (cut points when it has
+    them)."""
+    if request.score_rule:
+        return request.score_rule
+    aggregation = request.aggregation or options.aggregation
     if aggregation == spb.AGGREGATION_ROUNDED_MEAN_CLASS:
-        classes = tile_probs.argmax(axis=1) + 1
-        return int(np.clip(np.round(classes.mean()), 1, 3)), probabilities
-    return int(mean.argmax()) + 1, probabilities
+        return spb.SCORE_RULE_ROUNDED_MEAN
+    return options.score_rule
+
+
+def cutpoints(meta: dict[str, Any]) -> list[float] | None:
+    """The ordinal cut points an export carries (`score_rule.cutpoints`, or the older
+    `slide_cutpoints`), else None."""
+    rule = meta.get("score_rule") or {}
+    cuts = rule.get("cutpoints") if isinstance(rule, dict) else None
+    return cuts if cuts else meta.get("slide_cutpoints") or None
+
+
+FUSION = (
+    "mean of the tumor model's proliferation index and the mitotic score, "
+    "cut at 1.5 and 2.5 (equal weights)"
+)
+
+
+def fuse(proliferation_index: float, mitotic_score: int) -> int:
+    """The slide's score from both routes: the tumor model's continuous index (1..3) and the
+    mitotic grade (1..3) weigh the same; `FUSION` says so in each result."""
+    mean = (proliferation_index + mitotic_score) / 2
+    return 1 + int(mean >= 1.5) + int(mean >= 2.5)
+
+
+def _tumor_score(run: _SlideRun, result: spb.SlideScore, all_probs: np.ndarray) -> None:
+    """Class probabilities, the class under the score rule, the proliferation index and the
+    molecular score (when the model has that head)."""
+    mean = all_probs.mean(axis=0)
+    probabilities = mean / mean.sum()
+    result.probabilities.extend(probabilities.tolist())
+    rule = score_rule(run.request, run.options)
+    version = run.versions.get(run.options.tumor_model)
+    cuts = cutpoints(model_metadata(run.options, run.options.tumor_model, version or 0))
+    result.tumor_score, result.score_rule, result.proliferation_index = slide_decision(
+        probabilities, all_probs.argmax(axis=1) + 1, rule, cuts
+    )
+    if rule == spb.SCORE_RULE_CUTPOINTS and result.score_rule != rule:
+        result.warnings.append(
+            "the served tumor model has no cut points (or its export metadata is not "
+            "readable here): scored by argmax"
+        )
+    if run.molecular:
+        result.molecular_score = float(np.concatenate(run.molecular).mean())
 
 
 def _assemble(run: _SlideRun) -> spb.SlideScore:
@@ -311,9 +376,9 @@ def _assemble(run: _SlideRun) -> spb.SlideScore:
         models=[spb.ModelVersion(name=n, version=v) for n, v in sorted(run.versions.items())],
     )
     all_probs = np.concatenate(run.probs) if run.probs else np.zeros((0, 3), np.float32)
-    result.tumor_score, slide_probs = aggregate(all_probs, aggregation)
-    result.probabilities.extend(slide_probs)
-    if not len(all_probs):
+    if len(all_probs):
+        _tumor_score(run, result, all_probs)
+    else:
         result.warnings.append("no tissue tile was found: no score")
     for name, version in sorted(run.versions.items()):
         if model_metadata(options, name, version).get("trained") is False:
@@ -323,6 +388,9 @@ def _assemble(run: _SlideRun) -> spb.SlideScore:
             )
     if not request.skip_mitosis:
         _grade_mitoses(run, result)
+        if result.tumor_score and result.mitotic_score:
+            result.fused_score = fuse(result.proliferation_index, result.mitotic_score)
+            result.fusion = FUSION
     if request.include_tiles:
         _add_tiles(run, result, all_probs)
     if request.include_heatmap:

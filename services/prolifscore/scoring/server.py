@@ -16,6 +16,7 @@ from typing import Any
 import grpc
 from google.protobuf import json_format
 
+from prolifscore.core.grading.evaluation import SCORE_RULES
 from prolifscore.core.grading.mitoses import MitosisGrading
 from prolifscore.core.results import ResultStore
 from prolifscore.core.runtime import metrics
@@ -73,6 +74,8 @@ def status_for(exc: BaseException) -> grpc.StatusCode:
 def options_from(settings: ScoringSettings) -> ScoringOptions:
     if settings.aggregation not in _AGGREGATIONS:
         raise ValueError(f"PROLIF_AGGREGATION must be one of {sorted(_AGGREGATIONS)}")
+    if settings.score_rule not in SCORE_RULES:
+        raise ValueError(f"PROLIF_SCORE_RULE must be one of {list(SCORE_RULES)}")
     if len(settings.mitotic_thresholds) != 2 or not (
         0 <= settings.mitotic_thresholds[0] <= settings.mitotic_thresholds[1]
     ):
@@ -89,6 +92,7 @@ def options_from(settings: ScoringSettings) -> ScoringOptions:
         mitosis_label=settings.mitosis_model_label,
         predict_batch=settings.predict_batch,
         aggregation=_AGGREGATIONS[settings.aggregation],
+        score_rule=SCORE_RULES[settings.score_rule],
         grading=MitosisGrading(
             threshold=settings.mitosis_threshold,
             nms_radius_um=settings.nms_radius_um,

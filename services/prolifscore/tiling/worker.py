@@ -42,7 +42,7 @@ def tile_slide(
         validate_ingest(msg)
         path = confine_path(msg.path, slide_roots)
         with open_slide(path) as slide:
-            plan = plan_slide(slide, msg.slide_id, msg.spec, defaults)
+            plan = plan_slide(slide, msg.slide_id, msg.spec, defaults, msg.rois)
     except (SlideError, SpecError, StainFitError) as exc:
         return TilingOutcome(slide_id=msg.slide_id, error=str(exc))
     split = msg.split

@@ -1,39 +1,23 @@
-"""TUPAC16 metrics: quadratic weighted kappa (task 1), Spearman (task 2), slide aggregation.
+"""TUPAC16 metrics: quadratic weighted kappa (task 1), Spearman (task 2), slide aggregation,
+ordinal cut points and the slide decision rules the scoring service applies (`slide_decision`).
 
-Kept free of TensorFlow so that `prolifscore evaluate` and the training loop's per-epoch
-metrics share one implementation and the CLI starts instantly.
-
-CSV formats read by `evaluate_predictions` (commas, optional spaces, UTF-8):
-
-- ground truth, TUPAC style: no header, one row per slide, ``tumor_score,molecular_score``;
-  row i (1-based) is slide i (the challenge's ``training_ground_truth.csv``).
-- ground truth with a header naming ``slide_id`` and ``tumor_score`` (``molecular_score``
-  optional).
-- predictions: a header ``slide_id,tumor_score[,molecular_score]`` (what `prolifscore score`
-  writes), or TUPAC row style without a header (``tumor_score[,molecular_score]``, row i =
-  slide i, the challenge's submission format).
-
-An empty cell, ``nan`` or ``-1`` means "unknown". When one file is keyed by row and the other by
-slide id, a slide id is matched by its trailing number (``TUPAC-TE-012`` -> row 12).
+Kept free of TensorFlow so that `prolifscore evaluate`, the scoring service and the training
+loop's per-epoch metrics share one implementation and the CLI starts instantly. Reading
+submission files is `submission.py`.
 """
 
 from __future__ import annotations
 
-import csv
 import math
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from prolifscore.v1 import scoring_pb2 as spb
+
 TUMOR_LABELS = (1, 2, 3)
-
-
-class EvaluationError(ValueError):
-    """A predictions or ground-truth file that cannot be evaluated (format, no overlap)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -231,138 +215,64 @@ def apply_cutpoints(
 
 
 # --------------------------------------------------------------------------------------------
-# `prolifscore evaluate`.
+# The slide decision the scoring service applies (ScoreRule in protos/prolifscore/v1/scoring.proto).
 
 
-_NUMBER = re.compile(r"^\s*[-+]?(\d+(\.\d*)?|\.\d+|nan|inf)([eE][-+]?\d+)?\s*$", re.IGNORECASE)
-_TRAILING = re.compile(r"(\d+)\D*$")
+def proliferation_index(mean_probs: Sequence[float] | np.ndarray) -> float:
+    """The expected score sum_k k * p_k (k = 1..K) of the normalised mean tile probabilities:
+    the continuous index the cut points apply to and task 2's Spearman ranks."""
+    p = np.asarray(mean_probs, np.float64).ravel()
+    if p.size == 0 or not np.all(np.isfinite(p)) or np.any(p < 0) or p.sum() <= 0:
+        raise ValueError(f"mean probabilities must be finite, >= 0 and not all 0: {p.tolist()}")
+    p = p / p.sum()
+    return float((p * np.arange(1, p.size + 1)).sum())
 
 
-@dataclass
-class _Table:
-    rows: dict[str, tuple[int | None, float | None]]
-    keyed_by_row: bool
+# The rules by the names settings and the CLI use.
+SCORE_RULES = {
+    "model": spb.SCORE_RULE_UNSPECIFIED,  # the model's own: cut points when it has them
+    "argmax": spb.SCORE_RULE_ARGMAX,
+    "cutpoints": spb.SCORE_RULE_CUTPOINTS,
+    "rounded_mean": spb.SCORE_RULE_ROUNDED_MEAN,
+}
 
 
-def _cell_score(text: str, where: str) -> int | None:
-    t = text.strip()
-    if t == "" or t.lower() == "nan":
-        return None
-    try:
-        value = float(t)
-    except ValueError as exc:
-        raise EvaluationError(f"{where}: tumor score {t!r} is not a number") from exc
-    if value == -1:
-        return None
-    if value != int(value) or int(value) not in TUMOR_LABELS:
-        raise EvaluationError(f"{where}: tumor score {t!r} is not one of {TUMOR_LABELS}")
-    return int(value)
+def slide_decision(
+    mean_probs: Sequence[float] | np.ndarray,
+    tile_classes: Sequence[int] | np.ndarray,
+    rule: int = 0,
+    cutpoints: Sequence[float] | None = None,
+) -> tuple[int, int, float]:
+    """A slide's class under a `ScoreRule`: returns (class 1..K, the rule that produced it,
+    the proliferation index).
 
+    - SCORE_RULE_ARGMAX: the most probable class of `mean_probs` (ties: the lower class);
+    - SCORE_RULE_CUTPOINTS: `1 + sum(index >= c)` over the K-1 ascending `cutpoints` (the
+      export's `score_rule.cutpoints`), i.e. 1 + (index >= c1) + (index >= c2) for 3 classes;
+    - SCORE_RULE_ROUNDED_MEAN: the seed's rule, the mean of `tile_classes` (each tile's
+      predicted class, 1..K) rounded half to even as numpy rounds (1.5 -> 2, 2.5 -> 2);
+    - SCORE_RULE_UNSPECIFIED (0): the model's own rule, cut points when given, else argmax.
 
-def _cell_float(text: str, where: str) -> float | None:
-    t = text.strip()
-    if t == "":
-        return None
-    try:
-        value = float(t)
-    except ValueError as exc:
-        raise EvaluationError(f"{where}: molecular score {t!r} is not a number") from exc
-    return value if math.isfinite(value) else None
-
-
-def _read_table(path: Path, what: str) -> _Table:
-    """Either format (see the module doc) -> {key: (tumor_score, molecular_score)}."""
-    if not path.is_file():
-        raise EvaluationError(f"{what} file {path} does not exist")
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        rows = [r for r in csv.reader(f) if any(c.strip() for c in r)]
-    if not rows:
-        raise EvaluationError(f"{what} file {path} is empty")
-    out: dict[str, tuple[int | None, float | None]] = {}
-    if _NUMBER.match(rows[0][0]):  # TUPAC row style
-        for i, row in enumerate(rows, start=1):
-            where = f"{path}:{i}"
-            score = _cell_score(row[0], where)
-            mol = _cell_float(row[1], where) if len(row) > 1 else None
-            out[str(i)] = (score, mol)
-        return _Table(out, keyed_by_row=True)
-    header = [c.strip().lower() for c in rows[0]]
-    if "slide_id" not in header:
-        raise EvaluationError(f"{path}: a header must name slide_id (got {rows[0]})")
-    col = {name: header.index(name) for name in header}
-    if "tumor_score" not in col and "molecular_score" not in col:
-        raise EvaluationError(f"{path}: no tumor_score or molecular_score column")
-    for i, row in enumerate(rows[1:], start=2):
-        where = f"{path}:{i}"
-        cells = row + [""] * (len(header) - len(row))
-        sid = cells[col["slide_id"]].strip()
-        if not sid:
-            raise EvaluationError(f"{where}: empty slide_id")
-        if sid in out:
-            raise EvaluationError(f"{where}: slide {sid!r} appears twice")
-        score = _cell_score(cells[col["tumor_score"]], where) if "tumor_score" in col else None
-        mol = (
-            _cell_float(cells[col["molecular_score"]], where) if "molecular_score" in col else None
-        )
-        out[sid] = (score, mol)
-    return _Table(out, keyed_by_row=False)
-
-
-def _row_key(slide_id: str) -> str | None:
-    m = _TRAILING.search(slide_id)
-    return str(int(m.group(1))) if m else None
-
-
-def evaluate_predictions(predictions_csv: Path | str, ground_truth_csv: Path | str) -> dict:
-    """TUPAC16 metrics of a predictions file against a ground-truth file (formats: module doc).
-
-    Returns ``slides`` (matched), ``kappa`` / ``accuracy`` / ``confusion_matrix`` (task 1, over
-    slides with both tumor scores), ``spearman`` / ``spearman_slides`` (task 2, over slides with
-    both molecular scores; None when the predictions carry none), and the ids of ground-truth
-    slides without a prediction (``missing``) and of predictions without ground truth
-    (``unmatched``) so a partial submission is visible, not silently scored on a subset.
+    Asking for cut points when the model has none falls back to argmax, and the returned rule
+    says so (the caller can warn). The index is the same whatever the rule.
     """
-    truth = _read_table(Path(ground_truth_csv), "ground truth")
-    preds = _read_table(Path(predictions_csv), "predictions")
-    pred_rows = preds.rows
-    if truth.keyed_by_row != preds.keyed_by_row:
-        # Map the slide-id side onto row numbers.
-        if truth.keyed_by_row:
-            mapped: dict[str, tuple[int | None, float | None]] = {}
-            for sid, v in preds.rows.items():
-                key = _row_key(sid)
-                if key is None or key in mapped:
-                    raise EvaluationError(f"prediction slide id {sid!r} maps to no unique row")
-                mapped[key] = v
-            pred_rows = mapped
-        else:
-            remapped: dict[str, tuple[int | None, float | None]] = {}
-            for sid in truth.rows:
-                key = _row_key(sid)
-                if key is not None and key in preds.rows:
-                    remapped[sid] = preds.rows[key]
-            pred_rows = remapped
-    common = [s for s in truth.rows if s in pred_rows]
-    if not common:
-        raise EvaluationError("no slide of the predictions matches the ground truth")
-    t1 = [s for s in common if truth.rows[s][0] is not None and pred_rows[s][0] is not None]
-    y_true = [truth.rows[s][0] for s in t1]
-    y_pred = [pred_rows[s][0] for s in t1]
-    has_mol = any(v[1] is not None for v in pred_rows.values())
-    t2 = [s for s in common if truth.rows[s][1] is not None and pred_rows[s][1] is not None]
-    nan = float("nan")
-    return {
-        "slides": len(common),
-        "task1_slides": len(t1),
-        "kappa": quadratic_weighted_kappa(y_true, y_pred) if t1 else nan,
-        "accuracy": accuracy(y_true, y_pred) if t1 else nan,
-        "confusion_matrix": confusion_matrix(y_true, y_pred).tolist(),
-        "spearman": (
-            spearman([pred_rows[s][1] for s in t2], [truth.rows[s][1] for s in t2])
-            if has_mol
-            else None
-        ),
-        "spearman_slides": len(t2),
-        "missing": [s for s in truth.rows if s not in pred_rows],
-        "unmatched": sorted(set(pred_rows) - set(truth.rows)),
-    }
+    index = proliferation_index(mean_probs)
+    k = np.asarray(mean_probs).size
+    cuts = None if cutpoints is None else [float(c) for c in cutpoints]
+    if cuts is not None and (
+        len(cuts) != k - 1 or not all(map(math.isfinite, cuts)) or cuts != sorted(cuts)
+    ):
+        raise ValueError(f"need {k - 1} finite ascending cut points for {k} classes, got {cuts}")
+    if rule not in spb.ScoreRule.values():
+        raise ValueError(f"rule {rule} is not a ScoreRule ({spb.ScoreRule.values()})")
+    if rule == spb.SCORE_RULE_UNSPECIFIED:
+        rule = spb.SCORE_RULE_CUTPOINTS if cuts is not None else spb.SCORE_RULE_ARGMAX
+    if rule == spb.SCORE_RULE_CUTPOINTS and cuts is not None:
+        return 1 + sum(index >= c for c in cuts), rule, index
+    if rule == spb.SCORE_RULE_ROUNDED_MEAN:
+        classes = np.asarray(tile_classes, np.float64).ravel()
+        if classes.size == 0 or np.any((classes < 1) | (classes > k)):
+            raise ValueError(f"tile classes must be non-empty and within 1..{k}")
+        return int(np.clip(np.round(classes.mean()), 1, k)), rule, index
+    best = int(np.argmax(np.asarray(mean_probs, np.float64).ravel())) + 1
+    return best, spb.SCORE_RULE_ARGMAX, index

@@ -2,9 +2,10 @@
 
 A detection is a true positive when it lies within 30 px of a ground-truth centroid at
 0.25 um/px (7.5 um) that no other detection has claimed; every other detection is a false
-positive and every unclaimed centroid a false negative. Counts are summed over regions before
-precision, recall and F1 are computed (the challenge's "overall F1", not a mean of per-region
-F1s, which empty regions would make undefined).
+positive and every unclaimed centroid a false negative. Who claims whom is a maximum
+one-to-one matching (`match_pairs` says why), so the counts are deterministic. Counts are summed
+over regions before precision, recall and F1 are computed (the challenge's "overall F1", not a
+mean of per-region F1s, which empty regions would make undefined).
 """
 
 from __future__ import annotations
@@ -13,12 +14,14 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from scipy.optimize import linear_sum_assignment
 from scipy.spatial import cKDTree
 
 TUPAC_RADIUS_PX = 30.0
 TUPAC_MPP = 0.25
 
 Point = Sequence[float]  # (row, col) or (row, col, probability)
+Pair = tuple[int, int]  # (detection index, centroid index)
 
 
 def match_radius_px(mpp: float) -> float:
@@ -64,42 +67,46 @@ class Counts:
         }
 
 
-def evaluate_detections(pred: Sequence[Point], truth: Sequence[Point], radius_px: float) -> Counts:
-    """TP/FP/FN of one region. Each ground-truth centroid is matched at most once.
+def match_pairs(pred: Sequence[Point], truth: Sequence[Point], radius_px: float) -> list[Pair]:
+    """The one-to-one (detection, centroid) index pairs that count as true positives.
 
-    With probabilities (third element of every `pred`), detections claim centroids in order
-    of decreasing confidence, each taking its nearest unclaimed centroid within the radius
-    (as the challenge's evaluation does). Without, all detection-centroid pairs within the
-    radius are taken greedily by increasing distance.
+    A pair qualifies when the detection lies within `radius_px` of the centroid (distance <=
+    radius). The challenge states the rule per detection ("within 30 px of a centroid no
+    other detection has claimed") without saying in which order detections claim, and a
+    greedy order can lose a true positive: a detection equidistant to two centroids may take
+    the one another detection needed. So the pairs are a maximum matching: as many as any
+    claiming order could reach, then the smallest total distance, over points sorted by
+    (row, col), so neither the files' row order nor confidences (which the challenge's
+    evaluation ignores) change the count or the pairs.
     """
-    if not len(pred) or not len(truth):
-        return Counts(0, len(pred), len(truth))
-    d = np.asarray([p[:2] for p in pred], np.float64)
-    t = np.asarray([p[:2] for p in truth], np.float64)
-    tree = cKDTree(t)
-    claimed = np.zeros(len(t), bool)
-    tp = 0
-    if all(len(p) > 2 for p in pred):
-        order = np.argsort([-float(p[2]) for p in pred], kind="stable")
-        for i in order:
-            for j in sorted(tree.query_ball_point(d[i], radius_px), key=lambda j: _d2(d[i], t[j])):
-                if not claimed[j]:
-                    claimed[j] = True
-                    tp += 1
-                    break
-    else:
-        pairs = cKDTree(d).sparse_distance_matrix(tree, radius_px, output_type="ndarray")
-        used = np.zeros(len(d), bool)
-        for k in np.argsort(pairs["v"], kind="stable"):
-            i, j = int(pairs["i"][k]), int(pairs["j"][k])
-            if not used[i] and not claimed[j]:
-                used[i] = claimed[j] = True
-                tp += 1
-    return Counts(tp, len(d) - tp, len(t) - tp)
+    d, t = _rows_cols(pred), _rows_cols(truth)
+    if not len(d) or not len(t):
+        return []
+    near = cKDTree(t).query_ball_point(d, radius_px)
+    rows = sorted((i for i in range(len(d)) if near[i]), key=lambda i: (d[i, 0], d[i, 1], i))
+    if not rows:
+        return []
+    cols = sorted({j for i in rows for j in near[i]}, key=lambda j: (t[j, 0], t[j, 1], j))
+    neighbours = [set(near[i]) for i in rows]
+    within = np.array([[j in n for j in cols] for n in neighbours], bool).reshape(len(rows), -1)
+    dist = np.hypot(*(d[rows][:, None, :] - t[cols][None, :, :]).transpose(2, 0, 1))
+    # Any pair outside the radius costs more than every in-radius pair together, so the
+    # cheapest assignment has the most in-radius pairs first, the shortest distances second.
+    outside = radius_px * (min(len(rows), len(cols)) + 1) + 1.0
+    r_idx, c_idx = linear_sum_assignment(np.where(within, dist, outside))
+    return sorted((rows[a], cols[b]) for a, b in zip(r_idx, c_idx, strict=True) if within[a, b])
 
 
-def _d2(a: np.ndarray, b: np.ndarray) -> float:
-    return float(((a - b) ** 2).sum())
+def evaluate_detections(pred: Sequence[Point], truth: Sequence[Point], radius_px: float) -> Counts:
+    """TP/FP/FN of one region under the TUPAC rule (`match_pairs`): every detection matched
+    to no centroid is a false positive, every centroid matched to no detection a false
+    negative."""
+    tp = len(match_pairs(pred, truth, radius_px))
+    return Counts(tp, len(pred) - tp, len(truth) - tp)
+
+
+def _rows_cols(points: Sequence[Point]) -> np.ndarray:
+    return np.asarray([p[:2] for p in points], np.float64).reshape(-1, 2)
 
 
 def aggregate(counts: Iterable[Counts]) -> Counts:

@@ -56,7 +56,10 @@ def _resolve_weights(weights: str) -> Path | None:
 
 
 def build_tumor_model(
-    input_size: int = 224, weights: str = "none", classes: int = 3
+    input_size: int = 224,
+    weights: str = "none",
+    classes: int = 3,
+    molecular: tuple[float, float] | None = None,
 ) -> keras.Model:
     """Keras ResNet50 backbone (global average pooling) + dropout + softmax head.
 
@@ -64,6 +67,12 @@ def build_tumor_model(
     downloads), or a weights file: a full-model file (our checkpoints) or a backbone-only
     file such as Keras' ImageNet "notop" h5. A file that does not fit raises `WeightsError`
     here, before any training time is spent. The model expects `preprocess_tumor` output.
+
+    `molecular` = (mean, std) of the training slides' molecular scores adds the TUPAC16 task 2
+    regression head beside the class head: the model then returns a dict {"tumor_score":
+    probabilities, "molecular_score": [N, 1]}. The head predicts in standardised units and a
+    fixed rescaling returns the score's own units, so one loss weight suits any score range.
+    Without it the model is exactly the single-output model (same layers, same weights file).
     """
     weights_file = _resolve_weights(weights)  # fail fast, before building anything
     if input_size < 32:
@@ -81,10 +90,33 @@ def build_tumor_model(
     features = backbone(inputs)
     features = keras.layers.Dropout(0.5, name="dropout")(features)
     outputs = keras.layers.Dense(classes, activation="softmax", name="tumor_score")(features)
-    model = keras.Model(inputs, outputs, name="tumor")
+    if molecular is None:
+        model = keras.Model(inputs, outputs, name="tumor")
+    else:
+        mean, std = molecular
+        if not std > 0:
+            raise ValueError(f"molecular score std must be positive, got {std}")
+        standardised = keras.layers.Dense(1, name="molecular_head")(features)
+        value = keras.layers.Rescaling(std, offset=mean, name="molecular_score")(standardised)
+        model = keras.Model(
+            inputs, {"tumor_score": outputs, "molecular_score": value}, name="tumor"
+        )
     if weights_file is not None:
-        _load_weights(model, backbone, weights_file, f"{input_size} px ResNet50, {classes} classes")
+        head = ", molecular head" if molecular else ""
+        _load_weights(
+            model, backbone, weights_file, f"{input_size} px ResNet50, {classes} classes{head}"
+        )
     return model
+
+
+def tumor_outputs(outputs: Any) -> tuple[Any, Any | None]:
+    """(class probabilities, molecular scores [N] or None) of a tumor model's call, whichever
+    head layout it has."""
+    if isinstance(outputs, dict):
+        molecular = outputs.get("molecular_score")
+        flat = None if molecular is None else molecular[..., 0]
+        return outputs["tumor_score"], flat
+    return outputs, None
 
 
 def _load_weights(model: keras.Model, backbone: keras.Model, path: Path, what: str) -> None:

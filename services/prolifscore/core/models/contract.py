@@ -8,12 +8,36 @@ TensorFlow Serving layout `MODEL_ROOT/<name>/<version>/saved_model.pb` (+ `varia
 - input `tiles`: uint8 `[N, H, W, 3]` RGB tiles of any size. The signature does its own
   preprocessing (cast, resize, normalisation), so clients send 4x smaller requests than float32
   and training and serving cannot disagree on it (training calls the same `preprocess_*`).
-- tumor (`resnet50`): output `probabilities` float32 `[N, classes]` (softmax, sums to 1).
+- tumor (`resnet50`): output `probabilities` float32 `[N, classes]` (softmax, sums to 1); when
+  the model has the molecular head (trained when the labels carried TUPAC16 molecular scores)
+  also `molecular_score` float32 `[N]`, one value per tile. Without the head the signature has
+  `probabilities` only, as before.
 - mitosis (`mitosis`): output `mitosis_map` float32 `[N, ceil(H/8), ceil(W/8)]`; map cell
   `(i, j)` is centred on tile pixel `(8*i + 3.5, 8*j + 3.5)` and sees about 66 px around it.
 
-Each version also carries `assets.extra/prolifscore.json` (kind, sizes, stride, `trained`, ...),
-which TF Serving ignores and our clients read to refuse untrained models as results.
+Each version also carries `assets.extra/prolifscore.json` (`METADATA_FILE`), which TF Serving
+ignores and our clients read: `kind`, `model`, `version`, `trained` (false: random
+initialisation, never to be shown as a result), `input_size`, `classes`, `outputs` (name ->
+description), the detector's `threshold`, and for the tumor model:
+
+- `score_rule`, how the slide class follows from the tiles' mean probabilities p (normalised
+  to sum to 1) by default. `index` is the proliferation index, the expected score
+  sum_k k * p_k over k = 1..3 (continuous, what task 2's Spearman ranks). `default` is
+  "cutpoints" when `cutpoints` = [c1, c2] (ascending) were fitted, else "argmax". With cut
+  points: class = 1 + (index >= c1) + (index >= c2); `fitted_on` is "training slides"
+  (`slides` of them, at most `tiles_per_slide` evenly strided tiles each, null = all), with the
+  `train_kappa` / `val_kappa` they gave. Example:
+  `{"default": "cutpoints", "cutpoints": [1.42, 1.87], "index": "expected score sum_k k * p_k,
+  ...", "decision": "score = 1 + (index >= cutpoints[0]) + (index >= cutpoints[1])",
+  "fitted_on": "training slides", "slides": 78, "tiles_per_slide": 64, ...}`.
+  The scoring service calls `core.grading.evaluation.slide_decision(mean_probs, tile_classes,
+  rule, score_rule["cutpoints"])` -> (class, rule applied, index) for the request's ScoreRule
+  (unspecified: the model's default). Exports older than `score_rule` carry the same cut points
+  as `slide_cutpoints` (same meaning); with neither, the rule is argmax.
+- `molecular_head`: null (or absent) when the signature has no `molecular_score`; else
+  `{"output": "molecular_score", "trained": bool, "slide_value": "mean of tiles",
+  "target_mean", "target_std", "val_spearman", "val_slides"}`. A slide's molecular score is the
+  mean of its tiles' `molecular_score`; only a `trained` head's value is a result.
 """
 
 from __future__ import annotations
@@ -29,6 +53,7 @@ MITOSIS_MODEL = "mitosis"
 SIGNATURE = "serving_default"
 INPUT = "tiles"
 TUMOR_OUTPUT = "probabilities"
+TUMOR_MOLECULAR_OUTPUT = "molecular_score"
 MITOSIS_OUTPUT = "mitosis_map"
 METADATA_FILE = "assets.extra/prolifscore.json"
 

@@ -11,7 +11,11 @@ import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from prolifscore.core.models.architectures import build_mitosis_model, build_tumor_model
+from prolifscore.core.models.architectures import (
+    build_mitosis_model,
+    build_tumor_model,
+    tumor_outputs,
+)
 from prolifscore.core.models.contract import (
     DEFAULT_NAMES,
     INPUT,
@@ -22,6 +26,7 @@ from prolifscore.core.models.contract import (
     MITOSIS_RECEPTIVE_FIELD,
     MITOSIS_STRIDE,
     SIGNATURE,
+    TUMOR_MOLECULAR_OUTPUT,
     TUMOR_OUTPUT,
     Kind,
     preprocess_mitosis,
@@ -68,20 +73,7 @@ def _serving_function(model: keras.Model, kind: Kind) -> tuple[Any, dict[str, An
 
     spec = tf.TensorSpec([None, None, None, 3], tf.uint8, name=INPUT)
     if kind == "tumor":
-        input_size = int(model.input_shape[1])
-        classes = int(model.output_shape[-1])
-
-        @tf.function(input_signature=[spec])
-        def serve_tumor(tiles: tf.Tensor) -> dict[str, tf.Tensor]:
-            probs = model(preprocess_tumor(tiles, input_size), training=False)
-            return {TUMOR_OUTPUT: tf.cast(probs, tf.float32)}
-
-        return serve_tumor, {
-            "input_size": input_size,
-            "classes": classes,
-            "preprocessing": "bilinear antialiased resize to input_size, ResNet50 caffe",
-            "outputs": {TUMOR_OUTPUT: f"float32 [N, {classes}] softmax"},
-        }
+        return _tumor_serving_function(model, spec)
     if kind == "mitosis":
         if tuple(model.input_shape[1:3]) != (None, None):
             raise ValueError("the mitosis model must be fully convolutional (input [N,?,?,3])")
@@ -102,6 +94,40 @@ def _serving_function(model: keras.Model, kind: Kind) -> tuple[Any, dict[str, An
             "outputs": {MITOSIS_OUTPUT: "float32 [N, ceil(H/8), ceil(W/8)] sigmoid"},
         }
     raise ValueError(f"kind must be 'tumor' or 'mitosis', got {kind!r}")
+
+
+def _tumor_serving_function(model: keras.Model, spec: Any) -> tuple[Any, dict[str, Any]]:
+    """The tumor signature: `probabilities`, and `molecular_score` when the model has that head
+    (models without it keep today's single-output signature)."""
+    import tensorflow as tf
+
+    input_size = int(model.input_shape[1])
+    molecular = isinstance(model.output, dict)
+    classes = int((model.output["tumor_score"] if molecular else model.output).shape[-1])
+
+    @tf.function(input_signature=[spec])
+    def serve_tumor(tiles: tf.Tensor) -> dict[str, tf.Tensor]:
+        probs, values = tumor_outputs(model(preprocess_tumor(tiles, input_size), training=False))
+        out = {TUMOR_OUTPUT: tf.cast(probs, tf.float32)}
+        if values is not None:
+            out[TUMOR_MOLECULAR_OUTPUT] = tf.cast(values, tf.float32)
+        return out
+
+    outputs = {TUMOR_OUTPUT: f"float32 [N, {classes}] softmax"}
+    if molecular:
+        outputs[TUMOR_MOLECULAR_OUTPUT] = "float32 [N] molecular score per tile"
+    return serve_tumor, {
+        "input_size": input_size,
+        "classes": classes,
+        "preprocessing": "bilinear antialiased resize to input_size, ResNet50 caffe",
+        "outputs": outputs,
+        # Training replaces this with the head's facts; an untrained export says so.
+        "molecular_head": (
+            {"output": TUMOR_MOLECULAR_OUTPUT, "trained": False, "slide_value": "mean of tiles"}
+            if molecular
+            else None
+        ),
+    }
 
 
 def export_model(
@@ -212,17 +238,19 @@ def export_untrained(
     width: int = 16,
     seed: int = 0,
     metadata: dict[str, Any] | None = None,
+    molecular: tuple[float, float] | None = None,
 ) -> Path:
     """Export a randomly initialised model (tests, demos), marked `trained: false`.
 
     Its outputs are meaningless and must never be presented as a result; use a small
     `input_size` (e.g. 64) for the tumor model in tests so export and load take seconds.
+    `molecular` (mean, std) adds the untrained molecular head (its metadata says untrained).
     """
     import keras
 
     keras.utils.set_random_seed(seed)
     if kind == "tumor":
-        model = build_tumor_model(input_size=input_size, weights="none", classes=classes)
+        model = build_tumor_model(input_size, "none", classes, molecular)
     elif kind == "mitosis":
         model = build_mitosis_model(width=width)
     else:

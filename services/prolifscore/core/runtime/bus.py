@@ -27,6 +27,7 @@ from kafka.producer.future import FutureRecordMetadata
 from prolifscore.core.runtime import metrics
 from prolifscore.core.runtime.codec import CONTENT_TYPE, PROTOBUF, Headers, encode, header
 from prolifscore.core.runtime.consumer import Consumer
+from prolifscore.core.runtime.kafka_security import kafka_client_kwargs
 from prolifscore.core.runtime.settings import KafkaSettings
 from prolifscore.v1 import pipeline_pb2
 
@@ -104,7 +105,9 @@ def connect_with_backoff(what: str, settings: KafkaSettings, factory: Callable[[
 
 
 def _connect(what: str, s: KafkaSettings, client: Callable[..., C], **config: Any) -> C:
-    """`client(**config)` on `s`'s brokers, through `connect_with_backoff`."""
+    """`client(**config)` on `s`'s brokers with their TLS/SASL options, through
+    `connect_with_backoff`."""
+    security = kafka_client_kwargs(s)
     return connect_with_backoff(
         what,
         s,
@@ -112,6 +115,7 @@ def _connect(what: str, s: KafkaSettings, client: Callable[..., C], **config: An
             bootstrap_servers=s.bootstrap_servers,
             reconnect_backoff_max_ms=int(_BACKOFF_MAX_S * 1000),
             bootstrap_timeout_ms=bootstrap_ms,
+            **security,
             **config,
         ),
     )
@@ -155,6 +159,7 @@ class Bus:
     """One service's connection to Kafka: publish, dead-letter, create topics, make consumers."""
 
     def __init__(self, settings: KafkaSettings, service: str) -> None:
+        kafka_client_kwargs(settings)  # bad TLS/SASL settings stop the service now, named
         self.settings = settings
         self.service = service
         self.client_id = f"{settings.client_id}-{service}"

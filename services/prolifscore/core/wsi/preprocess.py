@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image
 
 from prolifscore.core.runtime.settings import PreprocessSettings
+from prolifscore.core.wsi import roi as roi_lib
 from prolifscore.core.wsi import stain as stain_lib
 from prolifscore.core.wsi.geometry import (
     TileGeometry,
@@ -61,9 +62,13 @@ def _enum(value: int, name: str, table: dict[str, int]) -> int:
 
 
 def resolve_spec(
-    slide: Slide, overrides: pb.TilingSpec, defaults: PreprocessSettings
+    slide: Slide,
+    overrides: pb.TilingSpec,
+    defaults: PreprocessSettings,
+    roi_digest: str = "",
 ) -> tuple[pb.ResolvedSpec, TileGeometry, list[str]]:
-    """Merge per-slide overrides with defaults, resolve the geometry, name the spec by hash."""
+    """Merge per-slide overrides with defaults, resolve the geometry, name the spec by hash
+    (regions of interest, by their digest, are part of the name)."""
     o = overrides
     target = target_mpp_from(
         o.target_magnification if o.HasField("target_magnification") else None,
@@ -117,6 +122,7 @@ def resolve_spec(
         tissue_mode=_enum(o.tissue_mode, defaults.tissue_mode, _MODES),
         stain_normalization=_enum(o.stain_normalization, defaults.stain_normalization, _STAINS),
         max_tiles=max_tiles,
+        roi_digest=roi_digest,
     )
     spec.spec_hash = spec_hash(spec, defaults.batch_size)
     return spec, geometry, warnings
@@ -141,15 +147,32 @@ class SlidePlan:
 
 
 def plan_slide(
-    slide: Slide, slide_id: str, overrides: pb.TilingSpec, defaults: PreprocessSettings
+    slide: Slide,
+    slide_id: str,
+    overrides: pb.TilingSpec,
+    defaults: PreprocessSettings,
+    rois: Sequence[pb.Polygon] = (),
 ) -> SlidePlan:
-    """Grid + low-resolution tissue mask -> the tiles worth reading, and the stain fit."""
-    spec, geometry, warnings = resolve_spec(slide, overrides, defaults)
+    """Grid + low-resolution tissue mask -> the tiles worth reading, and the stain fit. With
+    regions of interest, only grid tiles whose centre lies in one are candidates (`roi.py`)."""
+    try:
+        regions = roi_lib.validate(rois)
+    except roi_lib.RoiError as exc:
+        raise SpecError(f"regions of interest: {exc}") from exc
+    spec, geometry, warnings = resolve_spec(slide, overrides, defaults, roi_lib.digest(regions))
     cmap = compute_coverage_map(slide, mask_downsample_for(geometry), threads=defaults.read_threads)
     criterion = FastCriterion(spec.tissue_threshold)
     every_tile = spec.tissue_mode == pb.TISSUE_MODE_SEED  # the reference study reads them all
     cols, rows = np.meshgrid(np.arange(geometry.cols), np.arange(geometry.rows))
     cols, rows = cols.ravel(), rows.ravel()  # row-major grid order
+    if regions:
+        half = geometry.footprint0 / 2
+        inside = roi_lib.contains(
+            regions, cols * geometry.stride0 + half, rows * geometry.stride0 + half
+        )
+        cols, rows = cols[inside], rows[inside]
+        if not len(cols):
+            warnings.append("no tile of the slide's grid has its centre in the regions of interest")
     xs, ys = cols * geometry.stride0, rows * geometry.stride0
     cov = cmap.coverages(xs, ys, geometry.footprint0)
     chosen = np.arange(len(cov)) if every_tile else np.flatnonzero(cov >= criterion.candidate_min)

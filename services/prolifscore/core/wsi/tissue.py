@@ -186,12 +186,14 @@ def _fill_holes(mask: np.ndarray) -> np.ndarray:
 
 
 def _morph(mask: np.ndarray, radius: int, dilate: bool) -> np.ndarray:
-    """Binary dilation / erosion by a disk as OR / AND of shifted views (outside = False, as
-    scipy's binary_* defaults). Same result as ndi.binary_dilation / binary_erosion, ~20x
-    faster on a 256 px tile, where scipy's generic structuring-element loop dominated."""
+    """Binary dilation / erosion by a disk as OR / AND of shifted views, with scikit-image's
+    borders: dilation sees outside the tile as background, erosion as foreground (skimage's
+    binary_erosion uses border_value=True), so a tissue edge at the tile border is not eaten
+    away. Same result as skimage.morphology.binary_dilation / binary_erosion with disk(r),
+    which the reference study called, ~20x faster on a 256 px tile."""
     r = radius
     h, w = mask.shape
-    padded = np.zeros((h + 2 * r, w + 2 * r), bool)
+    padded = np.full((h + 2 * r, w + 2 * r), not dilate)
     padded[r : r + h, r : r + w] = mask
     out = padded[r : r + h, r : r + w].copy()
     combine = np.logical_or if dilate else np.logical_and

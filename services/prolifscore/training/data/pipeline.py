@@ -13,7 +13,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
-from prolifscore.training.data.shards import DatasetError, ShardRef, by_slide, check_dataset
+from prolifscore.training.data.shards import (
+    DatasetError,
+    ShardRef,
+    ShardSlice,
+    by_slide,
+    check_dataset,
+    worker_share,
+)
 
 if TYPE_CHECKING:
     import tensorflow as tf
@@ -114,15 +121,31 @@ def _prepare(image: tf.Tensor, input_size: int) -> tf.Tensor:
     return tf.ensure_shape(x, [input_size, input_size, 3])
 
 
-def _records(paths: Sequence[str], seed: int, cycle_length: int, parallel: bool) -> tf.data.Dataset:
-    """An endless, shuffled stream of serialized records from `paths`, read interleaved."""
+def _records(
+    parts: Sequence[ShardSlice], seed: int, cycle_length: int, parallel: bool
+) -> tf.data.Dataset:
+    """An endless, shuffled stream of serialized records from `parts`, read interleaved."""
     import tensorflow as tf
 
-    files = tf.data.Dataset.from_tensor_slices(list(paths))
-    files = files.shuffle(len(paths), seed=seed, reshuffle_each_iteration=True).repeat()
+    if all(p.skip == 0 and p.stride == 1 for p in parts):  # whole shards
+        files = tf.data.Dataset.from_tensor_slices([p.shard.path for p in parts])
+        read: Any = tf.data.TFRecordDataset
+    else:  # a worker's records of shards split by record (`worker_share`)
+        files = tf.data.Dataset.from_tensor_slices(
+            (
+                [p.shard.path for p in parts],
+                tf.constant([p.skip for p in parts], tf.int64),
+                tf.constant([p.stride for p in parts], tf.int64),
+            )
+        )
+
+        def read(path: tf.Tensor, skip: tf.Tensor, stride: tf.Tensor) -> tf.data.Dataset:
+            return tf.data.TFRecordDataset(path).skip(skip).shard(stride, 0)
+
+    files = files.shuffle(len(parts), seed=seed, reshuffle_each_iteration=True).repeat()
     return files.interleave(
-        tf.data.TFRecordDataset,
-        cycle_length=max(1, min(cycle_length, len(paths))),
+        read,
+        cycle_length=max(1, min(cycle_length, len(parts))),
         block_length=1,
         num_parallel_calls=tf.data.AUTOTUNE if parallel else None,
         deterministic=False,
@@ -166,21 +189,21 @@ def class_weight_table(
     return [(1.0 / classes) / p if p > 0 else 0.0 for p in share]
 
 
-def _sampled_records(
-    train: Sequence[ShardRef],
+def sampled_records(
+    share: Sequence[ShardSlice],
     balance: Balance,
     rng_seed: int,
     *,
-    slide_buffer: int,
-    cycle_length: int,
-    parallel_reads: bool | None,
+    slide_buffer: int = 16,
+    cycle_length: int = 4,
+    parallel_reads: bool | None = None,
 ) -> tf.data.Dataset:
-    """The train split's serialized records, endless, drawn as `balance` says (see
-    `train_dataset`)."""
+    """A worker's share of the train split as serialized records, endless, drawn as `balance`
+    says (see `train_dataset`)."""
     import tensorflow as tf
 
-    def leaf(group: Sequence[ShardRef], k: int, parallel: bool) -> tf.data.Dataset:
-        ds = _records([s.path for s in group], rng_seed + 7919 * k, cycle_length, parallel)
+    def leaf(group: Sequence[ShardSlice], k: int, parallel: bool) -> tf.data.Dataset:
+        ds = _records(group, rng_seed + 7919 * k, cycle_length, parallel)
         return ds.shuffle(slide_buffer, seed=rng_seed + 104729 * k) if slide_buffer > 1 else ds
 
     def mix(parts: list[tf.data.Dataset], k: int) -> tf.data.Dataset:
@@ -190,25 +213,31 @@ def _sampled_records(
             parts, weights=[1.0 / len(parts)] * len(parts), seed=rng_seed + 31 * k
         )
 
-    present = sorted({s.tumor_score for s in train if s.tumor_score is not None})
-    slides = by_slide(train)
+    share = [p for p in share if p.records]
+    if not share:
+        raise DatasetError("this worker's share of the train split holds no record")
+    present = sorted({p.shard.tumor_score for p in share if p.shard.tumor_score is not None})
+    slides: dict[str, list[ShardSlice]] = {}
+    for p in share:
+        slides.setdefault(p.shard.slide_id, []).append(p)
+    slides = dict(sorted(slides.items()))
     if balance == "slide_class":
         parallel = len(slides) <= 64 if parallel_reads is None else parallel_reads
         per_class = []
         for c in present:
-            group = [g for g in slides.values() if g[0].tumor_score == c]
+            group = [g for g in slides.values() if g[0].shard.tumor_score == c]
             per_class.append(mix([leaf(g, i + 1000 * c, parallel) for i, g in enumerate(group)], c))
         return mix(per_class, 0)
     if balance == "class":
         parallel = True if parallel_reads is None else parallel_reads
         return mix(
-            [leaf([s for s in train if s.tumor_score == c], c, parallel) for c in present], 0
+            [leaf([p for p in share if p.shard.tumor_score == c], c, parallel) for c in present], 0
         )
     if balance == "slide":
         parallel = len(slides) <= 64 if parallel_reads is None else parallel_reads
         return mix([leaf(g, i, parallel) for i, g in enumerate(slides.values())], 0)
     if balance == "none":
-        return _records([s.path for s in train], rng_seed, cycle_length, True)
+        return _records(share, rng_seed, cycle_length, True)
     raise ValueError(f"balance must be slide_class, class, slide or none, got {balance!r}")
 
 
@@ -226,8 +255,12 @@ def train_dataset(
     cycle_length: int = 4,
     parallel_reads: bool | None = None,
     classes: int = 3,
+    molecular: bool = False,
+    rank: int = 0,
+    world: int = 1,
 ) -> tf.data.Dataset:
-    """Endless batches `(x, y)` (or `(x, y, w)` with class weights) from the train split.
+    """Endless batches `(x, y)` (or `(x, y, w)` with class weights) from worker `rank`'s share
+    of the train split (`worker_share`; all of it for one worker), `batch_size` tiles each.
 
     `balance`: "slide_class" draws a class uniformly, then a slide of that class uniformly,
     then a tile of that slide (hierarchical `sample_from_datasets`); "class" draws classes
@@ -239,6 +272,9 @@ def train_dataset(
     `parallel_reads` (default: when there are at most 64 leaf streams) reads each leaf's
     shards with a parallel interleave; with hundreds of leaves sequential leaves and the
     parallel decode map avoid hundreds of reader threads.
+    `molecular`: targets are a dict {"tumor_score": y, "molecular_score": m} (m NaN where the
+    slide has no molecular score: the masked loss skips it), class weights apply to the class
+    head only.
     """
     import tensorflow as tf
 
@@ -246,8 +282,8 @@ def train_dataset(
     check_dataset(train, require_labels=True, where="the train split")
     aug = augment if augment is not None else Augment()
     rng_seed = int(seed) % (2**31 - 1)
-    records = _sampled_records(
-        train,
+    records = sampled_records(
+        worker_share(train, rank, world),
         balance,
         rng_seed,
         slide_buffer=slide_buffer,
@@ -259,21 +295,24 @@ def train_dataset(
         records = records.shuffle(shuffle_buffer, seed=rng_seed + 1)
     noise = tf.data.Dataset.random(seed=rng_seed + 2).batch(2)
 
-    def to_example(serialized: tf.Tensor, element_seed: tf.Tensor) -> tuple[tf.Tensor, ...]:
+    def to_example(serialized: tf.Tensor, element_seed: tf.Tensor) -> tuple[Any, ...]:
         tile = decode_tile(serialized)
         x = _prepare(augment_tile(tile["image"], element_seed, aug), input_size)
-        y = tile["label"]
-        if weights is None:
-            return x, y
-        return x, y, tf.gather(tf.constant(weights, tf.float32), y)
+        y: Any = tile["label"]
+        w = None if weights is None else tf.gather(tf.constant(weights, tf.float32), y)
+        if molecular:
+            y = {"tumor_score": y, "molecular_score": tile["molecular_score"]}
+            if w is not None:
+                w = {"tumor_score": w, "molecular_score": tf.ones_like(w)}
+        return (x, y) if w is None else (x, y, w)
 
     ds = tf.data.Dataset.zip((records, noise)).map(
         to_example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=False
     )
     ds = ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
     options = tf.data.Options()
-    # Every worker samples its own endless stream (seeded per worker): sharding by file would
-    # break the balanced sampler.
+    # Sharding is done above (`worker_share`), by class, before the balanced sampler: TF's
+    # auto-sharding by file would leave a worker without some classes' slides.
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
     return ds.with_options(options)
 

@@ -353,3 +353,44 @@ def by_slide(shards: Iterable[ShardRef]) -> dict[str, list[ShardRef]]:
     for s in shards:
         out.setdefault(s.slide_id, []).append(s)
     return dict(sorted(out.items()))
+
+
+@dataclass(frozen=True)
+class ShardSlice:
+    """The part of a shard one training worker reads: records `skip`, `skip + stride`, ..."""
+
+    shard: ShardRef
+    skip: int = 0
+    stride: int = 1
+
+    @property
+    def records(self) -> int:
+        return max(0, math.ceil((self.shard.tile_count - self.skip) / self.stride))
+
+
+def worker_share(train: Sequence[ShardRef], rank: int, world: int) -> list[ShardSlice]:
+    """Worker `rank`'s disjoint share of the train shards; the `world` shares cover every record.
+
+    Per class (the balanced sampler draws every class on every worker): with at least `world`
+    shards, whole shards are dealt round-robin (each worker reads only its files); with fewer,
+    every shard is split by record, record m of the class's i-th shard going to worker
+    (m + i) mod world, so small classes still reach every worker. Order is by slide and path,
+    so every worker computes the same shares from the same list.
+    """
+    if world < 1 or not 0 <= rank < world:
+        raise ValueError(f"rank {rank} is not in a world of {world}")
+    if world == 1:
+        return [ShardSlice(s) for s in train]
+    by_class: dict[int | None, list[ShardRef]] = {}
+    for s in sorted(train, key=lambda s: (s.slide_id, s.path)):
+        by_class.setdefault(s.tumor_score, []).append(s)
+    share: list[ShardSlice] = []
+    for _, group in sorted(by_class.items(), key=lambda kv: kv[0] or 0):
+        if len(group) >= world:
+            share += [ShardSlice(s) for i, s in enumerate(group) if i % world == rank]
+            continue
+        for i, s in enumerate(group):
+            part = ShardSlice(s, (rank - i) % world, world)
+            if part.records:
+                share.append(part)
+    return share

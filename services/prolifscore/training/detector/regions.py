@@ -4,10 +4,8 @@ resolution, and split by case."""
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,12 +15,12 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage as ndi
 
+from prolifscore.core.grading.submission import IMAGE_SUFFIXES, EvaluationError, read_points
 from prolifscore.core.models.contract import MITOSIS_PATCH
 from prolifscore.core.wsi.tissue import od_tissue_mask
 
 TARGET_MPP = 0.5
 TUPAC_AUX_MPP = 0.25  # the real auxiliary mitosis set is scanned at 40x
-IMAGE_SUFFIXES = (".tif", ".tiff")
 MPP_TOLERANCE = 0.02
 REGION_PAD = MITOSIS_PATCH  # reflect padding so patches at region borders can be cut
 
@@ -104,31 +102,13 @@ class MitosisDataset:
 
 
 def read_centroids(path: Path) -> np.ndarray:
-    """`row,col` lines (TUPAC16: integers, no header); a `row,col` header line is tolerated.
-    Anything else is a DatasetError naming the file and line."""
-    rows: list[tuple[float, float]] = []
+    """`row,col` lines (TUPAC16: integers, no header), `[n, 2]`; a `row,col` header line is
+    tolerated. Anything else is a DatasetError naming the file and line (the same reader as
+    `prolifscore evaluate`'s ground truth)."""
     try:
-        text = path.read_text()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DatasetError(f"cannot read {path}: {exc}") from exc
-    for lineno, row in enumerate(csv.reader(text.splitlines()), start=1):
-        cells = [c.strip() for c in row]
-        if not any(cells):
-            continue
-        if lineno == 1 and [c.lower() for c in cells] == ["row", "col"]:
-            continue
-        try:
-            if len(cells) != 2:
-                raise ValueError
-            r, c = float(cells[0]), float(cells[1])
-            if not (math.isfinite(r) and math.isfinite(c)):
-                raise ValueError
-        except ValueError:
-            raise DatasetError(
-                f"{path}:{lineno}: expected two numbers 'row,col', got {','.join(row)!r}"
-            ) from None
-        rows.append((r, c))
-    return np.asarray(rows, np.float64).reshape(-1, 2)
+        return read_points(path)
+    except EvaluationError as exc:
+        raise DatasetError(str(exc)) from None
 
 
 def _read_image(path: Path) -> np.ndarray:

@@ -14,6 +14,11 @@ from prolifscore.training.schedule import cosine_lr
 Backend = Literal["auto", "ray_train", "ray_actor"]
 
 
+# Fewer train slides with distinct molecular scores than this: no molecular head by default
+# (a regression fitted to one or two values learns nothing the scorer could use).
+MIN_MOLECULAR_SLIDES = 3
+
+
 class TrainingError(RuntimeError):
     """The run failed or did not finish: nothing was exported."""
 
@@ -63,6 +68,14 @@ class TumorTrainConfig:
     restore_best: bool = True  # export the best epoch's weights, not the last
     # Fit slide-decision cut points on the training slides after training (`calibrate`).
     calibrate: bool = False
+    # TUPAC16 task 2: a regression head for the molecular proliferation score beside the
+    # class head, trained in the same run (masked loss: tiles of slides without a molecular
+    # score contribute nothing). None = when at least MIN_MOLECULAR_SLIDES train slides carry
+    # distinct molecular scores; the driver resolves it before training (`resolve_molecular`).
+    molecular: bool | None = None
+    molecular_loss_weight: float = 1.0
+    # [mean, std] of the train slides' molecular scores: the head's units (set by the driver).
+    molecular_target: list[float] | None = None
     max_eval_tiles_per_slide: int | None = 64  # bounds per-epoch validation on huge slides
     eval_batch_size: int = 64
     aggregation: Literal["mean", "rounded_mean"] = "mean"
@@ -81,6 +94,20 @@ class TumorTrainConfig:
     verbose: int = 0
     # Fault injection (tests): the run's first attempt raises after this epoch.
     fail_after_epoch: int | None = None
+
+    @property
+    def molecular_stats(self) -> tuple[float, float] | None:
+        """(mean, std) for `build_tumor_model` when the molecular head is on, else None."""
+        if not self.molecular:
+            return None
+        if not self.molecular_target or len(self.molecular_target) != 2:
+            raise ValueError("the molecular head needs molecular_target = [mean, std]")
+        return float(self.molecular_target[0]), float(self.molecular_target[1])
+
+    @property
+    def per_worker_batch(self) -> int:
+        """Each worker's batch: `batch_size` is the global batch, split evenly."""
+        return self.batch_size // self.workers
 
     @property
     def epochs(self) -> int:
@@ -107,6 +134,15 @@ class TumorTrainConfig:
             raise ValueError("epochs, steps_per_epoch and batch_size must be positive")
         if self.workers < 1:
             raise ValueError(f"workers must be >= 1, got {self.workers}")
+        if self.batch_size % self.workers:
+            raise ValueError(
+                f"batch_size {self.batch_size} (the global batch) must be a multiple of "
+                f"workers ({self.workers})"
+            )
+        if self.molecular_loss_weight < 0:
+            raise ValueError(
+                f"molecular_loss_weight must be >= 0, got {self.molecular_loss_weight}"
+            )
         if self.unfreeze not in ("conv5", "all"):
             raise ValueError(f"unfreeze must be 'conv5' or 'all', got {self.unfreeze!r}")
         if self.monitor not in ("val_slide_kappa", "val_loss"):
@@ -144,3 +180,22 @@ class TumorTrainResult:
     backend: str = ""
     seconds: float = 0.0
     weights_file: Path | None = None  # the exported (best or last) weights
+
+
+def resolve_molecular(config: TumorTrainConfig, train_scores: Mapping[str, float]) -> None:
+    """Decide the molecular head from the train slides' molecular scores (slide id -> score,
+    known ones only) and set its units, in place. An explicit `molecular=True` without usable
+    scores is an error here, before any training time is spent."""
+    values = sorted(float(v) for v in train_scores.values())
+    usable = len(set(values)) >= MIN_MOLECULAR_SLIDES
+    if config.molecular and not usable:
+        raise ValueError(
+            f"molecular=True needs at least {MIN_MOLECULAR_SLIDES} train slides with distinct "
+            f"molecular scores, found {len(set(values))}"
+        )
+    if config.molecular is None:
+        config.molecular = usable
+    if config.molecular and not config.molecular_target:
+        mean = sum(values) / len(values)
+        std = (sum((v - mean) ** 2 for v in values) / len(values)) ** 0.5
+        config.molecular_target = [round(mean, 6), round(std, 6)]

@@ -9,6 +9,7 @@ decision without a collective; only rank 0 writes checkpoints and TensorBoard lo
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -17,12 +18,14 @@ import shutil
 import tempfile
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from prolifscore.training.data.pipeline import Augment, eval_dataset, train_dataset
-from prolifscore.training.data.shards import ShardRef
+from prolifscore.training.data.shards import ShardRef, worker_share
 from prolifscore.training.tumor.checkpoints import (
     BEST_FILE,
     OPTIMIZER_FILE,
@@ -38,6 +41,7 @@ from prolifscore.training.tumor.model import (
     load_optimizer,
     save_optimizer,
 )
+from prolifscore.training.tumor.multiworker import MultiWorkerFit
 from prolifscore.training.tumor.predict import (
     capped_tiles,
     evaluate_tiles,
@@ -124,6 +128,31 @@ class ScalarWriter:
             writer.flush()
 
 
+class WorkerJournal:
+    """What one worker did, as JSON lines in `<run_dir>/workers/rank-<r>.jsonl`: its share of
+    the train records when it starts, then per epoch its batch, whether it wrote the
+    checkpoint, and a digest of its trainable weights (equal on every worker when gradients
+    are all-reduced). Ray Train keeps only rank 0's metrics; this keeps every worker's."""
+
+    def __init__(self, folder: str, rank: int) -> None:
+        self.path = Path(folder) / f"rank-{rank}.jsonl" if folder else None
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(self, **event: Any) -> None:
+        if self.path is not None:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(event, default=str) + "\n")
+
+
+def weights_digest(model: keras.Model) -> str:
+    """SHA-256 of the trainable weights' bytes."""
+    h = hashlib.sha256()
+    for v in model.trainable_variables:
+        h.update(np.ascontiguousarray(np.asarray(v.numpy())).tobytes())
+    return h.hexdigest()[:16]
+
+
 @dataclass
 class _Worker:
     """One worker's part of the run: what every step of the loop reads or changes."""
@@ -134,6 +163,11 @@ class _Worker:
     model: keras.Model
     strategy: tf.distribute.Strategy
     work: Path  # scratch: an epoch's checkpoint until it is reported, the best weights so far
+    journal: WorkerJournal
+    multiworker: MultiWorkerFit = field(init=False)  # the steps with several workers
+
+    def __post_init__(self) -> None:
+        self.multiworker = MultiWorkerFit(self.model, self.strategy)
 
     @property
     def chief(self) -> bool:
@@ -158,7 +192,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """Ray Train's per-worker function: build, (resume,) train, evaluate, checkpoint, report.
 
     `loop_config` (a dict, as Ray Train passes it on): the run's `config`, `shards`,
-    `fingerprint`, `backend`, `storage`, `tensorboard_dir` and the driver's `resume_from`.
+    `fingerprint`, `backend`, `storage`, `tensorboard_dir`, `workers_dir` (the journals) and
+    the driver's `resume_from`.
     """
     session = session_for(loop_config["backend"], Path(loop_config["storage"]))
     config = TumorTrainConfig.from_dict(loop_config["config"])
@@ -166,10 +201,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     model, strategy = build_for_worker(config)
     validation = _validation(config, shards)
     work = Path(tempfile.mkdtemp(prefix="tumor-train-"))
-    worker = _Worker(config, shards, session, model, strategy, work)
+    journal = WorkerJournal(loop_config.get("workers_dir", ""), session.rank)
+    worker = _Worker(config, shards, session, model, strategy, work, journal)
     state = _fresh_state(config, loop_config["fingerprint"])
     _resume(worker, state, loop_config)
     state["runs"].append({"start_epoch": state["epoch"], "backend": loop_config["backend"]})
+    _journal_start(worker, state)
 
     # Rank 0 logs every epoch's metrics as TensorBoard scalars. Keras' TensorBoard callback
     # (tf.summary.scalar) needs the tensorboard package; tf.summary.write does not.
@@ -189,6 +226,21 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if inject is not None and len(state["runs"]) == 1 and epoch >= inject:
             raise RuntimeError(f"injected failure after epoch {epoch}")
     shutil.rmtree(work, ignore_errors=True)
+
+
+def _journal_start(worker: _Worker, state: dict[str, Any]) -> None:
+    """The worker's place and its share of the train records, as it starts (or resumes)."""
+    rank, world = worker.session.rank, worker.session.world_size
+    share = worker_share([s for s in worker.shards if s.split == "train"], rank, world)
+    worker.journal.write(
+        event="start",
+        rank=rank,
+        world_size=world,
+        attempt=len(state["runs"]),
+        start_epoch=state["epoch"],
+        share_records=sum(p.records for p in share),
+        share=[[p.shard.path, p.skip, p.stride] for p in share],
+    )
 
 
 def _validation(config: TumorTrainConfig, shards: list[ShardRef]) -> _Validation:
@@ -254,10 +306,12 @@ def _check_resumable(
             f"{saved.get('dataset_fingerprint')}, this run has "
             f"{fingerprint}: use a new run name"
         )
-    for key in ("input_size", "classes"):
-        if saved.get("config", {}).get(key, getattr(config, key)) != getattr(config, key):
+    # What the weights' shapes depend on; checkpoints from before the molecular head had none.
+    saved_config = {"molecular": False, "molecular_target": None, **saved.get("config", {})}
+    for key in ("input_size", "classes", "molecular", "molecular_target"):
+        if saved_config.get(key, getattr(config, key)) != getattr(config, key):
             raise TrainingError(
-                f"checkpoint {ckpt} has {key}={saved['config'][key]}, this run "
+                f"checkpoint {ckpt} has {key}={saved_config[key]}, this run "
                 f"{getattr(config, key)}: use a new run name"
             )
 
@@ -281,19 +335,28 @@ def _run_epoch(
     lr = config.learning_rate(epoch)
     model.optimizer.learning_rate.assign(lr)
     ds = _epoch_dataset(worker, epoch, augment)
+    per_worker_batch = _batch_dim(ds)
+    global_batch = per_worker_batch * worker.strategy.num_replicas_in_sync
     started = time.perf_counter()
     clock = _step_clock()
-    fit = model.fit(
-        ds,
-        steps_per_epoch=config.steps_per_epoch,
-        initial_epoch=epoch,
-        epochs=epoch + 1,
-        verbose=config.verbose,
-        callbacks=[clock],
-    )
+    if worker.session.world_size > 1:  # Keras' fit cannot (multiworker.py)
+        history = worker.multiworker.fit(
+            lambda: _epoch_dataset(worker, epoch, augment),
+            config.steps_per_epoch,
+            clock.on_train_batch_end,
+        )
+    else:
+        history = model.fit(
+            ds,
+            steps_per_epoch=config.steps_per_epoch,
+            initial_epoch=epoch,
+            epochs=epoch + 1,
+            verbose=config.verbose,
+            callbacks=[clock],
+        ).history
     train_s = time.perf_counter() - started
-    loss = float(fit.history["loss"][-1])
-    acc = fit.history.get("accuracy", fit.history.get("weighted_accuracy", [math.nan]))
+    loss = float(history["loss"][-1])
+    acc = next((v for k, v in sorted(history.items()) if k.endswith("accuracy")), [math.nan])
     if not math.isfinite(loss):
         raise TrainingError(f"training loss is {loss} at epoch {epoch + 1}")
     started = time.perf_counter()
@@ -305,29 +368,45 @@ def _run_epoch(
         "loss": loss,
         "accuracy": float(acc[-1]),
         **evaluate_tiles(pred, validation.truth, validation.molecular, config.aggregation),
+        **{k: float(v[-1]) for k, v in history.items() if k.startswith("molecular")},
+        "workers": worker.session.world_size,
+        "per_worker_batch": per_worker_batch,
+        "global_batch": global_batch,
         "train_s": round(train_s, 2),
-        "train_img_s": round(config.steps_per_epoch * config.batch_size / train_s, 2),
-        "steady_img_s": round(clock.images_per_second(config.batch_size), 2),
+        "train_img_s": round(config.steps_per_epoch * global_batch / train_s, 2),
+        "steady_img_s": round(clock.images_per_second(global_batch), 2),
         "eval_s": round(time.perf_counter() - started, 2),
     }
 
 
 def _epoch_dataset(worker: _Worker, epoch: int, augment: Augment) -> tf.data.Dataset:
     """The epoch's training stream, seeded by epoch and rank: a resumed epoch draws the same
-    tiles, and workers draw different ones."""
-    config = worker.config
+    tiles, and workers draw different ones, each from its own share of the train shards
+    (`worker_share`), `per_worker_batch` tiles per step."""
+    config, rank, world = worker.config, worker.session.rank, worker.session.world_size
     return train_dataset(
         worker.shards,
         input_size=config.input_size,
-        batch_size=config.batch_size,
-        seed=config.seed + 1009 * epoch + 7919 * worker.session.rank,
+        batch_size=config.per_worker_batch,
+        seed=config.seed + 1009 * epoch + 7919 * rank,
         balance=config.balance,
         class_weights=config.class_weights,
         augment=augment,
         shuffle_buffer=config.shuffle_buffer,
         slide_buffer=config.slide_buffer,
         classes=config.classes,
+        molecular=bool(config.molecular),
+        rank=rank,
+        world=world,
     )
+
+
+def _batch_dim(ds: Any) -> int:
+    """The static batch dimension of the images a worker's stream yields per step."""
+    import tensorflow as tf
+
+    spec = tf.nest.flatten(ds.element_spec, expand_composites=True)[0]
+    return int(spec.shape[0])
 
 
 def _record_epoch(
@@ -358,6 +437,14 @@ def _checkpoint_and_report(
             shutil.copy(worker.best_weights, ckpt_dir / BEST_FILE)
         (ckpt_dir / STATE_FILE).write_text(json.dumps(state, indent=1))  # last: complete
     worker.session.report({**metrics, "finished": state["finished"]}, ckpt_dir)
+    worker.journal.write(
+        event="epoch",
+        epoch=epoch,
+        checkpoint=ckpt_dir is not None,
+        per_worker_batch=metrics["per_worker_batch"],
+        global_batch=metrics["global_batch"],
+        weights=weights_digest(model),
+    )
     if ckpt_dir is not None:
         if state["best_epoch"] == epoch:  # keep this epoch's weights as the best so far
             if (ckpt_dir / WEIGHTS_FILE).is_file():

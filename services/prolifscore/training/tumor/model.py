@@ -36,7 +36,9 @@ def build_for_worker(config: TumorTrainConfig) -> tuple[keras.Model, tf.distribu
     strategy = tf.distribute.MultiWorkerMirroredStrategy()
     keras.utils.set_random_seed(config.seed)  # same initial weights on every worker
     with strategy.scope():
-        model = build_tumor_model(config.input_size, config.weights, config.classes)
+        model = build_tumor_model(
+            config.input_size, config.weights, config.classes, config.molecular_stats
+        )
     if config.zero_init_residual and random_init(config.weights):
         zero_residual_gammas(model.get_layer("resnet50"))
     if config.bn_momentum is not None:
@@ -86,12 +88,36 @@ def configure_phase(model: keras.Model, phase: str, config: TumorTrainConfig) ->
         else:
             optimizer = keras.optimizers.SGD(config.finetune_lr, momentum=config.finetune_momentum)
     weighted = config.class_weights is not None
+    accuracy: Any = ["accuracy"]
+    loss: Any = "sparse_categorical_crossentropy"
+    loss_weights = None
+    stats = config.molecular_stats
+    if stats is not None:
+        accuracy = {"tumor_score": ["accuracy"]}
+        loss = {"tumor_score": loss, "molecular_score": masked_molecular_loss(stats[1])}
+        loss_weights = {"tumor_score": 1.0, "molecular_score": config.molecular_loss_weight}
     model.compile(
         optimizer=optimizer,
-        loss="sparse_categorical_crossentropy",
-        metrics=None if weighted else ["accuracy"],
-        weighted_metrics=["accuracy"] if weighted else None,
+        loss=loss,
+        loss_weights=loss_weights,
+        metrics=None if weighted else accuracy,
+        weighted_metrics=accuracy if weighted else None,
     )
+
+
+def masked_molecular_loss(std: float) -> Any:
+    """Squared error in units of the train slides' std, per tile; 0 where the target is NaN
+    (a slide without a molecular score), so those tiles add nothing to loss or gradient."""
+    import tensorflow as tf
+
+    def molecular_loss(y_true: tf.Tensor, y_pred: tf.Tensor) -> tf.Tensor:
+        target = tf.reshape(tf.cast(y_true, tf.float32), [-1])
+        value = tf.reshape(tf.cast(y_pred, tf.float32), [-1])
+        known = tf.math.is_finite(target)
+        error = tf.where(known, (value - tf.where(known, target, 0.0)) / std, 0.0)
+        return tf.square(error)
+
+    return molecular_loss
 
 
 def save_optimizer(model: keras.Model, path: Path) -> None:
@@ -121,7 +147,7 @@ def check_weights(config: TumorTrainConfig) -> None:
         return
     from prolifscore.core.models.architectures import build_tumor_model
 
-    build_tumor_model(config.input_size, config.weights, config.classes)
+    build_tumor_model(config.input_size, config.weights, config.classes, config.molecular_stats)
 
 
 def load_trained(config: TumorTrainConfig, weights_file: Path) -> keras.Model:
@@ -131,6 +157,6 @@ def load_trained(config: TumorTrainConfig, weights_file: Path) -> keras.Model:
     from prolifscore.core.models.architectures import build_tumor_model
 
     keras.mixed_precision.set_global_policy("float32")
-    model = build_tumor_model(config.input_size, "none", config.classes)
+    model = build_tumor_model(config.input_size, "none", config.classes, config.molecular_stats)
     model.load_weights(str(weights_file))
     return model

@@ -29,10 +29,15 @@ from prolifscore.training.tumor.checkpoints import (
     WEIGHTS_FILE,
     latest_checkpoint,
 )
-from prolifscore.training.tumor.config import TrainingError, TumorTrainConfig, TumorTrainResult
+from prolifscore.training.tumor.config import (
+    TrainingError,
+    TumorTrainConfig,
+    TumorTrainResult,
+    resolve_molecular,
+)
 from prolifscore.training.tumor.loop import LocalWorker, train_loop_per_worker
 from prolifscore.training.tumor.model import check_weights, load_trained
-from prolifscore.training.tumor.predict import calibrate
+from prolifscore.training.tumor.predict import calibrate, score_rule_metadata, slide_labels
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +138,7 @@ class _Run:
             "backend": backend,
             "storage": str(self.storage),
             "tensorboard_dir": str(self.tensorboard),
+            "workers_dir": str(self.run_dir / "workers"),
             "resume_from": str(self.resume_from) if self.resume_from else "",
         }
 
@@ -148,9 +154,11 @@ def train_tumor(
     """Train (or resume) the tumor-score model and export it to `model_root` (None: no export).
 
     Re-running with the same `run_dir` and `config.run_name` resumes from the newest
-    checkpoint at the next epoch. Raises `DatasetError` / `WeightsError` before training for
-    unusable inputs and `TrainingError` when the run fails or stops before finishing; in every
-    failure case nothing is exported.
+    checkpoint at the next epoch. `config.molecular` and `config.molecular_target` are
+    resolved in place from the train slides' molecular scores (`resolve_molecular`), so the
+    caller's config rebuilds the trained model (`load_trained`). Raises `DatasetError` /
+    `WeightsError` before training for unusable inputs and `TrainingError` when the run fails
+    or stops before finishing; in every failure case nothing is exported.
     """
     started = time.perf_counter()
     config.validate()
@@ -181,6 +189,8 @@ def _prepare(config: TumorTrainConfig, shards: Sequence[ShardRef], run_dir: Path
     this run name may (re)start here."""
     check_dataset(shards, require_labels=True, require_splits=("train", "validation"))
     checked = _verified(shards)
+    _, molecular = slide_labels([s for s in checked.good if s.split == "train"])
+    resolve_molecular(config, molecular)
     check_weights(config)
     fingerprint = dataset_fingerprint(checked.good)
     storage = (
@@ -308,6 +318,7 @@ def _calibrate_and_export(
         metrics.update(calibration)
     if model_root is None:
         return None
+    from prolifscore.core.models.contract import TUMOR_MOLECULAR_OUTPUT
     from prolifscore.core.models.export import export_model
 
     meta = {
@@ -322,7 +333,19 @@ def _calibrate_and_export(
         "skipped_shards": run.checked.report()["skipped"],
         "backend": backend,
         "aggregation": config.aggregation,
+        "score_rule": score_rule_metadata(config, calibration),
     }
     if calibration:
-        meta["slide_cutpoints"] = calibration["slide_cutpoints"]
+        meta["slide_cutpoints"] = calibration["slide_cutpoints"]  # the keys before score_rule
+    stats = config.molecular_stats
+    if stats is not None:
+        meta["molecular_head"] = {
+            "output": TUMOR_MOLECULAR_OUTPUT,
+            "trained": True,
+            "slide_value": "mean of tiles",
+            "target_mean": stats[0],
+            "target_std": stats[1],
+            "val_spearman": metrics.get("val_molecular_spearman"),
+            "val_slides": metrics.get("val_molecular_slides"),
+        }
     return export_model(model, "tumor", Path(model_root), metadata=meta)
