@@ -233,7 +233,7 @@ def test_config_file_version_policies(tmp_path: Path) -> None:
     server, client = start_server(root, model_config=config)
     try:
         tiles = _tiles(1, 64, 64)
-        version = lambda **spec: client.run(_request(**spec, tiles=tiles)).model_spec.version.value  # noqa: E731
+        version = lambda **spec: client.run(_request(**spec, pixels=tiles)).model_spec.version.value  # noqa: E731
         assert version(model="pinned") == 2  # newest of the specific versions, not 3
         assert version(model="pinned", version_label="stable") == 1
         assert version(model="pinned", version_label="canary") == 2
