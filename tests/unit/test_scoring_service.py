@@ -48,7 +48,12 @@ class SlowModels:
         self._lock = threading.Lock()
 
     def predict(
-        self, model: str, tiles: np.ndarray, output: str, timeout: float | None = None
+        self,
+        model: str,
+        tiles: np.ndarray,
+        output: str,
+        timeout: float | None = None,
+        label: str = "",
     ) -> tuple[np.ndarray, int]:
         with self._lock:
             self.calls += 1
@@ -293,7 +298,12 @@ class PeakModels(SlowModels):
         super().__init__(delay=0.0)
 
     def predict(
-        self, model: str, tiles: np.ndarray, output: str, timeout: float | None = None
+        self,
+        model: str,
+        tiles: np.ndarray,
+        output: str,
+        timeout: float | None = None,
+        label: str = "",
     ) -> tuple[np.ndarray, int]:
         maps, _ = super().predict(model, tiles, output, timeout)
         if output == "probabilities":

@@ -45,6 +45,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         type=Path,
         help="score only tiles centred in these regions: GeoJSON or TUPAC16 x,y,w,h CSV file",
     )
+    p.add_argument(
+        "--model-label", default="", help="version label of the tumor model (e.g. stable, canary)"
+    )
     p.add_argument("--timeout", type=float, default=600.0, help="deadline in seconds")
     p.add_argument("--token", default=os.environ.get("PROLIF_AUTH_TOKEN", ""), help="bearer token")
     p.add_argument(
@@ -80,6 +83,7 @@ def build_request(
     aggregation: str | None = None,
     roi_file: Path | None = None,
     rule: str | None = None,
+    model_label: str = "",
 ) -> spb.ScoreRequest:
     """`slide` is a path as the server sees it; a local file is sent as its absolute path. The
     slide id is the file name without extension (made a valid id if it is not one). Raises
@@ -95,6 +99,7 @@ def build_request(
         aggregation=_AGG.get(aggregation or "", 0),
         score_rule=SCORE_RULES.get(rule or "", 0),
         rois=roi.read_file(roi_file) if roi_file else [],
+        model_label=model_label,
     )
 
 
@@ -201,6 +206,7 @@ def run(args: argparse.Namespace) -> int:
             aggregation=args.aggregation,
             roi_file=args.roi,
             rule=args.rule,
+            model_label=args.model_label,
         )
     except ValueError as exc:  # RoiError
         print(f"error: regions of interest: {exc}", file=sys.stderr)

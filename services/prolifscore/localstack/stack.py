@@ -58,6 +58,7 @@ class ServiceProcess:
         """Start the process without waiting: several services start side by side."""
         env = {**os.environ, **self.env, self.port_env: str(self.grpc_port)}
         env.setdefault("PROLIF_METRICS_PORT", "0")
+        env.setdefault("PROLIF_MODEL_SERVER_REST_PORT", "0")  # several model servers may run
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", self.module], env=env, stdout=log, stderr=subprocess.STDOUT

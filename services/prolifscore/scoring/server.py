@@ -65,6 +65,8 @@ ERROR_CODES: list[tuple[type[BaseException], grpc.StatusCode]] = [
 def status_for(exc: BaseException) -> grpc.StatusCode:
     if isinstance(exc, ModelError) and exc.code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return grpc.StatusCode.DEADLINE_EXCEEDED  # the request's deadline ran out in Predict
+    if isinstance(exc, ModelError) and exc.code == grpc.StatusCode.INVALID_ARGUMENT:
+        return grpc.StatusCode.INVALID_ARGUMENT  # e.g. a model_label the model config lacks
     for kind, code in ERROR_CODES:
         if isinstance(exc, kind):
             return code
@@ -88,6 +90,8 @@ def options_from(settings: ScoringSettings) -> ScoringOptions:
         preprocess=settings.preprocess,
         tumor_model=settings.tumor_model,
         mitosis_model=settings.mitosis_model,
+        tumor_label=settings.tumor_model_label,
+        mitosis_label=settings.mitosis_model_label,
         predict_batch=settings.predict_batch,
         aggregation=_AGGREGATIONS[settings.aggregation],
         score_rule=SCORE_RULES[settings.score_rule],

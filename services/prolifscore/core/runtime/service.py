@@ -19,11 +19,11 @@ from google.protobuf.message import Message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from kafka.errors import KafkaError
-from prometheus_client import start_http_server
 
 from prolifscore.core.runtime.bus import Bus
 from prolifscore.core.runtime.codec import DecodeError, decode
 from prolifscore.core.runtime.logs import setup_logging
+from prolifscore.core.runtime.metrics import start_metrics_server
 from prolifscore.core.runtime.ray import init_ray
 from prolifscore.core.runtime.settings import KafkaSettings, RuntimeSettings, load
 from prolifscore.core.runtime.tls import server_credentials
@@ -87,8 +87,7 @@ class ServiceRuntime:
         else:
             self.port = self.server.add_insecure_port(address)
         self.server.start()
-        httpd, _ = start_http_server(self.settings.metrics_port, addr=host)
-        self.metrics_port = httpd.server_port
+        self.metrics_port = start_metrics_server(self.settings.metrics_port, host).server_port
         self.set_serving(False)
         log.info(
             "service started",
