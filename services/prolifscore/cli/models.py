@@ -145,11 +145,14 @@ class Servers:
     """The model servers to reload (TF Serving or local), over TF Serving's ModelService."""
 
     def __init__(self, addresses: list[str]) -> None:
-        import grpc
         from tensorflow_serving.apis import model_service_pb2_grpc
 
+        from prolifscore.core.runtime.settings import RuntimeSettings, load
+        from prolifscore.core.runtime.tls import open_channel
+
+        tls = load(RuntimeSettings)  # PROLIF_TLS_*: mutual TLS where the servers require it
         self.addresses = addresses
-        self._channels = [grpc.insecure_channel(a) for a in addresses]
+        self._channels = [open_channel(a, tls) for a in addresses]
         self._stubs = [model_service_pb2_grpc.ModelServiceStub(c) for c in self._channels]
 
     def close(self) -> None:
