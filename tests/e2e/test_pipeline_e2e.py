@@ -169,6 +169,74 @@ def test_bad_inputs_fail_with_reasons_and_dead_letters(pipeline):
     )
 
 
+def test_hostile_messages_fail_without_echo_and_nothing_escapes(pipeline):
+    """A 5 MB run id, traversal in a slide id, a NUL byte in a path (protobuf and JSON), and a
+    tile task whose spec hash climbs out of the tiles root: each one a FAILED status that does
+    not repeat the offending value, a dead letter, and no file outside the roots; the next
+    slide is processed."""
+    k, bus, tmp = pipeline["k"], pipeline["bus"], pipeline["tmp"]
+    ingest(pipeline, "big-run", CMU, run_id="r" * (5 << 20))
+    bus.publish(
+        k.topic_ingest, "trav", pb.SlideIngest(slide_id="../../../escaped-slide", path=str(CMU))
+    )
+    ingest(pipeline, "nul", str(CMU) + "\x00")
+    body = json.dumps({"slideId": "json-nul", "path": str(CMU) + "\u0000"}).encode()
+    bus.publish_bytes(k.topic_ingest, "json-nul", body, content_type="application/json")
+    task = pb.TileTask(slide_id="task-escape", path=str(CMU), batch_count=1, run_id="hostile")
+    task.spec.spec_hash, task.spec.tile_size, task.spec.read_size = (
+        "/../../../../escaped-tile",
+        256,
+        256,
+    )
+    task.tiles.add(col=0, row=0)
+    bus.publish(k.topic_tasks, "task-escape", task)
+    ingest(pipeline, "after-hostile", CMU)
+    named = ["big-run", "nul", "json-nul", "task-escape", "after-hostile"]
+    events = pipeline["status"].wait_for(all_final(named), timeout=180)
+    final = {s: final_status(events, s) for s in named}
+    assert final["after-hostile"].stage == pb.STAGE_FILTERED
+    assert final["big-run"].reason.startswith("run_id is longer than 128 characters")
+    assert final["big-run"].run_id == "" and final["nul"].path == ""
+    assert "U+0000" in final["nul"].reason and "U+0000" in final["json-nul"].reason
+    assert final["task-escape"].reason.startswith("spec.spec_hash must be 1-64 hex digits")
+    assert all(final[s].stage == pb.STAGE_FAILED for s in named[:-1])
+    status_sizes = [len(r.value) for r in pipeline["status"].records]
+    assert max(status_sizes) < 4096, "a rejected value travelled into a status event"
+    dlq = Watcher(bus, k.topic_dlq, pb.DeadLetter, f"dlq-{uuid.uuid4().hex[:6]}")
+    wanted = {b"big-run", b"trav", b"nul", b"json-nul", b"task-escape"}
+    letters = dlq.wait_for(lambda items: wanted <= {d.key for d in items if d}, timeout=60)
+    dlq.close()
+    trav = next(d for d in letters if d and d.key == b"trav")
+    assert (
+        trav.error.startswith("slide_id must match") and b"../../../escaped-slide" in trav.payload
+    )
+    escaped = [*tmp.parent.rglob("escaped-slide*"), *tmp.parent.rglob("escaped-tile*")]
+    assert not escaped, "a file was written outside the roots"
+
+
+def test_ingest_cli_sends_a_folder_and_names_what_it_could_not_send(pipeline):
+    folder = pipeline["tmp"] / "slides" / "folder"
+    (folder / "sub").mkdir(parents=True)
+    shutil.copy(CMU, folder / "folder-cmu.svs")
+    shutil.copy(BROKEN, folder / "sub" / "folder-broken.SVS")
+    (folder / "README.md").write_text("not a slide")
+    (folder / "sub" / "gone.svs").symlink_to(folder / "deleted.svs")
+    env = {**pipeline["env"], "PROLIF_KAFKA_BOOTSTRAP": pipeline["k"].bootstrap_servers}
+    out = subprocess.run(
+        [sys.executable, "-m", "prolifscore.cli.main", "ingest", str(folder), "--wait"],
+        env={**__import__("os").environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert out.returncode == 1, out.stderr  # one path not sent, one slide failed
+    assert f"not sent: {folder / 'sub' / 'gone.svs'}: no such file" in out.stderr
+    assert "published 2 slide(s)" in out.stderr and "1 path(s) not sent" in out.stderr
+    rows = {line.split()[0]: line.split() for line in out.stdout.splitlines()[1:]}
+    assert set(rows) == {"folder-cmu", "folder-broken"}  # README.md is no slide
+    assert rows["folder-cmu"][1] == "filtered" and rows["folder-broken"][1] == "failed"
+
+
 def test_slide_without_tissue_completes_with_zero_tiles(pipeline):
     blank = write_blank_slide(pipeline["tmp"] / "slides" / "blank.tif")
     ingest(pipeline, "blank", blank)

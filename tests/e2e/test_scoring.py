@@ -194,6 +194,39 @@ def test_kafka_batch_scoring_with_a_bad_slide_and_garbage(stack):
     assert failed.path == str(BROKEN) and "broken.svs" in failed.reason
 
 
+def test_kafka_requests_whose_ids_are_not_file_names(stack):
+    """Request ids name result files: one that climbs out of the results root, or 5 MB of it,
+    is answered INVALID_ARGUMENT without repeating it, dead-lettered, and writes nothing."""
+    bus, topics, tmp = stack["bus"], stack["topics"], stack["tmp"]
+    bus.ensure_topics(list(topics.values()))
+    hostile = {
+        "trav": spb.ScoreRequest(request_id="../../escaped-result", path=str(CMU)),
+        "big": spb.ScoreRequest(request_id="q" * (5 << 20), path=str(CMU)),
+        "nul": spb.ScoreRequest(request_id="r-nul", path=str(CMU) + "\x00"),
+    }
+    for key, request in hostile.items():
+        bus.publish(topics["requests"], key, request)
+    bus.publish(
+        topics["requests"], "r-after", spb.ScoreRequest(request_id="r-after", path=str(CMU))
+    )
+    bus.flush()
+    results = Watcher(bus, topics["results"], spb.ScoreResult, f"res-{uuid.uuid4().hex[:6]}")
+    got = results.wait_for(lambda items: any(i and i.request_id == "r-after" for i in items), 240)
+    sizes = [len(r.value) for r in results.records]
+    results.close()
+    errors = [r for r in got if r and r.error.code == "INVALID_ARGUMENT"]
+    assert sorted(r.request_id for r in errors) == ["", "", "r-nul"]
+    messages = " | ".join(r.error.message for r in errors)
+    assert "request_id must match" in messages and "request_id is longer than 128" in messages
+    assert "U+0000" in messages and max(sizes) < 64 * 1024  # the heatmap path, not the id
+    assert next(r for r in got if r and r.request_id == "r-after").score.tiles_scored > 0
+    dlq = Watcher(bus, stack["k"].topic_dlq, pb.DeadLetter, f"dlq-{uuid.uuid4().hex[:6]}")
+    dlq.wait_for(lambda items: {b"trav", b"big", b"nul"} <= {d.key for d in items if d}, 60)
+    dlq.close()
+    assert not list(tmp.parent.rglob("escaped-result*"))
+    assert {p.name for p in (tmp / "results").glob("r-*.json")} >= {"r-nul.json", "r-after.json"}
+
+
 def test_score_cli_remote_and_local(stack, model_root, tmp_path):
     heat = tmp_path / "heat.png"
     env = {**os.environ}

@@ -12,7 +12,7 @@ import pytest
 from google.protobuf import json_format
 
 from prolifscore.cli.main import main as cli_main
-from prolifscore.core.grading.evaluation import evaluate_predictions
+from prolifscore.core.grading.submission import evaluate_predictions
 from prolifscore.core.results import ResultStore, predictions_csv, to_geojson
 from prolifscore.v1 import scoring_pb2 as spb
 

@@ -10,7 +10,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -25,89 +25,29 @@ from tensorflow_serving.apis import (  # noqa: E402
     get_model_metadata_pb2,
     get_model_status_pb2,
     model_management_pb2,
-    model_service_pb2_grpc,
     predict_pb2,
-    prediction_service_pb2_grpc,
 )
 from tensorflow_serving.config import model_server_config_pb2  # noqa: E402
 
 from prolifscore.core.models.export import export_untrained  # noqa: E402
-from prolifscore.core.models.tensors import grpc_message_options  # noqa: E402
-from prolifscore.core.runtime.settings import load  # noqa: E402
 from prolifscore.localstack.broker import free_port  # noqa: E402
-from prolifscore.modelserver.config import ModelServerSettings  # noqa: E402
-from prolifscore.modelserver.server import ModelServer, serve  # noqa: E402
+from tests.modelserving import Client, start_server, wait_for  # noqa: E402
+from tests.modelserving import predict_request as _request  # noqa: E402
+from tests.modelserving import tiles as _tiles  # noqa: E402
 
 AVAILABLE = get_model_status_pb2.ModelVersionStatus.AVAILABLE
 END = get_model_status_pb2.ModelVersionStatus.END
 
 
-def _tiles(n: int, h: int, w: int, seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, 256, (n, h, w, 3), dtype=np.uint8)
-
-
-def _request(model: str, tiles: np.ndarray, **spec: object) -> predict_pb2.PredictRequest:
-    request = predict_pb2.PredictRequest()
-    request.model_spec.name = model
-    for key, value in spec.items():
-        if key == "version":
-            request.model_spec.version.value = int(value)  # type: ignore[call-overload]
-        else:
-            setattr(request.model_spec, key, value)
-    request.inputs["tiles"].CopyFrom(tf.make_tensor_proto(tiles))
-    return request
-
-
-class Client:
-    """The stubs any TF Serving user would write, with large message limits."""
-
-    def __init__(self, port: int) -> None:
-        self.channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=grpc_message_options(256))
-        self.predict = prediction_service_pb2_grpc.PredictionServiceStub(self.channel)
-        self.models = model_service_pb2_grpc.ModelServiceStub(self.channel)
-
-    def run(self, request: predict_pb2.PredictRequest) -> predict_pb2.PredictResponse:
-        return self.predict.Predict(request, timeout=60)
-
-    def code(self, call: Callable[[], object]) -> tuple[grpc.StatusCode, str]:
-        with pytest.raises(grpc.RpcError) as info:
-            call()
-        return info.value.code(), info.value.details()  # type: ignore[attr-defined]
-
-    def status(self, name: str) -> dict[int, int]:
-        request = get_model_status_pb2.GetModelStatusRequest()
-        request.model_spec.name = name
-        response = self.models.GetModelStatus(request, timeout=10)
-        return {s.version: s.state for s in response.model_version_status}
-
-
-def _start(root: Path, **overrides: object) -> tuple[ModelServer, Client]:
-    settings = load(
-        ModelServerSettings, environ={}, model_root=root, port=0, poll_s=0.2, **overrides
-    )
-    server, port = serve(settings)
-    return server, Client(port)
-
-
-def _wait_for(predicate: Callable[[], bool], timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.1)
-
-
 @pytest.fixture(scope="module")
-def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def root(exported_root: Path) -> Path:
     """A model root with both models (untrained, small), as training would leave it."""
-    root = tmp_path_factory.mktemp("models")
-    export_untrained(root, "tumor", input_size=64)
-    export_untrained(root, "mitosis")
-    return root
+    return exported_root
 
 
 @pytest.fixture(scope="module")
 def client(root: Path) -> Iterator[Client]:
-    server, client = _start(root)
+    server, client = start_server(root)
     yield client
     server.stop()
 
@@ -230,7 +170,7 @@ def test_tf_serving_status_codes(client: Client) -> None:
 
 def test_new_version_is_served_without_restart(tmp_path: Path) -> None:
     export_untrained(tmp_path, "mitosis", name="det", seed=1)
-    server, client = _start(tmp_path)
+    server, client = start_server(tmp_path)
     try:
         tiles = _tiles(2, 64, 64)
         first = client.run(_request("det", tiles))
@@ -243,17 +183,17 @@ def test_new_version_is_served_without_restart(tmp_path: Path) -> None:
 
         new = export_untrained(tmp_path, "mitosis", name="det", seed=2)
         assert new.name == "8"
-        _wait_for(lambda: client.run(_request("det", tiles)).model_spec.version.value == 8)
+        wait_for(lambda: client.run(_request("det", tiles)).model_spec.version.value == 8)
         second = client.run(_request("det", tiles))
         assert not np.allclose(
             tf.make_ndarray(first.outputs["mitosis_map"]),
             tf.make_ndarray(second.outputs["mitosis_map"]),
         )
-        _wait_for(lambda: client.status("det") == {1: END, 8: AVAILABLE})  # latest policy: 1
+        wait_for(lambda: client.status("det") == {1: END, 8: AVAILABLE})  # latest policy: 1
 
         # A brand-new model folder is picked up as well.
         export_untrained(tmp_path, "mitosis", name="det2")
-        _wait_for(lambda: "det2" in server.manager.served)
+        wait_for(lambda: "det2" in server.manager.served)
         assert client.run(_request("det2", tiles)).model_spec.version.value == 1
     finally:
         server.stop()
@@ -290,10 +230,10 @@ def test_config_file_version_policies(tmp_path: Path) -> None:
         }}
         """
     )
-    server, client = _start(root, model_config=config)
+    server, client = start_server(root, model_config=config)
     try:
         tiles = _tiles(1, 64, 64)
-        version = lambda **spec: client.run(_request(**spec, tiles=tiles)).model_spec.version.value  # noqa: E731
+        version = lambda **spec: client.run(_request(**spec, pixels=tiles)).model_spec.version.value  # noqa: E731
         assert version(model="pinned") == 2  # newest of the specific versions, not 3
         assert version(model="pinned", version_label="stable") == 1
         assert version(model="pinned", version_label="canary") == 2
@@ -327,6 +267,7 @@ def test_entry_point_serves_health_and_stops_on_sigterm(tmp_path: Path) -> None:
         **os.environ,
         "PROLIF_MODEL_ROOT": str(tmp_path),
         "PROLIF_MODEL_SERVER_PORT": str(port),
+        "PROLIF_MODEL_SERVER_REST_PORT": "0",
         "PROLIF_LOG_LEVEL": "WARNING",
         "TF_CPP_MIN_LOG_LEVEL": "2",
     }
@@ -349,7 +290,7 @@ def test_entry_point_serves_health_and_stops_on_sigterm(tmp_path: Path) -> None:
                 return False
             return status == health_pb2.HealthCheckResponse.SERVING
 
-        _wait_for(serving, timeout=90)
+        wait_for(serving, timeout=90)
         response = Client(port).run(_request("mitosis", _tiles(1, 64, 64)))
         assert response.model_spec.version.value == 1
         channel.close()

@@ -156,7 +156,14 @@ def test_kafka_json_producers_send_regions_as_plain_numbers():
 class _ConstantModels:
     """The served models as the scorer calls them: class probabilities per tile."""
 
-    def predict(self, model: str, tiles: np.ndarray, output: str, timeout: float | None = None):
+    def predict(
+        self,
+        model: str,
+        tiles: np.ndarray,
+        output: str,
+        timeout: float | None = None,
+        label: str = "",
+    ):
         return np.tile(np.float32([0.1, 0.3, 0.6]), (len(tiles), 1)), 1
 
     def close(self) -> None:

@@ -39,11 +39,11 @@ class Models:
         maps[:, 5, 5] = 0.95  # one mitosis per tile: the mitotic grade is high
         return maps
 
-    def predict(self, model, tiles, output, timeout=None):
+    def predict(self, model, tiles, output, timeout=None, label=""):
         self.calls.append((output,))
         return self._out(output, tiles), 5 if model == "resnet50" else 8
 
-    def predict_many(self, model, tiles, outputs, timeout=None):
+    def predict_many(self, model, tiles, outputs, timeout=None, label=""):
         self.calls.append(tuple(outputs))
         return {o: self._out(o, tiles) for o in outputs}, 5
 

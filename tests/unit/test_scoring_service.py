@@ -19,6 +19,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from PIL import Image
 
 from prolifscore.core.runtime.settings import RuntimeSettings, load
+from prolifscore.core.runtime.validation import MAX_MESSAGE_BYTES
 from prolifscore.localstack.broker import free_port
 from prolifscore.v1 import pipeline_pb2 as pb
 from prolifscore.v1 import scoring_pb2 as spb
@@ -47,7 +48,12 @@ class SlowModels:
         self._lock = threading.Lock()
 
     def predict(
-        self, model: str, tiles: np.ndarray, output: str, timeout: float | None = None
+        self,
+        model: str,
+        tiles: np.ndarray,
+        output: str,
+        timeout: float | None = None,
+        label: str = "",
     ) -> tuple[np.ndarray, int]:
         with self._lock:
             self.calls += 1
@@ -133,6 +139,56 @@ def test_out_of_range_enum_is_invalid_argument(service):
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "aggregation 7" in err.value.details()
     assert models.calls == 0
+    _still_serving(channel, models)
+
+
+# (request fields, status code, text the details must contain) for hostile requests
+HOSTILE = [
+    ({"path": "/slides/a\x00.svs"}, grpc.StatusCode.INVALID_ARGUMENT, "path contains"),
+    ({"path": "x" * 100_000}, grpc.StatusCode.INVALID_ARGUMENT, "path is longer than 4096 bytes"),
+    ({"path": str(CMU), "request_id": "../../x"}, grpc.StatusCode.INVALID_ARGUMENT, "request_id"),
+    ({"path": str(CMU), "request_id": "r" * 200_000}, grpc.StatusCode.INVALID_ARGUMENT, "128"),
+    ({"path": str(CMU), "slide_id": "a\u202eb"}, grpc.StatusCode.INVALID_ARGUMENT, "slide_id"),
+    ({"path": str(SLIDES / ".." / ".." / "etc" / "passwd")}, grpc.StatusCode.PERMISSION_DENIED, ""),
+    ({"path": "%2e%2e%2f%2e%2e%2fetc%2fpasswd"}, grpc.StatusCode.NOT_FOUND, "does not exist"),
+    # 4 KB of UTF-8 that the reader's message quotes: clipped, or its percent-encoded trailer
+    # would pass gRPC's 8 KB metadata limit and the client would see an error about that instead
+    ({"path": "/etc/" + "é" * 2000}, grpc.StatusCode.PERMISSION_DENIED, "outside"),
+    (
+        {"path": str(CMU), "spec": pb.TilingSpec(tissue_threshold=float("nan"))},
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "spec.tissue_threshold must be a finite number",
+    ),
+    (
+        {"path": str(CMU), "spec": pb.TilingSpec(max_tiles=-1)},
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "spec.max_tiles",
+    ),
+]
+
+
+def test_hostile_requests_get_short_answers_and_the_service_goes_on(service):
+    """NUL bytes, oversize fields, traversal, bidi tricks: a status code that says what is wrong
+    in a short message (never the value echoed), no work started, the service still serving."""
+    channel, models = service
+    stub = scoring_pb2_grpc.ScoringServiceStub(channel)
+    for fields, code, text in HOSTILE:
+        with pytest.raises(grpc.RpcError) as err:
+            stub.ScoreSlide(spb.ScoreRequest(**fields), timeout=30)
+        assert err.value.code() == code, fields.keys()
+        assert text in err.value.details()
+        assert len(err.value.details().encode()) <= MAX_MESSAGE_BYTES
+    assert models.calls == 0
+    _still_serving(channel, models)
+
+
+def test_a_request_past_the_message_limit_is_refused_by_the_transport(service):
+    channel, models = service
+    stub = scoring_pb2_grpc.ScoringServiceStub(channel)
+    with pytest.raises(grpc.RpcError) as err:
+        stub.ScoreSlide(spb.ScoreRequest(path=str(CMU), request_id="r" * (5 << 20)), timeout=30)
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert len(err.value.details()) < 200
     _still_serving(channel, models)
 
 
@@ -242,7 +298,12 @@ class PeakModels(SlowModels):
         super().__init__(delay=0.0)
 
     def predict(
-        self, model: str, tiles: np.ndarray, output: str, timeout: float | None = None
+        self,
+        model: str,
+        tiles: np.ndarray,
+        output: str,
+        timeout: float | None = None,
+        label: str = "",
     ) -> tuple[np.ndarray, int]:
         maps, _ = super().predict(model, tiles, output, timeout)
         if output == "probabilities":

@@ -24,18 +24,19 @@ from pathlib import Path
 
 from prolifscore.cli.ingest import SlideProgress, build_messages, follow, publish_slides
 from prolifscore.cli.score import score_remote, summary
+from prolifscore.cli.slidefiles import SLIDE_SUFFIXES
 from prolifscore.cli.train import train_request
 from prolifscore.cli.up import add_storage_option, local_stack
 from prolifscore.core.runtime.bus import Bus
 from prolifscore.core.runtime.codec import DecodeError, decode
-from prolifscore.core.runtime.settings import KafkaSettings
+from prolifscore.core.runtime.settings import KafkaSettings, RuntimeSettings
+from prolifscore.core.runtime.tls import open_channel
 from prolifscore.synthetic.sources import default_source_dir
 from prolifscore.training.config import TrainingSettings
 from prolifscore.v1 import pipeline_pb2 as pb
 from prolifscore.v1 import scoring_pb2 as spb
 from prolifscore.v1 import training_pb2 as tpb
 
-SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn")
 SERVICES = ("modelserver", "tiling", "filtering", "training", "scoring")
 
 
@@ -91,12 +92,14 @@ def _wait_models(
     return got
 
 
-def _wait_served(address: str, models: dict[str, tpb.ModelPublished], timeout: float) -> None:
+def _wait_served(
+    address: str, models: dict[str, tpb.ModelPublished], timeout: float, tls: RuntimeSettings
+) -> None:
     import grpc
     from tensorflow_serving.apis import get_model_status_pb2, model_service_pb2_grpc
 
     deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(address) as channel:
+    with open_channel(address, tls) as channel:
         stub = model_service_pb2_grpc.ModelServiceStub(channel)
         for name, msg in models.items():
             while True:
@@ -150,6 +153,7 @@ def stack_env(data: DemoData) -> dict[str, str]:
         "PROLIF_MODEL_ROOT": str(data.out / "models"),
         "PROLIF_RUNS_ROOT": str(data.out / "runs"),
         "PROLIF_RESULTS_ROOT": str(data.out / "results"),
+        "PROLIF_DATA_ROOTS": str(data.mitosis),  # what training may read besides the tiles
         "PROLIF_MODEL_SERVER_POLL_S": "1",
         "PROLIF_LOG_LEVEL": "WARNING",
     }
@@ -190,14 +194,17 @@ def train(
     return _wait_models(bus, training.topic_models, {"mitosis", "resnet50"}, args.timeout)
 
 
-def score(address: str, msgs: list[pb.SlideIngest], args: argparse.Namespace) -> spb.SlideScore:
-    """The chosen slide (else the last ingested) over gRPC, with live progress."""
+def score(
+    address: str, msgs: list[pb.SlideIngest], args: argparse.Namespace, tls: RuntimeSettings
+) -> spb.SlideScore:
+    """The chosen slide (else the last ingested) over gRPC, with live progress; over (mutual)
+    TLS when the stack's environment sets PROLIF_TLS_CA_FILE."""
     target = next((m for m in msgs if m.slide_id == args.score), msgs[-1])
     _step(f"scoring {target.slide_id} over gRPC ({address})")
     request = spb.ScoreRequest(
         slide_id=target.slide_id, path=target.path, include_heatmap=True, include_tiles=True
     )
-    return score_remote(address, request, timeout=args.timeout)
+    return score_remote(address, request, timeout=args.timeout, tls=tls)
 
 
 @contextlib.contextmanager
@@ -222,14 +229,15 @@ def run(args: argparse.Namespace) -> int:
     _step(f"starting broker, Ray, model server and services (logs: {out / 'run'})")
     with local_stack(out / "run", stack_env(data), SERVICES, args.broker_storage) as stack:
         timings["startup_s"] = round(time.time() - started, 1)
+        tls = stack.settings(RuntimeSettings)
         with Bus(stack.settings(KafkaSettings), "demo") as bus:
             with _timed(timings, "preprocess_s"):
                 msgs, progress = preprocess(bus, data, args.timeout)
             with _timed(timings, "train_s"):
                 published = train(bus, stack.settings(TrainingSettings), data, args)
-                _wait_served(stack.processes["modelserver"].grpc_address, published, 120)
+                _wait_served(stack.processes["modelserver"].grpc_address, published, 120, tls)
         with _timed(timings, "score_s"):
-            result = score(stack.processes["scoring"].grpc_address, msgs, args)
+            result = score(stack.processes["scoring"].grpc_address, msgs, args, tls)
     timings["total_s"] = round(time.time() - started, 1)
     report(out, progress, published, result, timings)
     print_view_command(data, result)

@@ -12,9 +12,16 @@ from pathlib import Path
 from typing import Any
 
 from prolifscore.cli.labels import labels_for, read_labels
+from prolifscore.cli.slidefiles import DEFAULT_PATTERNS, find_slides
 from prolifscore.core.runtime.bus import BrokerUnavailable, Bus
 from prolifscore.core.runtime.events import SlideEvents
 from prolifscore.core.runtime.settings import KafkaSettings, PreprocessSettings, load
+from prolifscore.core.runtime.validation import (
+    InvalidInput,
+    check_id,
+    id_from_name,
+    validate_ingest,
+)
 from prolifscore.core.wsi import roi
 from prolifscore.core.wsi.split import VALIDATION, stratified_splits
 from prolifscore.v1 import pipeline_pb2 as pb
@@ -29,7 +36,19 @@ _STAINS = {
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("ingest", help="publish slides for preprocessing")
-    p.add_argument("paths", nargs="+", type=Path, help="slide files")
+    p.add_argument(
+        "paths",
+        nargs="+",
+        type=Path,
+        help="slide files, or folders searched recursively for files matching --pattern",
+    )
+    p.add_argument(
+        "--pattern",
+        action="append",
+        help="file-name glob for folders, repeatable (default: "
+        + " ".join(DEFAULT_PATTERNS)
+        + "; case-insensitive)",
+    )
     p.add_argument("--labels", type=Path, help="TUPAC16 ground-truth CSV (row i = slide i)")
     p.add_argument(
         "--wait", action="store_true", help="follow status events until every slide is done"
@@ -88,7 +107,9 @@ def build_messages(
     pre = load(PreprocessSettings)
     msgs = []
     for path in paths:
-        msg = pb.SlideIngest(slide_id=path.stem, path=str(path.resolve()), run_id=run_id)
+        msg = pb.SlideIngest(
+            slide_id=id_from_name(path.stem), path=str(path.resolve()), run_id=run_id
+        )
         found = labels_for(path.stem, by_key) if by_key else None
         if found:
             msg.labels.tumor_score = found[0]
@@ -246,32 +267,59 @@ def _apply(p: SlideProgress, ev: pb.SlideStatus, bar: Any) -> None:
     bar.refresh()
 
 
+def prepare(args: argparse.Namespace, run_id: str) -> tuple[list[pb.SlideIngest], int]:
+    """The messages for the readable slides, and how many paths could not be sent (each
+    reported on stderr). Raises InvalidInput for options the services would refuse, RoiError
+    for unusable regions of interest."""
+    check_id("--run-id", run_id)
+    found = find_slides(args.paths, args.pattern or DEFAULT_PATTERNS)
+    for path, why in found.problems:
+        print(f"not sent: {path}: {why}", file=sys.stderr)
+    msgs = build_messages(
+        found.files,
+        run_id,
+        labels=args.labels,
+        tissue_mode=args.tissue_mode,
+        stain=args.stain,
+        max_tiles=args.max_tiles,
+        roi_path=args.roi,
+    )
+    for msg in msgs:
+        try:
+            validate_ingest(msg)
+        except InvalidInput as exc:
+            raise InvalidInput(f"slide {msg.slide_id}:", str(exc)) from exc
+    return msgs, len(found.problems)
+
+
 def run(args: argparse.Namespace) -> int:
+    """Exit code 0 when every path was sent (and with --wait, filtered); 1 when a path could
+    not be sent or a slide failed (the others are still sent); 2 for invalid options; 3 when
+    --wait lost the broker (unreachable too long, or restarted without the slides' records)."""
     overrides = {"bootstrap_servers": args.bootstrap} if args.bootstrap else {}
     settings = load(KafkaSettings, **overrides)
     run_id = args.run_id or uuid.uuid4().hex[:12]
     try:
-        msgs = build_messages(
-            args.paths,
-            run_id,
-            labels=args.labels,
-            tissue_mode=args.tissue_mode,
-            stain=args.stain,
-            max_tiles=args.max_tiles,
-            roi_path=args.roi,
-        )
+        msgs, problems = prepare(args, run_id)
+    except InvalidInput as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     except roi.RoiError as exc:
         print(f"error: regions of interest: {exc}", file=sys.stderr)
         return 2
     if args.roi is not None:
         with_rois = sum(1 for m in msgs if m.rois)
         print(f"regions of interest for {with_rois} of {len(msgs)} slide(s)", file=sys.stderr)
+    unsent = f"; {problems} path(s) not sent (listed above)" if problems else ""
+    if not msgs:
+        print(f"nothing to publish{unsent}", file=sys.stderr)
+        return 1
     bus = Bus(settings, "cli")
     try:
         publish_slides(bus, msgs)
-        print(f"published {len(msgs)} slide(s), run id {run_id}", file=sys.stderr)
+        print(f"published {len(msgs)} slide(s), run id {run_id}{unsent}", file=sys.stderr)
         if not args.wait:
-            return 0
+            return 1 if problems else 0
         ids = [m.slide_id for m in msgs]
         progress = follow(bus, settings, run_id, ids, args.timeout, args.broker_timeout)
     except (BrokerLost, BrokerUnavailable) as exc:
@@ -283,4 +331,5 @@ def run(args: argparse.Namespace) -> int:
     for slide_id, p in progress.items():
         note = p.reason or "; ".join(p.warnings) or p.manifest
         print(f"{slide_id:<32} {p.stage:<9} {p.candidates:>10} {p.kept:>6}  {note}")
-    return 0 if all(p.stage == "filtered" for p in progress.values()) else 1
+    ok = not problems and all(p.stage == "filtered" for p in progress.values())
+    return 0 if ok else 1

@@ -11,7 +11,7 @@ import sys
 # keep it in their logs. Before anything imports TensorFlow.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from prolifscore.cli import demo, export, ingest, score, train, up, view
+from prolifscore.cli import demo, export, ingest, models, score, train, up, view
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,6 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     up.add_parsers(sub)
     view.add_parser(sub)
     export.add_parser(sub)
+    models.add_parser(sub)
     cfg = sub.add_parser("config", help="print every environment variable as a Markdown table")
     cfg.set_defaults(func=print_config)
     args = parser.parse_args(argv)

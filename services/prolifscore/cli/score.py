@@ -11,6 +11,14 @@ from pathlib import Path
 from google.protobuf import json_format
 
 from prolifscore.core.grading.evaluation import SCORE_RULES
+from prolifscore.core.runtime.settings import RuntimeSettings, load
+from prolifscore.core.runtime.tls import (
+    TLSConfigError,
+    TLSFiles,
+    channel_credentials,
+    open_channel,
+)
+from prolifscore.core.runtime.validation import InvalidInput, id_from_name, validate_score_request
 from prolifscore.v1 import scoring_pb2 as spb
 
 _AGG = {
@@ -37,9 +45,26 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         type=Path,
         help="score only tiles centred in these regions: GeoJSON or TUPAC16 x,y,w,h CSV file",
     )
+    p.add_argument(
+        "--model-label", default="", help="version label of the tumor model (e.g. stable, canary)"
+    )
     p.add_argument("--timeout", type=float, default=600.0, help="deadline in seconds")
     p.add_argument("--token", default=os.environ.get("PROLIF_AUTH_TOKEN", ""), help="bearer token")
-    p.add_argument("--tls-ca", type=Path, help="CA certificate: connect with TLS")
+    p.add_argument(
+        "--tls-ca",
+        default=os.environ.get("PROLIF_TLS_CA_FILE", ""),
+        help="CA certificate: connect with TLS and verify the server (default PROLIF_TLS_CA_FILE)",
+    )
+    p.add_argument(
+        "--tls-cert",
+        default=os.environ.get("PROLIF_TLS_CERT_FILE", ""),
+        help="client certificate for mutual TLS (default PROLIF_TLS_CERT_FILE; needs --tls-ca)",
+    )
+    p.add_argument(
+        "--tls-key",
+        default=os.environ.get("PROLIF_TLS_KEY_FILE", ""),
+        help="private key of --tls-cert (default PROLIF_TLS_KEY_FILE)",
+    )
     p.add_argument("--local", action="store_true", help="score in-process, no services")
     p.add_argument(
         "--model-root",
@@ -58,20 +83,23 @@ def build_request(
     aggregation: str | None = None,
     roi_file: Path | None = None,
     rule: str | None = None,
+    model_label: str = "",
 ) -> spb.ScoreRequest:
-    """`slide` is a path as the server sees it; a local file is sent as its absolute path.
-    Raises RoiError for an unusable `roi_file`."""
+    """`slide` is a path as the server sees it; a local file is sent as its absolute path. The
+    slide id is the file name without extension (made a valid id if it is not one). Raises
+    RoiError for an unusable `roi_file`."""
     from prolifscore.core.wsi import roi
 
     path = Path(slide)
     return spb.ScoreRequest(
-        slide_id=path.stem,
+        slide_id=id_from_name(path.stem),
         path=str(path.resolve()) if path.exists() else slide,
         include_heatmap=heatmap,
         include_tiles=tiles,
         aggregation=_AGG.get(aggregation or "", 0),
         score_rule=SCORE_RULES.get(rule or "", 0),
         rois=roi.read_file(roi_file) if roi_file else [],
+        model_label=model_label,
     )
 
 
@@ -81,20 +109,16 @@ def score_remote(
     *,
     timeout: float,
     token: str = "",
-    tls_ca: Path | None = None,
+    tls: TLSFiles | None = None,
 ) -> spb.SlideScore:
-    """Score over gRPC, streaming progress to a progress bar on stderr."""
-    import grpc
+    """Score over gRPC, streaming progress to a progress bar on stderr; `tls` as the services'
+    PROLIF_TLS_* settings (TLS when it names a CA, mutual with a certificate)."""
     from tqdm import tqdm
 
     from prolifscore.v1 import scoring_pb2_grpc
 
     options = [("grpc.max_receive_message_length", 64 * 1024 * 1024)]
-    if tls_ca:
-        creds = grpc.ssl_channel_credentials(tls_ca.read_bytes())
-        channel = grpc.secure_channel(server, creds, options=options)
-    else:
-        channel = grpc.insecure_channel(server, options=options)
+    channel = open_channel(server, tls, options)
     metadata = [("authorization", f"Bearer {token}")] if token else []
     with (
         channel,
@@ -113,7 +137,7 @@ def score_remote(
 
 def score_local(model_root: Path, request: spb.ScoreRequest) -> spb.SlideScore:
     """Score in this process with the models of `model_root` (TF Serving layout)."""
-    from prolifscore.core.runtime.settings import PreprocessSettings, load
+    from prolifscore.core.runtime.settings import PreprocessSettings
     from prolifscore.scoring.model_client import InProcessModels
     from prolifscore.scoring.scorer import ScoringOptions, score_slide
 
@@ -159,6 +183,20 @@ def describe_error(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
+def tls_files(args: argparse.Namespace) -> RuntimeSettings:
+    """The TLS flags as the settings the channel helper reads, their files checked."""
+    if (args.tls_cert or args.tls_key) and not args.tls_ca:
+        raise TLSConfigError("--tls-cert and --tls-key need --tls-ca (it verifies the server)")
+    files = load(
+        RuntimeSettings,
+        tls_ca_file=args.tls_ca,
+        tls_cert_file=args.tls_cert,
+        tls_key_file=args.tls_key,
+    )
+    channel_credentials(files)  # unreadable or half-set files fail here, before any call
+    return files
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         request = build_request(
@@ -168,16 +206,23 @@ def run(args: argparse.Namespace) -> int:
             aggregation=args.aggregation,
             roi_file=args.roi,
             rule=args.rule,
+            model_label=args.model_label,
         )
     except ValueError as exc:  # RoiError
         print(f"error: regions of interest: {exc}", file=sys.stderr)
+        return 2
+    try:
+        validate_score_request(request)
+        tls = None if args.local else tls_files(args)
+    except (InvalidInput, TLSConfigError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 2
     try:
         if args.local:
             result = score_local(args.model_root, request)
         else:
             result = score_remote(
-                args.server, request, timeout=args.timeout, token=args.token, tls_ca=args.tls_ca
+                args.server, request, timeout=args.timeout, token=args.token, tls=tls
             )
     except Exception as exc:  # grpc.RpcError carries the status the server chose
         print(f"error: {describe_error(exc)}", file=sys.stderr)

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from google.protobuf import json_format
 
+from prolifscore.core.runtime.validation import WEIGHTS_KEYWORDS
 from prolifscore.v1 import training_pb2 as tpb
 
 if TYPE_CHECKING:
@@ -91,7 +92,9 @@ def train_request(
     profile: str = "",
 ) -> tpb.TrainRequest:
     """A training request as `train` runs it here or the training service runs it from
-    prolif.train.requests; 0 or empty means the settings' (or the profile's) value."""
+    prolif.train.requests; 0 or empty means the settings' (or the profile's) value. Paths
+    are made absolute here, where they were typed."""
+    keyword = weights.strip().lower() in WEIGHTS_KEYWORDS
     return tpb.TrainRequest(
         request_id=run_id or f"{model}-{uuid.uuid4().hex[:8]}",
         model=model,
@@ -99,7 +102,7 @@ def train_request(
         workers=workers,
         epochs=epochs,
         input_size=input_size,
-        weights=weights,
+        weights=weights if keyword else str(Path(weights).resolve()),
         profile=profile,
     )
 
@@ -108,8 +111,9 @@ def run_train(args: argparse.Namespace) -> int:
     from prolifscore.core.runtime.logs import setup_logging
     from prolifscore.core.runtime.ray import init_ray
     from prolifscore.core.runtime.settings import load
+    from prolifscore.core.runtime.validation import InvalidInput
     from prolifscore.training.config import TrainingSettings
-    from prolifscore.training.runner import TrainingFailed, run_training
+    from prolifscore.training.runner import TrainingFailed, check_request, run_training
 
     settings = load(TrainingSettings)
     setup_logging("train", settings.runtime.log_level)
@@ -123,6 +127,11 @@ def run_train(args: argparse.Namespace) -> int:
         weights=args.weights,
         profile=args.profile or "",
     )
+    try:
+        request = check_request(request, settings)
+    except InvalidInput as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     init_ray(settings.runtime.ray_address, settings.runtime.ray_num_cpus)
     try:
         published = run_training(request, settings)

@@ -151,8 +151,10 @@ def run_status(args: argparse.Namespace) -> int:
     """Every component with its PID and its real state: a PID that is gone shows DOWN, the
     broker answers a Kafka metadata request or not, services answer gRPC health. Exit code 0
     only if everything is SERVING."""
+    from prolifscore.core.runtime.settings import RuntimeSettings, load
     from prolifscore.localstack.stack import check_health
 
+    tls = load(RuntimeSettings)  # the stack's PROLIF_TLS_* (mutual TLS needs a certificate)
     state = _state(args.run_dir)
     if state is None:
         print("not running")
@@ -174,7 +176,7 @@ def run_status(args: argparse.Namespace) -> int:
         elif name == "ray":
             health = "SERVING" if _port_open(address) else "DOWN (no answer)"
         else:
-            health = check_health(address)
+            health = check_health(address, tls=tls)
         if health != "SERVING" and info.get("state", "running") != "running":
             health += f"; supervisor: {info['state']}"
         ok = ok and health == "SERVING"

@@ -13,8 +13,9 @@ from typing import Any
 from prolifscore.core.runtime import inflight, metrics
 from prolifscore.core.runtime.bus import Bus
 from prolifscore.core.runtime.events import stamp
-from prolifscore.core.runtime.failures import give_up, slide_failed
+from prolifscore.core.runtime.failures import accepted, give_up, slide_failed
 from prolifscore.core.runtime.service import KafkaWork, ServiceRuntime, configure, run_service
+from prolifscore.core.runtime.validation import validate_tile_task
 from prolifscore.core.wsi.leftovers import remove_stale_temporaries
 from prolifscore.core.wsi.shards import completed_markers, write_manifest
 from prolifscore.filtering.config import FilteringSettings
@@ -52,6 +53,9 @@ class FilteringService:
         batch, the other batches still finish, then the first such error is raised."""
         import ray
 
+        # Tasks come from the tiling service, but the topic is open to any producer: a task's
+        # slide id and spec hash name shard files, so it is checked before a worker sees it.
+        items = [(r, t) for r, t in items if accepted(self.bus, r, t, validate_tile_task, "batch")]
         queue = list(enumerate(items))
         free = list(self.actors)
         running: dict[Any, tuple[int, Any]] = {}

@@ -19,7 +19,8 @@ from typing import TypeVar
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from prolifscore.core.runtime.settings import load
+from prolifscore.core.runtime.settings import RuntimeSettings, load
+from prolifscore.core.runtime.tls import TLSFiles, open_channel
 from prolifscore.localstack.broker import EmbeddedBroker, die_with_parent, free_port
 from prolifscore.localstack.rayhead import RayHead
 
@@ -63,6 +64,7 @@ class ServiceProcess:
         """Start the process without waiting: several services start side by side."""
         env = {**os.environ, **self.env, self.port_env: str(self.grpc_port)}
         env.setdefault("PROLIF_METRICS_PORT", "0")
+        env.setdefault("PROLIF_MODEL_SERVER_REST_PORT", "0")  # several model servers may run
         # A service outlives nothing that started it: orphans of a killed `up` would join
         # whatever broker takes their old port next. (PDEATHSIG fires when the forking *thread*
         # ends, so it is armed from the main thread only.)
@@ -87,12 +89,15 @@ class ServiceProcess:
 
     def health(self, timeout: float = 2.0) -> str:
         """The gRPC health of the whole process ("SERVING", "NOT_SERVING", ...), or why none."""
-        return check_health(self.grpc_address, timeout)
+        tls = load(RuntimeSettings, environ={**os.environ, **self.env})
+        return check_health(self.grpc_address, timeout, tls)
 
     def wait_serving(self, timeout: float) -> None:
-        """Until the gRPC health check says SERVING (the consumer has joined its group)."""
+        """Until the gRPC health check says SERVING (the consumer has joined its group); over
+        the TLS the service's environment sets up, with its certificate."""
         deadline = time.monotonic() + timeout
-        with grpc.insecure_channel(self.grpc_address) as channel:
+        tls = load(RuntimeSettings, environ={**os.environ, **self.env})
+        with open_channel(self.grpc_address, tls) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             while time.monotonic() < deadline:
                 if not self.alive():
@@ -131,10 +136,11 @@ class ServiceProcess:
         return self.proc.returncode
 
 
-def check_health(address: str, timeout: float = 2.0) -> str:
-    """`grpc.health.v1` status of `address` ("" service) by name, or `unreachable (CODE)`."""
+def check_health(address: str, timeout: float = 2.0, tls: TLSFiles | None = None) -> str:
+    """`grpc.health.v1` status of `address` ("" service) by name, or `unreachable (CODE)`; over
+    TLS when `tls` names a CA."""
     try:
-        with grpc.insecure_channel(address) as channel:
+        with open_channel(address, tls) as channel:
             resp = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=""), timeout=timeout
             )

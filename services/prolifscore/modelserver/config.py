@@ -28,6 +28,11 @@ class ModelServerSettings:
     port: int = env(
         "PROLIF_MODEL_SERVER_PORT", 8500, "Model server gRPC port (TF Serving's; 0 = any free)"
     )
+    rest_port: int = env(
+        "PROLIF_MODEL_SERVER_REST_PORT",
+        8501,
+        "Model server REST API port (TF Serving's --rest_api_port; 0 = any free, -1 = no REST)",
+    )
     poll_s: float = env(
         "PROLIF_MODEL_SERVER_POLL_S",
         2.0,
@@ -38,5 +43,26 @@ class ModelServerSettings:
     )
     workers: int = env("PROLIF_MODEL_SERVER_WORKERS", 8, "gRPC worker threads")
     warmup: bool = env(
-        "PROLIF_MODEL_SERVER_WARMUP", True, "Run one tiny request per signature after a load"
+        "PROLIF_MODEL_SERVER_WARMUP",
+        True,
+        "Replay each version's assets.extra/tf_serving_warmup_requests before it serves "
+        "(TF Serving's --enable_model_warmup)",
+    )
+    warmup_iterations: int = env(
+        "PROLIF_MODEL_SERVER_WARMUP_ITERATIONS",
+        1,
+        "Times each warm-up record is replayed (TF Serving's --num_request_iterations_for_warmup)",
+    )
+    batching: bool = env(
+        "PROLIF_MODEL_SERVER_BATCHING",
+        False,
+        "Server-side batching: concurrent Predicts on one model version share model calls "
+        "(TF Serving's --enable_batching)",
+    )
+    batching_config: Path | None = env(
+        "PROLIF_MODEL_SERVER_BATCHING_CONFIG",
+        None,
+        "TF Serving BatchingParameters file (--batching_parameters_file, e.g. "
+        "k8s/base/config/batching.config; needs PROLIF_MODEL_SERVER_BATCHING); empty: TF "
+        "Serving's defaults",
     )

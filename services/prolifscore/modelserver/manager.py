@@ -20,13 +20,16 @@ from tensorflow_serving.apis import get_model_status_pb2
 from tensorflow_serving.config import model_server_config_pb2
 
 from prolifscore.core.models.export import complete_versions
+from prolifscore.modelserver.batching import BatchScheduler
+from prolifscore.modelserver.errors import ServingError
 from prolifscore.modelserver.repository import (
     ModelConfig,
     ModelEntry,
     parse_model_config,
     version_fingerprint,
 )
-from prolifscore.modelserver.servable import Servable, ServingError
+from prolifscore.modelserver.servable import Servable
+from prolifscore.modelserver.warmup import replay_warmup
 
 log = logging.getLogger(__name__)
 _STATE = get_model_status_pb2.ModelVersionStatus
@@ -79,24 +82,53 @@ class ModelManager:
     versions stay served (the failed one does not count as available for the policy).
     """
 
-    def __init__(self, model_root: Path, config_path: Path | None, *, warmup: bool = True) -> None:
+    def __init__(
+        self,
+        model_root: Path,
+        config_path: Path | None,
+        *,
+        warmup: bool = True,
+        warmup_iterations: int = 1,
+        batcher: BatchScheduler | None = None,
+    ) -> None:
         self.model_root = Path(model_root)
         self.config = ModelConfig(self.model_root, config_path)
         self.warmup = warmup
+        self.warmup_iterations = warmup_iterations
+        self.batcher = batcher
         self.served: dict[str, dict[int, Servable]] = {}
         self.entries: dict[str, ModelEntry] = {}
         self.states = VersionStates()
         self._failed: dict[tuple[str, int], Any] = {}
+        self._rejected: dict[str, ModelEntry] | None = None  # a config file whose labels failed
         self._poll_lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def reload_config(self, config: model_server_config_pb2.ModelServerConfig) -> None:
-        """ModelService.HandleReloadConfigRequest: replace the config in memory and apply it."""
+        """ModelService.HandleReloadConfigRequest: replace the config in memory and apply it
+        (the new models and versions are loaded when it returns)."""
         entries = parse_model_config(config, self.model_root)  # a bad config fails fast
         with self._poll_lock:
+            self.check_labels(entries)
             self.config.override(entries)
         self.poll()
+
+    def check_labels(self, entries: dict[str, ModelEntry]) -> None:
+        """TF Serving's rule for version labels (ServerCore::UpdateModelVersionLabelMap, with
+        --allow_version_labels_for_unavailable_models as the Kubernetes deployment should run
+        it): a new label may name a version not loaded yet, but moving a label needs its new
+        version AVAILABLE. Else the whole config is refused."""
+        for name, entry in entries.items():
+            before = self.entries[name].labels if name in self.entries else {}
+            for label, version in entry.labels.items():
+                moved = label in before and before[label] != version
+                if moved and version not in self.served.get(name, {}):
+                    raise ServingError(
+                        grpc.StatusCode.FAILED_PRECONDITION,
+                        f"Request to assign label to version {version} of model {name}, "
+                        "which is not currently available for inference",
+                    )
 
     # -- polling
     def start(self, poll_s: float) -> None:
@@ -124,7 +156,7 @@ class ModelManager:
         once every aspired version is loaded (or when its folder is gone).
         """
         with self._poll_lock:
-            entries = self.config.current()
+            entries = self._current_entries()
             self.entries = entries
             served = {name: dict(versions) for name, versions in self.served.items()}
             for name in [n for n in served if n not in entries]:
@@ -134,17 +166,9 @@ class ModelManager:
             for name, entry in entries.items():
                 current = served.setdefault(name, {})
                 on_disk = complete_versions(entry.base_path)
-                aspired = entry.aspired(v for v in on_disk if not self._still_failed(entry, v))
-                for version in sorted(aspired - set(current)):
-                    if self._stop.is_set():
-                        return
-                    servable = self._load(entry, version)
-                    if servable is not None:
-                        current[version] = servable
-                        self._publish(served)
-                # A version that failed just now leaves the policy's choice, so the previous
-                # version keeps serving rather than being dropped for a broken one.
-                aspired = entry.aspired(v for v in on_disk if not self._still_failed(entry, v))
+                aspired = self._load_aspired(entry, on_disk, served)
+                if aspired is None:
+                    return
                 ready = aspired <= set(current)
                 for version in sorted(set(current) - aspired):
                     if ready or version not in on_disk:
@@ -152,6 +176,42 @@ class ModelManager:
                 if not current:
                     served.pop(name)
             self._publish(served)
+
+    def _load_aspired(
+        self, entry: ModelEntry, on_disk: list[int], served: dict[str, dict[int, Servable]]
+    ) -> set[int] | None:
+        """Load the versions the policy picks. A version that fails leaves the policy's choice,
+        so the next one (the previous version) loads in its place in the same scan rather than
+        the model being dropped for a broken version. None: the server is stopping."""
+        current = served[entry.name]
+        while True:
+            aspired = entry.aspired(v for v in on_disk if not self._still_failed(entry, v))
+            missing = sorted(aspired - set(current))
+            if not missing:
+                return aspired
+            for version in missing:
+                if self._stop.is_set():
+                    return None
+                servable = self._load(entry, version)
+                if servable is not None:
+                    current[version] = servable
+                    self._publish(served)
+
+    def _current_entries(self) -> dict[str, ModelEntry]:
+        """The config to apply now: a changed config file whose labels break TF Serving's rule
+        is refused (logged once) and the previous config stays."""
+        entries = self.config.current()
+        if entries is self.entries or not self.entries:
+            return entries
+        if entries is self._rejected:
+            return self.entries
+        try:
+            self.check_labels(entries)
+        except ServingError as exc:
+            log.error("model config not applied", extra={"error": exc.message})
+            self._rejected = entries
+            return self.entries
+        return entries
 
     def _publish(self, served: dict[str, dict[int, Servable]]) -> None:
         """Swap in a fresh snapshot: requests never see a dict that is being changed."""
@@ -170,17 +230,20 @@ class ModelManager:
         path = entry.base_path / str(version)
         self.states.set(entry.name, version, VersionState(_STATE.LOADING))
         started = time.perf_counter()
+        servable: Servable | None = None
         try:
-            servable = Servable(entry.name, version, path)
+            servable = Servable(entry.name, version, path, self.batcher)
             if self.warmup:
-                servable.warmup()
+                replay_warmup(servable, self.warmup_iterations)
         except Exception as exc:
+            if servable is not None:
+                servable.close()
             self._failed[(entry.name, version)] = version_fingerprint(path)
-            message = f"Loading servable: {{name: {entry.name} version: {version}}} failed: {exc}"
+            code = exc.code if isinstance(exc, ServingError) else grpc.StatusCode.UNKNOWN
+            why = f"{code.name}: {exc}" if isinstance(exc, ServingError) else str(exc)
+            message = f"Loading servable: {{name: {entry.name} version: {version}}} failed: {why}"
             self.states.set(
-                entry.name,
-                version,
-                VersionState(_STATE.END, message[:2000], grpc.StatusCode.UNKNOWN.value[0]),
+                entry.name, version, VersionState(_STATE.END, message[:2000], code.value[0])
             )
             log.error(
                 "model load failed",
@@ -200,7 +263,9 @@ class ModelManager:
         return servable
 
     def _unload(self, served: dict[str, dict[int, Servable]], name: str, version: int) -> None:
-        served[name].pop(version, None)
+        servable = served[name].pop(version, None)
+        if servable is not None:
+            servable.close()
         self.states.set(name, version, VersionState(_STATE.END))
         log.info("model unloaded", extra={"model": name, "version": version})
 

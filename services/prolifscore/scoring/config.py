@@ -31,6 +31,17 @@ class ScoringSettings:
     )
     tumor_model: str = env("PROLIF_TUMOR_MODEL", "resnet50", "Model name of the tumor-score model")
     mitosis_model: str = env("PROLIF_MITOSIS_MODEL", "mitosis", "Model name of the mitosis model")
+    tumor_model_label: str = env(
+        "PROLIF_TUMOR_MODEL_LABEL",
+        "",
+        "Version label of the tumor model when a request names none (ScoreRequest.model_label; "
+        "empty: the newest served version)",
+    )
+    mitosis_model_label: str = env(
+        "PROLIF_MITOSIS_MODEL_LABEL",
+        "",
+        "Version label of the mitosis model (empty: the newest served version)",
+    )
     predict_batch: int = env("PROLIF_PREDICT_BATCH", 32, "Tiles per Predict request")
     aggregation: str = env(
         "PROLIF_AGGREGATION",

@@ -21,6 +21,7 @@ from prolifscore.core.models.tensors import (
     grpc_message_options,
     to_tensor_proto,
 )
+from prolifscore.core.runtime.tls import TLSFiles, open_channel
 
 log = logging.getLogger(__name__)
 
@@ -41,13 +42,24 @@ class ModelError(Exception):
 
 class Models(Protocol):
     def predict(
-        self, model: str, tiles: np.ndarray, output: str, timeout: float | None = None
+        self,
+        model: str,
+        tiles: np.ndarray,
+        output: str,
+        timeout: float | None = None,
+        label: str = "",
     ) -> tuple[np.ndarray, int]:
-        """(output array, model version that produced it)."""
+        """(output array, model version that produced it); `label` names a version label
+        (ModelSpec.version_label), empty for the newest version."""
         ...
 
     def predict_many(
-        self, model: str, tiles: np.ndarray, outputs: Sequence[str], timeout: float | None = None
+        self,
+        model: str,
+        tiles: np.ndarray,
+        outputs: Sequence[str],
+        timeout: float | None = None,
+        label: str = "",
     ) -> tuple[dict[str, np.ndarray], int]:
         """Several outputs of one call: {output: array}, and the version."""
         ...
@@ -65,25 +77,40 @@ class PredictionClient:
         retries: int = 4,
         backoff_s: float = 0.5,
         max_message_mb: int = 256,
+        tls: TLSFiles | None = None,
     ) -> None:
+        """`tls`: the PROLIF_TLS_* settings (`RuntimeSettings`); with a CA the channel is TLS,
+        mutual when they name a certificate (`core.runtime.tls`). None = plaintext."""
         self.address = address
         self.retries = retries
         self.backoff_s = backoff_s
-        self._channel = grpc.insecure_channel(address, options=grpc_message_options(max_message_mb))
+        self._channel = open_channel(address, tls, grpc_message_options(max_message_mb))
         self._stub = prediction_service_pb2_grpc.PredictionServiceStub(self._channel)
 
     def predict(
-        self, model: str, tiles: np.ndarray, output: str, timeout: float | None = None
+        self,
+        model: str,
+        tiles: np.ndarray,
+        output: str,
+        timeout: float | None = None,
+        label: str = "",
     ) -> tuple[np.ndarray, int]:
-        outputs, version = self.predict_many(model, tiles, (output,), timeout)
+        outputs, version = self.predict_many(model, tiles, (output,), timeout, label)
         return outputs[output], version
 
     def predict_many(
-        self, model: str, tiles: np.ndarray, outputs: Sequence[str], timeout: float | None = None
+        self,
+        model: str,
+        tiles: np.ndarray,
+        outputs: Sequence[str],
+        timeout: float | None = None,
+        label: str = "",
     ) -> tuple[dict[str, np.ndarray], int]:
         request = predict_pb2.PredictRequest()
         request.model_spec.name = model
         request.model_spec.signature_name = SIGNATURE
+        if label:
+            request.model_spec.version_label = label
         request.inputs[INPUT].CopyFrom(to_tensor_proto(tiles))
         request.output_filter.extend(outputs)
         delay = self.backoff_s
@@ -141,16 +168,32 @@ class InProcessModels:
         return self._loaded[model]
 
     def predict(
-        self, model: str, tiles: np.ndarray, output: str, timeout: float | None = None
+        self,
+        model: str,
+        tiles: np.ndarray,
+        output: str,
+        timeout: float | None = None,
+        label: str = "",
     ) -> tuple[np.ndarray, int]:
-        outputs, version = self.predict_many(model, tiles, (output,), timeout)
+        outputs, version = self.predict_many(model, tiles, (output,), timeout, label)
         return outputs[output], version
 
     def predict_many(
-        self, model: str, tiles: np.ndarray, outputs: Sequence[str], timeout: float | None = None
+        self,
+        model: str,
+        tiles: np.ndarray,
+        outputs: Sequence[str],
+        timeout: float | None = None,
+        label: str = "",
     ) -> tuple[dict[str, np.ndarray], int]:
         import tensorflow as tf
 
+        if label:
+            raise ModelError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"version label {label!r} of {model}: labels need a model server (the model "
+                "config maps them); in-process scoring loads the newest version",
+            )
         version, fn = self._signature(model)
         out = fn(**{INPUT: tf.constant(tiles)})  # type: ignore[operator]
         return {name: out[name].numpy() for name in outputs}, version

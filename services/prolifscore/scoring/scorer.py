@@ -26,6 +26,7 @@ from prolifscore.core.grading.mitoses import (
 from prolifscore.core.models.contract import MITOSIS_OUTPUT, TUMOR_MOLECULAR_OUTPUT, TUMOR_OUTPUT
 from prolifscore.core.models.export import read_metadata
 from prolifscore.core.runtime.settings import PreprocessSettings
+from prolifscore.core.runtime.validation import InvalidInput, validate_score_request
 from prolifscore.core.wsi.prefetch import prefetched_iter
 from prolifscore.core.wsi.preprocess import SlidePlan, SpecError, TileSource, plan_slide
 from prolifscore.core.wsi.slide import Slide, confine_path, open_slide
@@ -62,6 +63,8 @@ class ScoringOptions:
     preprocess: PreprocessSettings = field(default_factory=PreprocessSettings)
     tumor_model: str = "resnet50"
     mitosis_model: str = "mitosis"
+    tumor_label: str = ""  # version labels: ScoreRequest.model_label overrides the tumor one
+    mitosis_label: str = ""
     predict_batch: int = 32
     aggregation: int = spb.AGGREGATION_MEAN_PROBABILITY
     score_rule: int = spb.SCORE_RULE_UNSPECIFIED  # the model's own: cut points when exported
@@ -175,23 +178,28 @@ class _SlideRun:
     ) -> None:
         """Both models on one batch; mitosis detections in level-0 coordinates."""
         started, options = time.perf_counter(), self.options
+        label = self.request.model_label or options.tumor_label
         if self.molecular:  # the served version has a trained molecular head: one call, both
             out, version = models.predict_many(
-                options.tumor_model, pixels, (TUMOR_OUTPUT, TUMOR_MOLECULAR_OUTPUT), timeout
+                options.tumor_model, pixels, (TUMOR_OUTPUT, TUMOR_MOLECULAR_OUTPUT), timeout, label
             )
             probs = out[TUMOR_OUTPUT]
             self.molecular.append(np.asarray(out[TUMOR_MOLECULAR_OUTPUT], np.float32))
         else:
-            probs, version = models.predict(options.tumor_model, pixels, TUMOR_OUTPUT, timeout)
+            probs, version = models.predict(
+                options.tumor_model, pixels, TUMOR_OUTPUT, timeout, label
+            )
             if not self.probs and molecular_head(options, version):  # known after 1st answer
                 values, _ = models.predict(
-                    options.tumor_model, pixels, TUMOR_MOLECULAR_OUTPUT, timeout
+                    options.tumor_model, pixels, TUMOR_MOLECULAR_OUTPUT, timeout, label
                 )
                 self.molecular.append(np.asarray(values, np.float32))
         self.versions[options.tumor_model] = version
         self.probs.append(np.asarray(probs, np.float32))
         if not self.request.skip_mitosis:
-            maps, version = models.predict(options.mitosis_model, pixels, MITOSIS_OUTPUT, timeout)
+            maps, version = models.predict(
+                options.mitosis_model, pixels, MITOSIS_OUTPUT, timeout, options.mitosis_label
+            )
             self.versions[options.mitosis_model] = version
             threshold = mitosis_threshold(options, version)
             for tile, m in zip(tiles, maps, strict=True):
@@ -232,19 +240,14 @@ def score_slide(
     cancelled: Callable[[], bool] = lambda: False,
     deadline: float | None = None,
 ) -> spb.SlideScore:
-    """Raises InvalidRequest, SlideError subclasses, ModelUnavailable/ModelError, Cancelled,
+    """Raises InvalidRequest (the request breaks an input rule of `validation.py` or asks for
+    an impossible spec), SlideError subclasses, ModelUnavailable / ModelError, Cancelled,
     DeadlineExceeded; everything else is a bug."""
     start = time.perf_counter()
-    if not request.path:
-        raise InvalidRequest("path is required")
-    if request.aggregation not in spb.Aggregation.values():
-        raise InvalidRequest(
-            f"aggregation {request.aggregation} is not one of {spb.Aggregation.values()}"
-        )
-    if request.score_rule not in spb.ScoreRule.values():
-        raise InvalidRequest(
-            f"score_rule {request.score_rule} is not one of {spb.ScoreRule.values()}"
-        )
+    try:
+        validate_score_request(request)
+    except InvalidInput as exc:
+        raise InvalidRequest(str(exc)) from exc
     path = confine_path(request.path, slide_roots)
     slide_id = request.slide_id or path.stem
     counts = _Progress()

@@ -24,6 +24,7 @@ from prolifscore.core.runtime.bus import Bus
 from prolifscore.core.runtime.delivery import Transient
 from prolifscore.core.runtime.failures import fail_slide, slide_failed
 from prolifscore.core.runtime.service import KafkaWork, ServiceRuntime, configure, run_service
+from prolifscore.core.runtime.validation import InvalidInput, carried_id, check_id, clip
 from prolifscore.core.wsi.slide import SlideNotFound, SlidePathDenied, SlideUnreadable
 from prolifscore.core.wsi.stain import StainFitError
 from prolifscore.core.wsi.tfrecord import write_atomic
@@ -49,6 +50,7 @@ _AGGREGATIONS = {
 
 # What each failure means to a client: (gRPC code, whether it is the caller's fault).
 ERROR_CODES: list[tuple[type[BaseException], grpc.StatusCode]] = [
+    (InvalidInput, grpc.StatusCode.INVALID_ARGUMENT),
     (InvalidRequest, grpc.StatusCode.INVALID_ARGUMENT),
     (SlideNotFound, grpc.StatusCode.NOT_FOUND),
     (SlidePathDenied, grpc.StatusCode.PERMISSION_DENIED),
@@ -64,6 +66,8 @@ ERROR_CODES: list[tuple[type[BaseException], grpc.StatusCode]] = [
 def status_for(exc: BaseException) -> grpc.StatusCode:
     if isinstance(exc, ModelError) and exc.code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return grpc.StatusCode.DEADLINE_EXCEEDED  # the request's deadline ran out in Predict
+    if isinstance(exc, ModelError) and exc.code == grpc.StatusCode.INVALID_ARGUMENT:
+        return grpc.StatusCode.INVALID_ARGUMENT  # e.g. a model_label the model config lacks
     for kind, code in ERROR_CODES:
         if isinstance(exc, kind):
             return code
@@ -87,6 +91,8 @@ def options_from(settings: ScoringSettings) -> ScoringOptions:
         preprocess=settings.preprocess,
         tumor_model=settings.tumor_model,
         mitosis_model=settings.mitosis_model,
+        tumor_label=settings.tumor_model_label,
+        mitosis_label=settings.mitosis_model_label,
         predict_batch=settings.predict_batch,
         aggregation=_AGGREGATIONS[settings.aggregation],
         score_rule=SCORE_RULES[settings.score_rule],
@@ -149,8 +155,8 @@ class ScoringServicer(scoring_pb2_grpc.ScoringServiceServicer):
         if code == grpc.StatusCode.INTERNAL:
             log.exception("scoring failed", exc_info=exc)
         else:
-            log.info("request failed", extra={"code": code.name, "error": str(exc)})
-        context.abort(code, str(exc))
+            log.info("request failed", extra={"code": code.name, "error": clip(str(exc))})
+        context.abort(code, clip(str(exc)))  # short: a trailer, never an echo of the request
 
     @staticmethod
     def _deadline(context: grpc.ServicerContext) -> float | None:
@@ -235,8 +241,31 @@ class BatchScorer:
         for record, request in items:
             if not request.request_id:  # deterministic, so a redelivery maps to the same result
                 request.request_id = f"{record.topic}-{record.partition}-{record.offset}"
-            result = self._stored(request.request_id) or self._score(record, request)
-            self.bus.publish(self.settings.topic_results, request.request_id, result)
+            try:
+                check_id("request_id", request.request_id)  # it names the result files
+            except InvalidInput as exc:
+                result = self._failed(record, request, grpc.StatusCode.INVALID_ARGUMENT, exc)
+            else:
+                result = self._stored(request.request_id) or self._score(record, request)
+            self.bus.publish(self.settings.topic_results, result.request_id, result)
+
+    def _failed(
+        self, record: Any, request: spb.ScoreRequest, code: grpc.StatusCode, exc: BaseException
+    ) -> spb.ScoreResult:
+        """The request's error result, its failed status and its dead letter; only fields that
+        passed validation are repeated in them."""
+        status = fail_slide(
+            self.bus,
+            record,
+            str(exc),
+            "request",
+            slide_id=request.slide_id,
+            path=request.path,
+            run_id=request.request_id,
+        )
+        out = spb.ScoreResult(request_id=status.run_id, slide_id=carried_id(request.slide_id))
+        out.error.code, out.error.message = code.name, status.reason
+        return out
 
     def _stored(self, request_id: str) -> spb.ScoreResult | None:
         path = self.root / f"{request_id}.json"
@@ -245,7 +274,7 @@ class BatchScorer:
         return json_format.Parse(path.read_text(), spb.ScoreResult())
 
     def _score(self, record: Any, request: spb.ScoreRequest) -> spb.ScoreResult:
-        out = spb.ScoreResult(request_id=request.request_id, slide_id=request.slide_id)
+        out = spb.ScoreResult(request_id=request.request_id)
         try:
             score = self.servicer.score(request)  # stored per slide, heatmap beside it
             out.score.CopyFrom(score)
@@ -255,47 +284,43 @@ class BatchScorer:
             if code == grpc.StatusCode.UNAVAILABLE:  # not the request's fault: redo it later
                 raise Transient(f"model server unavailable: {exc}") from exc
             if code == grpc.StatusCode.INTERNAL:
-                raise  # a bug, or this request: retried, dead-lettered after max attempts
-            out.error.code, out.error.message = code.name, str(exc)
-            fail_slide(
-                self.bus,
-                record,
-                str(exc),
-                "request",
-                slide_id=request.slide_id or request.path,
-                path=request.path,
-                run_id=request.request_id,
-            )
+                raise  # a bug, or this request: retried, then given up (`abandon`)
+            out = self._failed(record, request, code, exc)
         self._store(out)
         return out
 
     def _store(self, out: spb.ScoreResult) -> None:
-        write_atomic(
-            self.root / f"{out.request_id}.json",
-            json_format.MessageToJson(out, indent=None).encode(),
-        )
+        if out.request_id:  # a validated id: it names the file
+            write_atomic(
+                self.root / f"{out.request_id}.json",
+                json_format.MessageToJson(out, indent=None).encode(),
+            )
 
     def abandon(self, record: Any, request: spb.ScoreRequest, reason: str) -> None:
-        """The request was given up (dead-lettered after repeated failures): its requester
-        gets an INTERNAL error result, and the slide a FAILED status."""
+        """The request was given up after PROLIF_MAX_ATTEMPTS (its record is dead-lettered by
+        the consumer loop): its requester gets an INTERNAL error result, the slide a FAILED
+        status."""
         if not request.request_id:
             request.request_id = f"{record.topic}-{record.partition}-{record.offset}"
-        out = spb.ScoreResult(request_id=request.request_id, slide_id=request.slide_id)
-        out.error.code, out.error.message = grpc.StatusCode.INTERNAL.name, reason
-        self._store(out)
-        self.bus.publish(self.settings.topic_results, request.request_id, out)
-        slide_failed(
+        status = slide_failed(
             self.bus,
             reason,
-            slide_id=request.slide_id or request.path,
+            slide_id=request.slide_id,
             path=request.path,
             run_id=request.request_id,
         )
+        out = spb.ScoreResult(request_id=status.run_id, slide_id=carried_id(request.slide_id))
+        out.error.code, out.error.message = grpc.StatusCode.INTERNAL.name, status.reason
+        self._store(out)
+        self.bus.publish(self.settings.topic_results, out.request_id, out)
 
 
 GRPC_OPTIONS = [
     ("grpc.max_send_message_length", 64 * 1024 * 1024),
-    ("grpc.max_receive_message_length", 16 * 1024 * 1024),
+    # A ScoreRequest is a path and options (a few KB at the fields' limits): 1 MiB lets the
+    # servicer answer an oversize field with INVALID_ARGUMENT naming it; past that the transport
+    # refuses the message (RESOURCE_EXHAUSTED) before any code runs.
+    ("grpc.max_receive_message_length", 1024 * 1024),
 ]
 
 
@@ -312,7 +337,13 @@ def build(
         interceptors=interceptors,
     )
     servicer = ScoringServicer(
-        settings, models or PredictionClient(settings.model_server, retries=settings.model_retries)
+        settings,
+        models
+        or PredictionClient(
+            settings.model_server,
+            retries=settings.model_retries,
+            tls=settings.runtime,
+        ),
     )
     scoring_pb2_grpc.add_ScoringServiceServicer_to_server(servicer, runtime.server)
     runtime.add_service(SERVICE_NAME)

@@ -9,8 +9,9 @@ from typing import Any
 from prolifscore.core.runtime import inflight, metrics
 from prolifscore.core.runtime.bus import Bus
 from prolifscore.core.runtime.events import stamp
-from prolifscore.core.runtime.failures import fail_slide, slide_failed
+from prolifscore.core.runtime.failures import accepted, fail_slide, slide_failed
 from prolifscore.core.runtime.service import KafkaWork, ServiceRuntime, configure, run_service
+from prolifscore.core.runtime.validation import validate_ingest
 from prolifscore.tiling.config import TilingSettings
 from prolifscore.tiling.worker import TilingOutcome, tile_slide
 from prolifscore.v1 import pipeline_pb2 as pb
@@ -31,11 +32,12 @@ class TilingService:
     def handle(self, items: list[tuple[Any, pb.SlideIngest]]) -> None:
         import ray
 
-        refs = [
+        valid = [(r, m) for r, m in items if accepted(self.bus, r, m, validate_ingest, "slide")]
+        refs = [  # only valid messages reach Ray
             self._remote.remote(msg.SerializeToString(), self._roots, self.settings.preprocess)
-            for _, msg in items
+            for _, msg in valid
         ]
-        for (record, msg), ref in zip(items, refs, strict=True):
+        for (record, msg), ref in zip(valid, refs, strict=True):
             with metrics.DURATION.labels(NAME, "slide").time():
                 outcome: TilingOutcome = ray.get(ref)
             if outcome.error:

@@ -6,6 +6,7 @@ import time
 from dataclasses import dataclass, field
 
 from prolifscore.core.runtime.settings import PreprocessSettings
+from prolifscore.core.runtime.validation import InvalidInput, validate_ingest
 from prolifscore.core.wsi.preprocess import SpecError, plan_slide, tile_tasks
 from prolifscore.core.wsi.slide import SlideError, confine_path, open_slide
 from prolifscore.core.wsi.split import VALIDATION, hash_split
@@ -24,15 +25,6 @@ class TilingOutcome:
     candidates: int = 0
 
 
-def validate_ingest(msg: pb.SlideIngest) -> None:
-    if not msg.slide_id:
-        raise SpecError("slide_id is required")
-    if not msg.path:
-        raise SpecError("path is required")
-    if msg.labels.HasField("tumor_score") and msg.labels.tumor_score not in (1, 2, 3):
-        raise SpecError(f"tumor_score must be 1, 2 or 3, got {msg.labels.tumor_score}")
-
-
 def tile_slide(
     ingest_bytes: bytes, slide_roots: tuple[str, ...], defaults: PreprocessSettings
 ) -> TilingOutcome:
@@ -43,7 +35,7 @@ def tile_slide(
         path = confine_path(msg.path, slide_roots)
         with open_slide(path) as slide:
             plan = plan_slide(slide, msg.slide_id, msg.spec, defaults, msg.rois)
-    except (SlideError, SpecError, StainFitError) as exc:
+    except (InvalidInput, SlideError, SpecError, StainFitError) as exc:
         return TilingOutcome(slide_id=msg.slide_id, error=str(exc))
     split = msg.split
     if split == pb.SPLIT_UNSPECIFIED:

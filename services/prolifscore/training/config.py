@@ -18,6 +18,16 @@ class TrainingSettings:
     runs_root: Path = env(
         "PROLIF_RUNS_ROOT", Path("data/runs"), "Training runs: checkpoints, TensorBoard logs"
     )
+    data_roots: tuple[Path, ...] = env(
+        "PROLIF_DATA_ROOTS",
+        (Path("data"),),
+        "Folders a training request's dataset may lie in, besides PROLIF_TILES_ROOT",
+    )
+    weights_roots: tuple[Path, ...] = env(
+        "PROLIF_WEIGHTS_ROOTS",
+        (Path("data/weights"),),
+        "Folders a training request's weights file may lie in, besides PROLIF_RUNS_ROOT",
+    )
     workers: int = env("PROLIF_TRAIN_WORKERS", 1, "Ray Train workers per run")
     cpus_per_worker: int = env(
         "PROLIF_TRAIN_CPUS_PER_WORKER",

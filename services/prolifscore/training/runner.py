@@ -9,6 +9,7 @@ from typing import Any
 
 from prolifscore.core.models.architectures import WeightsError
 from prolifscore.core.models.contract import MITOSIS_MODEL, TUMOR_MODEL
+from prolifscore.core.runtime.validation import WEIGHTS_KEYWORDS, confine, validate_train_request
 from prolifscore.training.config import TrainingSettings
 from prolifscore.v1 import training_pb2 as tpb
 
@@ -50,7 +51,27 @@ def labelled_shards(dataset: str) -> list[Any]:
     return labelled or shards
 
 
+def check_request(request: tpb.TrainRequest, settings: TrainingSettings) -> tpb.TrainRequest:
+    """The request with its fields validated and its dataset and weights paths resolved inside
+    their roots (raises InvalidInput): the data set under the tiles root or PROLIF_DATA_ROOTS,
+    a weights file under PROLIF_WEIGHTS_ROOTS or the runs root (earlier runs' checkpoints)."""
+    validate_train_request(request, (TUMOR_MODEL, MITOSIS_MODEL))
+    checked = tpb.TrainRequest()
+    checked.CopyFrom(request)
+    data_roots = (settings.runtime.tiles_root, *settings.data_roots)
+    checked.dataset = str(
+        confine("dataset", request.dataset, data_roots, "PROLIF_TILES_ROOT, PROLIF_DATA_ROOTS")
+    )
+    if request.weights.strip().lower() not in WEIGHTS_KEYWORDS:
+        weights_roots = (*settings.weights_roots, settings.runs_root)
+        where = "PROLIF_WEIGHTS_ROOTS, PROLIF_RUNS_ROOT"
+        checked.weights = str(confine("weights", request.weights, weights_roots, where))
+    return checked
+
+
 def run_training(request: tpb.TrainRequest, settings: TrainingSettings) -> tpb.ModelPublished:
+    """One run (raises InvalidInput for a request that breaks an input rule, TrainingFailed for
+    one that cannot train)."""
     from prolifscore.training.data.shards import DatasetError
     from prolifscore.training.detector.config import MitosisTrainConfig
     from prolifscore.training.detector.regions import DatasetError as MitosisDatasetError
@@ -58,13 +79,10 @@ def run_training(request: tpb.TrainRequest, settings: TrainingSettings) -> tpb.M
     from prolifscore.training.tumor.config import TrainingError, TumorTrainConfig
     from prolifscore.training.tumor.train import train_tumor
 
-    if not request.dataset:
-        raise TrainingFailed("dataset is required")
+    request = check_request(request, settings)
     run_dir = Path(settings.runs_root) / (request.request_id or request.model)
     model_root = Path(settings.model_root)
     try:
-        if request.profile not in ("", "quick"):
-            raise TrainingFailed(f"profile must be empty or 'quick', got {request.profile!r}")
         quick = request.profile == "quick"
         if request.model == TUMOR_MODEL:
             config = TumorTrainConfig(

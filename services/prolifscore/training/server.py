@@ -19,6 +19,7 @@ from prolifscore.core.runtime import metrics
 from prolifscore.core.runtime.bus import Bus
 from prolifscore.core.runtime.failures import give_up
 from prolifscore.core.runtime.service import KafkaWork, ServiceRuntime, configure, run_service
+from prolifscore.core.runtime.validation import InvalidInput, carried_id, check_id, clip
 from prolifscore.core.wsi.tfrecord import write_atomic
 from prolifscore.training.config import TrainingSettings
 from prolifscore.training.runner import TrainingFailed, run_training
@@ -41,33 +42,47 @@ class TrainingService:
         for record, request in items:
             if not request.request_id:
                 request.request_id = f"{record.topic}-{record.partition}-{record.offset}"
-            path = self.result_path(request.request_id)
-            if path.exists():
-                published = json_format.Parse(path.read_text(), tpb.ModelPublished())
+            try:
+                check_id("request_id", request.request_id)  # it names the run's folder
+            except InvalidInput as exc:
+                published = self._failed(record, request, str(exc))
             else:
-                try:
-                    with metrics.DURATION.labels(NAME, "run").time():
-                        published = run_training(request, self.settings)
-                    metrics.SLIDES.labels(NAME, "trained").inc()
-                except Exception as exc:
-                    # Reported and dead-lettered, never retried in a loop: a run that failed
-                    # once (bad request, bug, lost worker) is resubmitted under a new id.
-                    if isinstance(exc, TrainingFailed):
-                        error = str(exc)
-                        log.warning(
-                            "training failed",
-                            extra={"request_id": request.request_id, "error": error},
-                        )
-                    else:
-                        error = f"internal error: {type(exc).__name__}: {exc}"
-                        log.exception("training crashed", extra={"request_id": request.request_id})
-                    published = tpb.ModelPublished(
-                        model=request.model, request_id=request.request_id, error=error
-                    )
-                    published.time.GetCurrentTime()
-                    give_up(self.bus, record, error, "run")
-                write_atomic(path, json_format.MessageToJson(published).encode())
+                path = self.result_path(request.request_id)
+                if path.exists():
+                    published = json_format.Parse(path.read_text(), tpb.ModelPublished())
+                else:
+                    published = self._run(record, request)
+                    write_atomic(path, json_format.MessageToJson(published).encode())
             self.bus.publish(self.settings.topic_models, published.model, published)
+
+    def _run(self, record: Any, request: tpb.TrainRequest) -> tpb.ModelPublished:
+        try:
+            with metrics.DURATION.labels(NAME, "run").time():
+                published = run_training(request, self.settings)
+            metrics.SLIDES.labels(NAME, "trained").inc()
+            return published
+        except Exception as exc:
+            # Reported and dead-lettered, never retried in a loop: a run that failed once (bad
+            # request, bug, lost worker) is resubmitted under a new id.
+            if isinstance(exc, (TrainingFailed, InvalidInput)):
+                error = clip(str(exc))
+                log.warning(
+                    "training failed", extra={"request_id": request.request_id, "error": error}
+                )
+            else:
+                error = clip(f"internal error: {type(exc).__name__}: {exc}")
+                log.exception("training crashed", extra={"request_id": request.request_id})
+            return self._failed(record, request, error)
+
+    def _failed(self, record: Any, request: tpb.TrainRequest, error: str) -> tpb.ModelPublished:
+        """The run's error announcement and dead letter, repeating only fields that are valid
+        ids (a rejected request id is not repeated, and nothing is stored under it)."""
+        published = tpb.ModelPublished(
+            model=carried_id(request.model), request_id=carried_id(request.request_id), error=error
+        )
+        published.time.GetCurrentTime()
+        give_up(self.bus, record, error, "run")
+        return published
 
 
 def main() -> None:

@@ -5,13 +5,15 @@ failure is also announced on the status topic, where clients follow their slides
 from __future__ import annotations
 
 import logging
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Protocol, TypeVar
 
 from kafka.consumer.fetcher import ConsumerRecord
 
 from prolifscore.core.runtime import metrics
 from prolifscore.core.runtime.bus import Bus
 from prolifscore.core.runtime.events import stamp
+from prolifscore.core.runtime.validation import InvalidInput, carried_id, carried_path, clip
 from prolifscore.v1 import pipeline_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -38,7 +40,12 @@ def slide_failed(
     service: str | None = None,
 ) -> pb.SlideStatus:
     """Publish a FAILED status for the slide (keyed by slide id, else path) on the bus's status
-    topic, with its event id and sequence (`events.stamp`). Returns the status published."""
+    topic, with its event id and sequence (`events.stamp`). Returns the status published.
+
+    The status repeats only the ids and path that pass validation (a rejected 5 MB run id or a
+    path with a NUL byte is left out: the dead letter keeps the record as it came)."""
+    slide_id, path, run_id = carried_id(slide_id), carried_path(path), carried_id(run_id)
+    reason = clip(reason)
     extra: dict[str, object] = {"slide_id": slide_id, "reason": reason}
     if batch_count:
         extra["batch"] = batch_index
@@ -67,3 +74,29 @@ def fail_slide(
     status = slide_failed(bus, reason, **where)
     give_up(bus, record, reason, unit)
     return status
+
+
+class SlideMessage(Protocol):
+    """A message about one slide (SlideIngest, TileTask)."""
+
+    slide_id: str
+    path: str
+    run_id: str
+
+
+S = TypeVar("S", bound=SlideMessage)
+
+
+def accepted(
+    bus: Bus, record: ConsumerRecord, msg: S, validate: Callable[[S], None], unit: str
+) -> bool:
+    """Whether `msg` passes `validate`; if not, its slide's FAILED status (repeating only the
+    fields that pass) and its record's dead letter are published, and nothing else sees it."""
+    try:
+        validate(msg)
+    except InvalidInput as exc:
+        fail_slide(
+            bus, record, str(exc), unit, slide_id=msg.slide_id, path=msg.path, run_id=msg.run_id
+        )
+        return False
+    return True

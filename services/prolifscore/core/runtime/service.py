@@ -13,26 +13,29 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any, Generic, Protocol, TypeVar, runtime_checkable
 
 import grpc
 from google.protobuf.message import Message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from prometheus_client import start_http_server
 
 from prolifscore.core.runtime import metrics
 from prolifscore.core.runtime.bus import Bus
 from prolifscore.core.runtime.delivery import Delivery
 from prolifscore.core.runtime.logs import setup_logging
+from prolifscore.core.runtime.metrics import start_metrics_server
 from prolifscore.core.runtime.ray import init_ray
 from prolifscore.core.runtime.settings import KafkaSettings, RuntimeSettings, load
+from prolifscore.core.runtime.tls import server_credentials
 
 log = logging.getLogger(__name__)
 M = TypeVar("M", bound=Message)
 Handler = Callable[[list[tuple[Any, M]]], None]
 BROKER_PROBE_S = 2.0  # how often a service checks that its broker answers
+# What a server takes unless its service says otherwise: requests are references and options,
+# never pixels, so 1 MiB is ample; larger messages fail in the transport (RESOURCE_EXHAUSTED).
+DEFAULT_GRPC_OPTIONS: dict[str, Any] = {"grpc.max_receive_message_length": 1024 * 1024}
 
 
 @runtime_checkable
@@ -73,7 +76,7 @@ class ServiceRuntime:
         self.health = health.HealthServicer()
         self.server = grpc.server(
             ThreadPoolExecutor(max_workers=max_workers),
-            options=list(grpc_options),
+            options=list({**DEFAULT_GRPC_OPTIONS, **dict(grpc_options)}.items()),
             interceptors=list(interceptors),
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -92,27 +95,19 @@ class ServiceRuntime:
         reflection.enable_server_reflection([*names, reflection.SERVICE_NAME], self.server)
         host = self.settings.bind_host
         address = f"{host}:{self.settings.grpc_port}"
-        if self.settings.tls_cert_file or self.settings.tls_key_file:
-            creds = grpc.ssl_server_credentials(
-                [
-                    (
-                        Path(self.settings.tls_key_file).read_bytes(),
-                        Path(self.settings.tls_cert_file).read_bytes(),
-                    )
-                ]
-            )
+        creds = server_credentials(self.settings)
+        if creds is not None:
             self.port = self.server.add_secure_port(address, creds)
         else:
             self.port = self.server.add_insecure_port(address)
         self.server.start()
-        httpd, _ = start_http_server(self.settings.metrics_port, addr=host)
-        self.metrics_port = httpd.server_port
+        self.metrics_port = start_metrics_server(self.settings.metrics_port, host).server_port
         self.set_serving(False)
         log.info(
             "service started",
             extra={
                 "grpc": f"{host}:{self.port}",
-                "tls": bool(self.settings.tls_cert_file),
+                "tls": "mutual" if creds and self.settings.tls_ca_file else bool(creds),
                 "metrics": f"{host}:{self.metrics_port}",
             },
         )
