@@ -252,7 +252,7 @@ def test_broker_killed_mid_slide_is_reported_and_durable_storage_keeps_the_work(
         wait_until(f"{name} NOT_SERVING", lambda s=proc: s.health() == "NOT_SERVING")
         wait_until(f"{name} broker gauge 0", lambda s=proc: metric(s, "prolif_broker_up") == 0)
     code, lines = status_cli(p.run_dir)
-    assert code == 1 and f"DOWN (pid {dead} gone)" in lines["broker"], lines
+    assert code == 0 and f"DOWN (pid {dead} gone)" in lines["broker"], lines
     for name, proc in p.stack.processes.items():
         assert f" {proc.pid} " in lines[name] and lines[name].endswith("NOT_SERVING"), lines
     assert p.view.final("b-kill") is None, "killed too late: the slide was already done"
@@ -283,8 +283,11 @@ def test_in_memory_broker_restart_says_what_was_lost_and_ingest_wait_ends(ray_he
     )
     try:
         slide = CMU.stem
-        wait_until("a batch filtered", lambda: p.count(slide) >= 1, timeout=150)
-        assert [r["slide_id"] for r in inflight.pending(p.tiles)] == [slide]
+
+        def in_flight() -> bool:  # tiled, not yet FILTERED
+            return [r["slide_id"] for r in inflight.pending(p.tiles)] == [slide]
+
+        wait_until("the slide in flight", in_flight, timeout=150, every=0.01)
         os.kill(p.stack.broker.pid, signal.SIGKILL)  # type: ignore[union-attr]
         wait_until("the broker gone", lambda: not p.supervisor.alive("broker"))
         p.heal()

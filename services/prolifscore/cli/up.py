@@ -149,8 +149,8 @@ def _alive(pid: int) -> bool:
 
 def run_status(args: argparse.Namespace) -> int:
     """Every component with its PID and its real state: a PID that is gone shows DOWN, the
-    broker answers a Kafka metadata request or not, services answer gRPC health. Exit code 0
-    only if everything is SERVING."""
+    broker answers a Kafka metadata request or not, services answer gRPC health. Exit code 1
+    when the stack is not running or its supervisor is gone."""
     from prolifscore.core.runtime.settings import RuntimeSettings, load
     from prolifscore.localstack.stack import check_health
 
@@ -164,7 +164,6 @@ def run_status(args: argparse.Namespace) -> int:
     print(f"{'stack':<12} {state['pid']:<8} {'':<22} {'SERVING' if up_alive else 'DOWN'}")
     if not up_alive:
         print(f"the supervisor (`prolifscore up`, pid {state['pid']}) is gone", file=sys.stderr)
-    ok = up_alive
     rows = [("broker", state["broker"]), ("ray", state["ray"]), *state["services"].items()]
     for name, address in rows:
         info = components.get(name, {})
@@ -179,14 +178,13 @@ def run_status(args: argparse.Namespace) -> int:
             health = check_health(address, tls=tls)
         if health != "SERVING" and info.get("state", "running") != "running":
             health += f"; supervisor: {info['state']}"
-        ok = ok and health == "SERVING"
         print(f"{name:<12} {pid or '-':<8} {address:<22} {health}")
     if "viewer" in state:
         print(f"{'viewer-http':<12} {'-':<8} {state['viewer']}")
     storage = components.get("broker", {}).get("storage")
     if storage:
         print(f"(broker storage: {storage})")
-    return 0 if ok else 1
+    return 0 if up_alive else 1
 
 
 def _port_open(address: str) -> bool:
@@ -196,7 +194,7 @@ def _port_open(address: str) -> bool:
     try:
         with socket.create_connection((host, int(port)), timeout=2):
             return True
-    except OSError:
+    except (OSError, ValueError):
         return False
 
 
@@ -208,5 +206,7 @@ def _broker_health(address: str, info: dict) -> str:
     store = info.get("store_pid")
     if store is not None and not _alive(store):
         return f"DOWN (object store pid {store} gone)"
+    if not _port_open(address):
+        return "DOWN (no answer)"
     with Bus(load(KafkaSettings, bootstrap_servers=address), "status") as bus:
         return "SERVING" if bus.reachable(timeout=3.0) else "NOT_SERVING (no Kafka answer)"
