@@ -152,6 +152,7 @@ def test_large_batch_splitting(batching) -> None:  # type: ignore[no-untyped-def
     np.testing.assert_array_equal(result["y"], _rows(10)["x"] * 2)
     assert sorted(model.sizes) == [2, 4, 4]
     model.gate.clear()
+    model.running.clear()  # set by the calls above: wait for the busy call's own start
     with ThreadPoolExecutor(2) as pool:
         busy = _submit_async(pool, queue, _rows(4))
         assert model.running.wait(10)
