@@ -22,7 +22,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prolifscore.core.runtime.settings import RuntimeSettings, load
 from prolifscore.core.runtime.tls import TLSFiles, open_channel
 from prolifscore.localstack.broker import EmbeddedBroker, die_with_parent, free_port
-from prolifscore.localstack.rayhead import RayHead
+from prolifscore.localstack.rayhead import RayHead, terminate
 
 T = TypeVar("T")
 
@@ -126,14 +126,7 @@ class ServiceProcess:
         """SIGTERM (graceful: in-flight work finishes and commits), then SIGKILL."""
         if self.proc is None:
             return None
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
+        return terminate(self.proc, timeout)
 
 
 def check_health(address: str, timeout: float = 2.0, tls: TLSFiles | None = None) -> str:

@@ -67,7 +67,32 @@ class Models(Protocol):
     def close(self) -> None: ...
 
 
-class PredictionClient:
+class _OneOutput:
+    """`predict` as the one-output case of the subclass's `predict_many`."""
+
+    def predict_many(
+        self,
+        model: str,
+        tiles: np.ndarray,
+        outputs: Sequence[str],
+        timeout: float | None = None,
+        label: str = "",
+    ) -> tuple[dict[str, np.ndarray], int]:
+        raise NotImplementedError
+
+    def predict(
+        self,
+        model: str,
+        tiles: np.ndarray,
+        output: str,
+        timeout: float | None = None,
+        label: str = "",
+    ) -> tuple[np.ndarray, int]:
+        outputs, version = self.predict_many(model, tiles, (output,), timeout, label)
+        return outputs[output], version
+
+
+class PredictionClient(_OneOutput):
     """PredictionService client with retries and backoff on UNAVAILABLE."""
 
     def __init__(
@@ -86,17 +111,6 @@ class PredictionClient:
         self.backoff_s = backoff_s
         self._channel = open_channel(address, tls, grpc_message_options(max_message_mb))
         self._stub = prediction_service_pb2_grpc.PredictionServiceStub(self._channel)
-
-    def predict(
-        self,
-        model: str,
-        tiles: np.ndarray,
-        output: str,
-        timeout: float | None = None,
-        label: str = "",
-    ) -> tuple[np.ndarray, int]:
-        outputs, version = self.predict_many(model, tiles, (output,), timeout, label)
-        return outputs[output], version
 
     def predict_many(
         self,
@@ -146,7 +160,7 @@ class PredictionClient:
         self._channel.close()
 
 
-class InProcessModels:
+class InProcessModels(_OneOutput):
     """Loads the newest version of each model from a TF Serving model root and calls its
     serving signature directly: the same contract, without any server."""
 
@@ -166,17 +180,6 @@ class InProcessModels:
             loaded = tf.saved_model.load(str(self.model_root / model / str(versions[-1])))
             self._loaded[model] = (versions[-1], loaded.signatures[SIGNATURE])
         return self._loaded[model]
-
-    def predict(
-        self,
-        model: str,
-        tiles: np.ndarray,
-        output: str,
-        timeout: float | None = None,
-        label: str = "",
-    ) -> tuple[np.ndarray, int]:
-        outputs, version = self.predict_many(model, tiles, (output,), timeout, label)
-        return outputs[output], version
 
     def predict_many(
         self,
