@@ -66,3 +66,9 @@ class ModelServerSettings:
         "k8s/base/config/batching.config; needs PROLIF_MODEL_SERVER_BATCHING); empty: TF "
         "Serving's defaults",
     )
+    precision: str = env(
+        "PROLIF_MODEL_PRECISION",
+        "fp32",
+        "Model execution precision on CPU: fp32, or bf16 (oneDNN auto mixed precision on "
+        "AVX-512 BF16 / AMX CPUs; TF Serving's --mixed_precision=bfloat16)",
+    )

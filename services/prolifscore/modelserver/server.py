@@ -21,6 +21,7 @@ from tensorflow_serving.apis import (
     prediction_service_pb2_grpc,
 )
 
+from prolifscore.core.models.precision import apply_precision
 from prolifscore.core.models.tensors import grpc_message_options
 from prolifscore.core.runtime.logs import setup_logging
 from prolifscore.core.runtime.service import ServiceRuntime
@@ -57,6 +58,8 @@ class ModelServer:
 
     def __init__(self, settings: ModelServerSettings) -> None:
         self.settings = settings
+        # Before any version loads: the precision is a process-wide TensorFlow option.
+        self.bf16 = apply_precision(settings.precision)
         self.batcher = batch_scheduler(settings)
         self.manager = ModelManager(
             settings.model_root,
@@ -103,6 +106,7 @@ class ModelServer:
                 "address": f"{host}:{self.port}",
                 "rest": f"{host}:{self.rest_port}" if self.rest else "off",
                 "batching": self.batcher is not None,
+                "precision": "bf16" if self.bf16 else "fp32",
                 "model_root": str(self.settings.model_root),
                 "models": {n: sorted(v) for n, v in self.manager.served.items()},
             },

@@ -1,9 +1,13 @@
 """Heatmap PNG: each tile's probability of the predicted score over the slide thumbnail, with
-mitosis detections as dots."""
+mitosis detections as dots.
+
+Drawn as the tiles are scored (`Canvas`), one overlay per class, since the predicted score is
+known only at the end: the memory is that of the thumbnail, whatever the number of tiles."""
 
 from __future__ import annotations
 
 import io
+from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -11,6 +15,7 @@ from PIL import Image, ImageDraw
 from prolifscore.v1 import pipeline_pb2 as pb
 
 MIN_SIDE = 768
+ALPHA = 110
 
 
 def _colour(p: float) -> tuple[int, int, int]:
@@ -23,33 +28,55 @@ def _colour(p: float) -> tuple[int, int, int]:
     return 255, int(255 * (1 - t)), 0
 
 
+class Canvas:
+    """The heatmap being drawn: `thumbnail` covers the slide at `downsample` level-0 px per
+    pixel; `add` draws a tile (level-0 position, one value in [0, 1] per class) on each class's
+    overlay, `png` composes the chosen class's overlay with the mitoses."""
+
+    def __init__(
+        self, thumbnail: np.ndarray, downsample: float, footprint0: int, classes: int
+    ) -> None:
+        base = Image.fromarray(thumbnail).convert("RGB")
+        self.zoom = max(1, int(np.ceil(MIN_SIDE / max(base.size))))
+        if self.zoom > 1:
+            size = (base.width * self.zoom, base.height * self.zoom)
+            base = base.resize(size, Image.Resampling.NEAREST)
+        self.base = base
+        self.scale = self.zoom / downsample
+        self.footprint0 = footprint0
+        self.overlays = [Image.new("RGBA", base.size, (0, 0, 0, 0)) for _ in range(classes)]
+        self._draws = [ImageDraw.Draw(o) for o in self.overlays]
+
+    def add(self, tile: pb.Tile, values: Sequence[float]) -> None:
+        s, f = self.scale, self.footprint0
+        box = (tile.x * s, tile.y * s, (tile.x + f) * s - 1, (tile.y + f) * s - 1)
+        for draw, value in zip(self._draws, values, strict=True):
+            draw.rectangle(box, fill=(*_colour(value), ALPHA))
+
+    def png(self, cls: int, mitoses: Sequence[tuple[float, float]] = ()) -> bytes:
+        overlay = self.overlays[cls].copy()
+        draw = ImageDraw.Draw(overlay)
+        r = max(2.0, 3.0 * self.zoom / 2)
+        for x, y in mitoses:
+            cx, cy = x * self.scale, y * self.scale
+            draw.ellipse(
+                (cx - r, cy - r, cx + r, cy + r), outline=(0, 0, 0, 255), fill=(255, 0, 255, 230)
+            )
+        out = Image.alpha_composite(self.base.convert("RGBA"), overlay).convert("RGB")
+        buf = io.BytesIO()
+        out.save(buf, format="PNG", optimize=False)
+        return buf.getvalue()
+
+
 def render(
     thumbnail: np.ndarray,
     downsample: float,
     tiles: list[tuple[pb.Tile, float]],
     footprint0: int,
-    mitoses: list[tuple[float, float]] = (),  # type: ignore[assignment]
+    mitoses: Sequence[tuple[float, float]] = (),
 ) -> bytes:
-    """`thumbnail` covers the slide at `downsample` level-0 px per pixel; tiles are
-    (tile, value in [0, 1]) with level-0 positions."""
-    base = Image.fromarray(thumbnail).convert("RGB")
-    zoom = max(1, int(np.ceil(MIN_SIDE / max(base.size))))
-    if zoom > 1:
-        base = base.resize((base.width * zoom, base.height * zoom), Image.Resampling.NEAREST)
-    scale = zoom / downsample
-    overlay = Image.new("RGBA", base.size, (0, 0, 0, 0))
-    draw = ImageDraw.Draw(overlay)
+    """The heatmap of (tile, value in [0, 1]) pairs at once (tiles at level-0 positions)."""
+    canvas = Canvas(thumbnail, downsample, footprint0, 1)
     for tile, value in tiles:
-        x0, y0 = tile.x * scale, tile.y * scale
-        x1, y1 = (tile.x + footprint0) * scale - 1, (tile.y + footprint0) * scale - 1
-        draw.rectangle((x0, y0, x1, y1), fill=(*_colour(value), 110))
-    r = max(2.0, 3.0 * zoom / 2)
-    for x, y in mitoses:
-        cx, cy = x * scale, y * scale
-        draw.ellipse(
-            (cx - r, cy - r, cx + r, cy + r), outline=(0, 0, 0, 255), fill=(255, 0, 255, 230)
-        )
-    out = Image.alpha_composite(base.convert("RGBA"), overlay).convert("RGB")
-    buf = io.BytesIO()
-    out.save(buf, format="PNG", optimize=False)
-    return buf.getvalue()
+        canvas.add(tile, (value,))
+    return canvas.png(0, mitoses)

@@ -155,10 +155,12 @@ def _read_ray(
             yield [chunk[i] for i in kept], pixels
 
 
-@dataclass(frozen=True)
+@dataclass
 class _SlideRun:
-    """One slide's scoring: what `score_slide` gathers batch by batch (the lists grow), and
-    `_assemble` turns into the SlideScore."""
+    """One slide's scoring, aggregated as the batches come (`add`) and turned into the
+    SlideScore by `_assemble`. Its state does not grow with the slide's tiles: sums and
+    counts, the heatmap canvas (thumbnail-sized), and the mitosis detections; per-tile rows
+    only when the request asks for the tiles (they are then part of the answer)."""
 
     request: spb.ScoreRequest
     slide_id: str
@@ -166,12 +168,15 @@ class _SlideRun:
     options: ScoringOptions
     started: float  # perf_counter at the request's start
     timings: spb.ScoreTimings = field(default_factory=spb.ScoreTimings)
-    tiles: list[pb.Tile] = field(default_factory=list)
-    probs: list[np.ndarray] = field(default_factory=list)  # [n, 3] per batch
+    count: int = 0  # tiles scored
+    prob_sum: np.ndarray | None = None  # [K] float64: sum of the tiles' class probabilities
+    class_counts: np.ndarray | None = None  # [K]: tiles whose most probable class is k + 1
     detections: list[tuple[float, float, float]] = field(default_factory=list)  # x0, y0, p
-    tile_mitosis_max: list[float] = field(default_factory=list)
     versions: dict[str, int] = field(default_factory=dict)  # model -> version that answered
-    molecular: list[np.ndarray] = field(default_factory=list)  # [n] per batch, when trained
+    molecular: bool = False  # the served version has a trained molecular head
+    molecular_sum: float = 0.0
+    rows: list[spb.TilePrediction] = field(default_factory=list)  # only with include_tiles
+    canvas: heatmap.Canvas | None = None  # only with include_heatmap
 
     def predict(
         self, models: Models, tiles: list[pb.Tile], pixels: np.ndarray, timeout: float | None
@@ -179,23 +184,23 @@ class _SlideRun:
         """Both models on one batch; mitosis detections in level-0 coordinates."""
         started, options = time.perf_counter(), self.options
         label = self.request.model_label or options.tumor_label
+        values = None
         if self.molecular:  # the served version has a trained molecular head: one call, both
             out, version = models.predict_many(
                 options.tumor_model, pixels, (TUMOR_OUTPUT, TUMOR_MOLECULAR_OUTPUT), timeout, label
             )
-            probs = out[TUMOR_OUTPUT]
-            self.molecular.append(np.asarray(out[TUMOR_MOLECULAR_OUTPUT], np.float32))
+            probs, values = out[TUMOR_OUTPUT], out[TUMOR_MOLECULAR_OUTPUT]
         else:
             probs, version = models.predict(
                 options.tumor_model, pixels, TUMOR_OUTPUT, timeout, label
             )
-            if not self.probs and molecular_head(options, version):  # known after 1st answer
+            if not self.count and molecular_head(options, version):  # known after 1st answer
                 values, _ = models.predict(
                     options.tumor_model, pixels, TUMOR_MOLECULAR_OUTPUT, timeout, label
                 )
-                self.molecular.append(np.asarray(values, np.float32))
+                self.molecular = True
         self.versions[options.tumor_model] = version
-        self.probs.append(np.asarray(probs, np.float32))
+        maxima: list[float] = []
         if not self.request.skip_mitosis:
             maps, version = models.predict(
                 options.mitosis_model, pixels, MITOSIS_OUTPUT, timeout, options.mitosis_label
@@ -203,10 +208,47 @@ class _SlideRun:
             self.versions[options.mitosis_model] = version
             threshold = mitosis_threshold(options, version)
             for tile, m in zip(tiles, maps, strict=True):
-                self.tile_mitosis_max.append(float(m.max()) if m.size else 0.0)
+                maxima.append(float(m.max()) if m.size else 0.0)
                 self.detections.extend(tile_detections(m, tile, self.plan.spec, threshold))
         self.timings.predict_s += time.perf_counter() - started
-        self.tiles.extend(tiles)
+        self.add(tiles, np.asarray(probs, np.float32), maxima, values)
+
+    def add(
+        self,
+        tiles: list[pb.Tile],
+        probs: np.ndarray,
+        mitosis_max: list[float],
+        molecular: np.ndarray | None = None,
+    ) -> None:
+        """One batch's answers into the running sums, the canvas and (when asked) the rows."""
+        if self.prob_sum is None:
+            k = probs.shape[1]
+            self.prob_sum, self.class_counts = np.zeros(k), np.zeros(k, np.int64)
+            if self.request.include_heatmap:
+                cover = self.plan.coverage
+                self.canvas = heatmap.Canvas(
+                    cover.thumbnail, cover.downsample, self.plan.spec.footprint0, k
+                )
+        assert self.class_counts is not None
+        self.prob_sum += probs.sum(axis=0, dtype=np.float64)
+        self.class_counts += np.bincount(probs.argmax(axis=1), minlength=probs.shape[1])
+        if molecular is not None:
+            self.molecular_sum += float(np.asarray(molecular, np.float64).sum())
+        self.count += len(tiles)
+        for i, t in enumerate(tiles):
+            if self.canvas is not None:
+                self.canvas.add(t, probs[i].tolist())
+            if self.request.include_tiles:
+                self.rows.append(
+                    spb.TilePrediction(
+                        col=t.col,
+                        row=t.row,
+                        x=t.x,
+                        y=t.y,
+                        probabilities=probs[i].tolist(),
+                        mitosis_max=mitosis_max[i] if mitosis_max else 0.0,
+                    )
+                )
 
 
 def _reader(
@@ -270,7 +312,7 @@ def score_slide(
                 if cancelled():
                     raise Cancelled("client cancelled the request")
                 run.predict(models, batch_tiles, pixels, _time_left(deadline))
-                counts.scored = len(run.tiles)
+                counts.scored = run.count
                 notify(counts.event())
     return _assemble(run)
 
@@ -337,17 +379,20 @@ def fuse(proliferation_index: float, mitotic_score: int) -> int:
     return 1 + int(mean >= 1.5) + int(mean >= 2.5)
 
 
-def _tumor_score(run: _SlideRun, result: spb.SlideScore, all_probs: np.ndarray) -> None:
+def _tumor_score(run: _SlideRun, result: spb.SlideScore) -> None:
     """Class probabilities, the class under the score rule, the proliferation index and the
-    molecular score (when the model has that head)."""
-    mean = all_probs.mean(axis=0)
+    molecular score (when the model has that head), from the run's sums."""
+    assert run.prob_sum is not None and run.class_counts is not None
+    mean = run.prob_sum / run.count
     probabilities = mean / mean.sum()
     result.probabilities.extend(probabilities.tolist())
     rule = score_rule(run.request, run.options)
     version = run.versions.get(run.options.tumor_model)
     cuts = cutpoints(model_metadata(run.options, run.options.tumor_model, version or 0))
+    # Each tile's class, rebuilt from the counts (one byte a tile, only for this call).
+    classes = np.repeat(np.arange(1, len(mean) + 1, dtype=np.int8), run.class_counts)
     result.tumor_score, result.score_rule, result.proliferation_index = slide_decision(
-        probabilities, all_probs.argmax(axis=1) + 1, rule, cuts
+        probabilities, classes, rule, cuts
     )
     if rule == spb.SCORE_RULE_CUTPOINTS and result.score_rule != rule:
         result.warnings.append(
@@ -355,7 +400,7 @@ def _tumor_score(run: _SlideRun, result: spb.SlideScore, all_probs: np.ndarray) 
             "readable here): scored by argmax"
         )
     if run.molecular:
-        result.molecular_score = float(np.concatenate(run.molecular).mean())
+        result.molecular_score = run.molecular_sum / run.count
 
 
 def _assemble(run: _SlideRun) -> spb.SlideScore:
@@ -365,15 +410,14 @@ def _assemble(run: _SlideRun) -> spb.SlideScore:
         request_id=request.request_id or uuid.uuid4().hex,
         slide_id=run.slide_id,
         aggregation=aggregation,
-        tiles_total=len(run.tiles),
-        tiles_scored=len(run.tiles),
+        tiles_total=run.count,
+        tiles_scored=run.count,
         warnings=plan.warnings,
         spec_hash=plan.spec.spec_hash,
         models=[spb.ModelVersion(name=n, version=v) for n, v in sorted(run.versions.items())],
     )
-    all_probs = np.concatenate(run.probs) if run.probs else np.zeros((0, 3), np.float32)
-    if len(all_probs):
-        _tumor_score(run, result, all_probs)
+    if run.count:
+        _tumor_score(run, result)
     else:
         result.warnings.append("no tissue tile was found: no score")
     for name, version in sorted(run.versions.items()):
@@ -388,16 +432,14 @@ def _assemble(run: _SlideRun) -> spb.SlideScore:
             result.fused_score = fuse(result.proliferation_index, result.mitotic_score)
             result.fusion = FUSION
     if request.include_tiles:
-        _add_tiles(run, result, all_probs)
+        _add_tiles(run, result)
     if request.include_heatmap:
-        predicted = (result.tumor_score or 1) - 1
-        result.heatmap_png = heatmap.render(
-            plan.coverage.thumbnail,
-            plan.coverage.downsample,
-            [(t, float(all_probs[i][predicted])) for i, t in enumerate(run.tiles)],
-            plan.spec.footprint0,
-            [(m.x, m.y) for m in result.mitoses],
-        )
+        mitoses = [(m.x, m.y) for m in result.mitoses]
+        if run.canvas is None:  # no tile: the thumbnail alone
+            cover = plan.coverage
+            run.canvas = heatmap.Canvas(cover.thumbnail, cover.downsample, 1, 1)
+        predicted = min((result.tumor_score or 1) - 1, len(run.canvas.overlays) - 1)
+        result.heatmap_png = run.canvas.png(predicted, mitoses)
     timings = run.timings
     elapsed = time.perf_counter() - run.started
     timings.reading_s = max(0.0, elapsed - timings.tiling_s - timings.predict_s)
@@ -420,10 +462,10 @@ def _grade_mitoses(run: _SlideRun, result: spb.SlideScore) -> None:
     if square:
         result.densest_region.CopyFrom(square.as_region())
     result.mitoses_per_10hpf = float(densest)
-    result.mitotic_score = options.grading.mitotic_score(densest) if run.tiles else 0
+    result.mitotic_score = options.grading.mitotic_score(densest) if run.count else 0
 
 
-def _add_tiles(run: _SlideRun, result: spb.SlideScore, all_probs: np.ndarray) -> None:
+def _add_tiles(run: _SlideRun, result: spb.SlideScore) -> None:
     """Per-tile predictions; a mitosis counts for the grid cell it falls in (the first tile
     covering it, with overlap)."""
     per_tile: dict[tuple[int, int], int] = {}
@@ -431,15 +473,6 @@ def _add_tiles(run: _SlideRun, result: spb.SlideScore, all_probs: np.ndarray) ->
     for m in result.mitoses:
         key = (int(m.x // stride), int(m.y // stride))
         per_tile[key] = per_tile.get(key, 0) + 1
-    for i, t in enumerate(run.tiles):
-        result.tiles.append(
-            spb.TilePrediction(
-                col=t.col,
-                row=t.row,
-                x=t.x,
-                y=t.y,
-                probabilities=all_probs[i].tolist(),
-                mitosis_max=run.tile_mitosis_max[i] if run.tile_mitosis_max else 0.0,
-                mitoses=per_tile.get((t.col, t.row), 0),
-            )
-        )
+    for row in run.rows:
+        row.mitoses = per_tile.get((row.col, row.row), 0)
+    result.tiles.extend(run.rows)
