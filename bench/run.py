@@ -38,13 +38,17 @@ from bench.pipeline import (
 )
 from bench.rayrun import ray_scaling
 from bench.scoring import ScoringConfig, bench_scoring
+from bench.scoring_perf import PerfConfig, bench_bf16, bench_concurrency, bench_large
 from bench.table import TARGETS, update_readme
 from bench.viewer import ViewerBenchConfig, bench_viewer
 from prolifscore.v1 import pipeline_pb2 as pb
 
 SECTIONS = ("pyramid", "ratio", "breakdown", "fast_vs_seed", "rss", "ray", "viewer", "scoring")
+SECTIONS += ("bf16", "large_scoring", "concurrency")  # scoring on users' CPUs (bench/scoring_perf)
+SCORING_SECTIONS = ("scoring", "bf16", "large_scoring", "concurrency")
 NEEDS = {"ratio": ("pyramid",), "breakdown": ("ratio",), "fast_vs_seed": ("ratio",)}
 NEEDS |= {"rss": ("ratio",), "ray": ("ratio",), "viewer": ("pyramid",)}
+NEEDS |= {"large_scoring": ("pyramid",)}
 # Tissue mode `seed`: the reference (seed) study's per-tile test, as the results' `seed` keys.
 REFERENCE_SPEC = pb.TilingSpec(tissue_mode=pb.TISSUE_MODE_SEED)
 PIPELINE_SIDE = (
@@ -77,6 +81,7 @@ class Config:
     slides: tuple[tuple[str, Path], ...] = (("cmu", CMU), ("tcga", TCGA))
     pyramid_sources: tuple[Path, ...] = (CMU, TCGA)
     scoring: ScoringConfig | None = field(default_factory=ScoringConfig)  # None: skipped
+    perf: PerfConfig = field(default_factory=PerfConfig)  # skipped too when scoring is None
     viewer: ViewerBenchConfig = field(default_factory=ViewerBenchConfig)
 
 
@@ -284,7 +289,7 @@ def run(
     cfg.work_dir.mkdir(parents=True, exist_ok=True)
     todo = selected(only)
     if cfg.scoring is None:
-        todo.discard("scoring")
+        todo -= set(SCORING_SECTIONS)
     out: Results = {}
     start = time.perf_counter()
     load_before = os.getloadavg()[0]
@@ -309,6 +314,9 @@ def run(
     if cfg.scoring is not None:
         scoring = cfg.scoring
         step("scoring", lambda: bench_scoring(scoring, out, log))
+    step("bf16", lambda: bench_bf16(cfg.perf, out, log))
+    step("large_scoring", lambda: bench_large(cfg.perf, large, out, log))
+    step("concurrency", lambda: bench_concurrency(cfg.perf, out, log))
     out["bench_seconds"] = _r(time.perf_counter() - start, 1)
     out["_note"] = (
         f"machine: {os.cpu_count()} cores (noisy; compare ratios, not absolute rates). "

@@ -177,6 +177,7 @@ class ModelServerProcess(ServiceProcess):
         env.update(self.env)
         env[self.port_env] = str(self.grpc_port)
         env.setdefault("PROLIF_METRICS_PORT", "0")
+        env.setdefault("PROLIF_MODEL_SERVER_REST_PORT", "0")  # several may run side by side
         self.log_path.unlink(missing_ok=True)
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
@@ -186,12 +187,14 @@ class ModelServerProcess(ServiceProcess):
 
 
 @contextmanager
-def model_server(model_root: Path, log_path: Path) -> Iterator[ModelServerProcess]:
-    """`python -m prolifscore.modelserver.server` over `model_root` on a free port, launched
-    (not yet waited for); stopped (SIGTERM) on exit."""
+def model_server(
+    model_root: Path, log_path: Path, env: dict[str, str] | None = None
+) -> Iterator[ModelServerProcess]:
+    """`python -m prolifscore.modelserver.server` over `model_root` on a free port (more
+    settings in `env`), launched (not yet waited for); stopped (SIGTERM) on exit."""
     proc = ModelServerProcess(
         "prolifscore.modelserver.server",
-        {"PROLIF_MODEL_ROOT": str(model_root)},
+        {"PROLIF_MODEL_ROOT": str(model_root), **(env or {})},
         log_path,
         port_env="PROLIF_MODEL_SERVER_PORT",
     ).launch()
@@ -207,10 +210,10 @@ def model_server(model_root: Path, log_path: Path) -> Iterator[ModelServerProces
 
 @contextmanager
 def scoring_service(
-    model_server_address: str, slide_roots: Sequence[Path], ray_readers: int = 0
+    model_server_address: str, slide_roots: Sequence[Path], ray_readers: int = 0, **settings: Any
 ) -> Iterator[Any]:
     """A ScoringService in this process on a free port, with its PredictionClient to
-    `model_server_address`; yields a client stub."""
+    `model_server_address` (more ScoringSettings fields in `settings`); yields a client stub."""
     from prolifscore.scoring.config import ScoringSettings
     from prolifscore.scoring.server import build
 
@@ -220,6 +223,8 @@ def scoring_service(
         model_server=model_server_address,
         ray_readers=ray_readers,
         kafka_enabled=False,
+        port=settings.pop("port", 0),  # any free port (the service default is 50051)
+        **settings,
         runtime=load(
             RuntimeSettings,
             environ={},

@@ -23,6 +23,12 @@ TARGETS = {
     "filter_worker_peak_rss_mb": "< 2048",
     "scoring_vs_direct_model_ratio": "<= 1.15",
     "viewer_vs_decode_ratio": ">= 0.7",
+    "scoring_bf16_vs_fp32_speedup": ">= 1.6",
+    "scoring_bf16_agreement": "1.0",
+    "scoring_bf16_max_prob_diff": "<= 0.02",
+    "scoring_large_peak_rss_gb": "< 3",
+    "scoring_large_vs_direct_model_ratio": "<= 1.1",
+    "scoring_concurrent_vs_sequential_speedup": "> 1",
 }
 README = Path(__file__).resolve().parents[1] / "README.md"
 START = "<!-- bench-table:start -->"

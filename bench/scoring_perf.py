@@ -1,0 +1,353 @@
+"""Scoring on the CPUs users have (issue 15): bf16 vs fp32 serving, whole-slide throughput on
+the large benchmark slide, concurrent vs sequential ScoreSlide calls with server-side batching.
+
+Every side runs the service code: the local model server (`python -m
+prolifscore.modelserver.server`) in a child process, ScoringService in this process (bf16,
+concurrency) or in a child of its own (large slide, so that its peak RSS is its own). Models
+are the untrained exports of bench/scoring.py (tumor ResNet50 at 224 px: the production cost).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+
+from bench import CMU, TCGA, WORK_DIR
+from bench.pipeline import defaults, warm_file_cache
+from bench.scoring import (
+    SlideTiles,
+    direct_slide,
+    ensure_models,
+    model_server,
+    scoring_service,
+)
+from prolifscore.core.wsi.preprocess import iter_kept_tiles, plan_slide
+from prolifscore.core.wsi.slide import open_slide
+from prolifscore.localstack.stack import ServiceProcess
+from prolifscore.v1 import pipeline_pb2 as pb
+from prolifscore.v1 import scoring_pb2 as spb
+from prolifscore.v1 import scoring_pb2_grpc
+
+Results = dict[str, Any]
+BATCHING_CONFIG = Path(__file__).resolve().parents[1] / "k8s/base/config/batching.config"
+
+
+@dataclass(frozen=True)
+class PerfConfig:
+    slides: tuple[tuple[str, Path], ...] = (("cmu", CMU), ("tcga", TCGA))
+    model_root: Path = WORK_DIR / "models"
+    tumor_input_size: int = 224
+    bf16_reps: int = 5  # samples of each precision per slide, alternated
+    roi_tiles: int = 40  # side of the large slide's square ROI, in 256 px tiles; 0: whole slide
+    roi_centre: tuple[float, float] = (0.66, 0.50)  # in slide widths: inside a tissue piece
+    concurrent_calls: int = 8
+    concurrent_slide: tuple[str, Path] = ("cmu", CMU)
+    concurrent_rounds: int = 2
+    work_dir: Path = WORK_DIR
+
+
+def _score(stub: Any, request: spb.ScoreRequest, timeout: float = 600) -> tuple[Any, float]:
+    start = time.perf_counter()
+    result = stub.ScoreSlide(request, timeout=timeout)
+    return result, time.perf_counter() - start
+
+
+def _vmhwm_mb(pid: int) -> float:
+    """Peak RSS (VmHWM) of a running process, MB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+# --- bf16 vs fp32 --------------------------------------------------------------------------
+
+
+def _compare(a: Any, b: Any) -> tuple[bool, float]:
+    """(same tumor score and mitotic grade, largest tile probability difference: tumor class
+    probabilities and mitosis map maxima)."""
+    same = (a.tumor_score, a.mitotic_score) == (b.tumor_score, b.mitotic_score)
+    pa = np.array([[*t.probabilities, t.mitosis_max] for t in a.tiles])
+    pb_ = np.array([[*t.probabilities, t.mitosis_max] for t in b.tiles])
+    if pa.shape != pb_.shape:
+        return False, float("inf")
+    return same, float(np.abs(pa - pb_).max()) if pa.size else 0.0
+
+
+def bench_bf16(cfg: PerfConfig, out: Results, log: Callable[[str], None] = print) -> None:
+    """Two model servers over the same exports, PROLIF_MODEL_PRECISION fp32 and bf16, each
+    behind its own in-process ScoringService; ScoreSlide on every bench slide, alternated."""
+    ensure_models(cfg.model_root, cfg.tumor_input_size)
+    roots = sorted({p.parent for _, p in cfg.slides})
+    samples: dict[str, dict[str, list[tuple[Any, float]]]] = {"fp32": {}, "bf16": {}}
+    with ExitStack() as stack:
+        servers = {
+            p: stack.enter_context(
+                model_server(
+                    cfg.model_root,
+                    cfg.work_dir / f"bf16-modelserver-{p}.log",
+                    {"PROLIF_MODEL_PRECISION": p},
+                )
+            )
+            for p in samples
+        }
+        for _, path in cfg.slides:
+            warm_file_cache(path)
+        stubs = {}
+        for p, server in servers.items():
+            server.wait_serving(180)
+            stubs[p] = stack.enter_context(scoring_service(server.grpc_address, roots))
+        for name, path in cfg.slides:
+            request = spb.ScoreRequest(path=str(path), include_tiles=True)
+            for p in samples:  # warm-up: each server's first batch shape
+                _score(stubs[p], request)
+                samples[p][name] = []
+            for i in range(cfg.bf16_reps):
+                for p in ("fp32", "bf16") if i % 2 == 0 else ("bf16", "fp32"):
+                    samples[p][name].append(_score(stubs[p], request))
+            best = ", ".join(f"{p} {_best(samples[p][name]):.2f} s" for p in samples)
+            log(f"[bench]   bf16 {name}: {best}")
+    report_bf16(cfg, samples, out)
+
+
+def _best(runs: list[tuple[Any, float]]) -> float:
+    return min(s for _, s in runs)
+
+
+def report_bf16(cfg: PerfConfig, samples: dict[str, Any], out: Results) -> None:
+    fp32, bf16 = samples["fp32"], samples["bf16"]
+    names = list(fp32)
+    t32, t16 = sum(_best(fp32[n]) for n in names), sum(_best(bf16[n]) for n in names)
+    pred32 = sum(min(r.timings.predict_s for r, _ in fp32[n]) for n in names)
+    pred16 = sum(min(r.timings.predict_s for r, _ in bf16[n]) for n in names)
+    agree, diffs, parts = [], [], []
+    for n in names:
+        ref = fp32[n][0][0]
+        for result, _ in bf16[n]:
+            same, diff = _compare(ref, result)
+            agree.append(same)
+            diffs.append(diff)
+        parts.append(
+            f"{n} ({ref.tiles_scored} tiles): fp32 {_best(fp32[n]):.2f} s (predict "
+            f"{min(r.timings.predict_s for r, _ in fp32[n]):.2f}) vs bf16 {_best(bf16[n]):.2f} s "
+            f"(predict {min(r.timings.predict_s for r, _ in bf16[n]):.2f}); scores fp32 "
+            f"{ref.tumor_score}/{ref.mitotic_score}, bf16 "
+            f"{bf16[n][0][0].tumor_score}/{bf16[n][0][0].mitotic_score}, slide probabilities "
+            f"fp32 {[round(x, 4) for x in ref.probabilities]} bf16 "
+            f"{[round(x, 4) for x in bf16[n][0][0].probabilities]}"
+        )
+    out["scoring_bf16_vs_fp32_speedup"] = round(t32 / t16, 3)
+    out["scoring_bf16_vs_fp32_predict_speedup"] = round(pred32 / pred16, 3)
+    out["scoring_bf16_agreement"] = round(sum(agree) / len(agree), 3)
+    out["scoring_bf16_max_prob_diff"] = round(max(diffs), 5)
+    out["_note_scoring_bf16"] = (
+        "two local model servers over the same fp32 SavedModels, PROLIF_MODEL_PRECISION=fp32 "
+        "and =bf16 (TensorFlow's oneDNN auto mixed precision, auto_mixed_precision_onednn_"
+        "bfloat16: convolutions and matmuls in bfloat16 on AVX-512 BF16, the option TF Serving's "
+        "--mixed_precision=bfloat16 sets), each behind an in-process ScoringService; unary "
+        "ScoreSlide with the tiles, one warm-up each, then "
+        f"{cfg.bf16_reps} samples per precision per slide alternated; speedup = sum of best fp32 "
+        "seconds / sum of best bf16 seconds, client wall clock (predict_speedup: the same with "
+        f"the service's ScoreTimings predict_s, {pred32:.2f} vs {pred16:.2f} s); agreement = "
+        "share of bf16 results with the fp32 result's tumor score and mitotic grade; "
+        "max_prob_diff = largest |bf16 - fp32| over every tile's class probabilities and mitosis "
+        "map maximum. Untrained models (near-uniform class probabilities). "
+        f"Totals fp32 {t32:.2f} s vs bf16 {t16:.2f} s. " + "; ".join(parts)
+    )
+
+
+# --- whole-slide throughput ----------------------------------------------------------------
+
+
+def large_rois(cfg: PerfConfig, side0: int) -> list[pb.Polygon]:
+    """The square ROI (level-0 px) the large-slide entries score; none for the whole slide."""
+    if not cfg.roi_tiles:
+        return []
+    half = cfg.roi_tiles * 256 / 2
+    cx, cy = cfg.roi_centre[0] * side0, cfg.roi_centre[1] * side0
+    x0, y0, x1, y1 = cx - half, cy - half, cx + half, cy + half
+    return [pb.Polygon(rings=[pb.Ring(xy=[x0, y0, x1, y0, x1, y1, x0, y1])])]
+
+
+def roi_tiles(name: str, path: Path, rois: list[pb.Polygon]) -> SlideTiles:
+    with open_slide(path) as slide:
+        plan = plan_slide(slide, path.stem, pb.TilingSpec(), defaults(), rois)
+        origins = [(t.x, t.y) for t, _, _ in iter_kept_tiles(slide, plan)]
+    spec = plan.spec
+    return SlideTiles(name, path, spec.level, spec.read_size, origins, len(plan.candidates))
+
+
+def _scoring_process(model_server: str, large: Path, log_path: Path) -> ServiceProcess:
+    return ServiceProcess(
+        "prolifscore.scoring.server",
+        {
+            "PROLIF_MODEL_SERVER": model_server,
+            "PROLIF_SCORING_KAFKA": "false",
+            "PROLIF_SCORING_RAY_READERS": "0",
+            "PROLIF_SLIDE_ROOTS": f"{large.parent},{CMU.parent}",
+            "PROLIF_RESULTS_ROOT": str(WORK_DIR / "results"),
+        },
+        log_path,
+        port_env="PROLIF_SCORING_PORT",
+    )
+
+
+def bench_large(
+    cfg: PerfConfig, large: Path, out: Results, log: Callable[[str], None] = print
+) -> None:
+    """The large slide (or its ROI) through a ScoringService child and a model server child,
+    then the same kept tiles through bare decode + the in-process model."""
+    from prolifscore.scoring.model_client import InProcessModels
+
+    ensure_models(cfg.model_root, cfg.tumor_input_size)
+    with open_slide(large) as slide:
+        side0 = slide.dimensions[0]
+    rois = large_rois(cfg, side0)
+    warm_file_cache(large)
+    with model_server(cfg.model_root, cfg.work_dir / "large-modelserver.log") as server:
+        tiles = roi_tiles("large", large, rois)
+        server.wait_serving(180)
+        assert server.proc is not None
+        scoring = _scoring_process(server.grpc_address, large, cfg.work_dir / "large-scoring.log")
+        scoring.launch()
+        try:
+            scoring.wait_serving(180)
+            with grpc.insecure_channel(scoring.grpc_address) as channel:
+                stub = scoring_pb2_grpc.ScoringServiceStub(channel)
+                _score(stub, spb.ScoreRequest(path=str(CMU)))  # warm-up: the 32-tile shape
+                request = spb.ScoreRequest(path=str(large), rois=rois)
+                result, seconds = _score(stub, request, timeout=3600)
+            assert scoring.proc is not None
+            rss = {"scoring": _vmhwm_mb(scoring.proc.pid), "model": _vmhwm_mb(server.proc.pid)}
+        finally:
+            scoring.stop()
+    log(f"[bench]   large gRPC: {result.tiles_scored} tiles in {seconds:.1f} s")
+    if result.tiles_scored != len(tiles.origins):
+        raise RuntimeError(
+            f"scored {result.tiles_scored} tiles, the library keeps {len(tiles.origins)}"
+        )
+    models = InProcessModels(cfg.model_root)
+    try:
+        models.predict("resnet50", np.zeros((32, 256, 256, 3), np.uint8), "probabilities")
+        models.predict("mitosis", np.zeros((32, 256, 256, 3), np.uint8), "mitosis_map")
+        direct = direct_slide(tiles, models, 32)
+    finally:
+        models.close()
+    log(f"[bench]   large direct: {direct['total']:.1f} s")
+    report_large(cfg, tiles, result, seconds, direct, rss, side0, out)
+
+
+def report_large(
+    cfg: PerfConfig,
+    tiles: SlideTiles,
+    result: Any,
+    seconds: float,
+    direct: dict[str, float],
+    rss: dict[str, float],
+    side0: int,
+    out: Results,
+) -> None:
+    n = result.tiles_scored
+    t = result.timings
+    out["scoring_large_kept_tiles_per_s"] = round(n / seconds, 2)
+    out["scoring_large_seconds_per_10k_tiles"] = round(seconds / n * 10_000, 1)
+    out["scoring_large_peak_rss_gb"] = round((rss["scoring"] + rss["model"]) / 1024, 3)
+    out["scoring_large_vs_direct_model_ratio"] = round(seconds / direct["total"], 3)
+    where = (
+        f"a {cfg.roi_tiles} x {cfg.roi_tiles}-tile square ROI ({cfg.roi_tiles * 256} px side, "
+        f"centred at {cfg.roi_centre} of the {side0} px side, ScoreRequest.rois) of the large "
+        "slide: the whole slide would take over 10 min at these rates"
+        if cfg.roi_tiles
+        else "the whole large slide"
+    )
+    out["_note_scoring_large"] = (
+        f"{where}; {n} kept of {tiles.candidates} candidates. One unary ScoreSlide (default "
+        "request, results stored with tiles and heatmap as the service does) to a ScoringService "
+        "child (python -m prolifscore.scoring.server, thread reader: PROLIF_SCORING_RAY_READERS=0, "
+        "pipelined: the next batch is read while the model server predicts) and a model server "
+        "child (fp32, no batching), both on this machine's 2 cores, after a warm-up ScoreSlide "
+        f"of the small slide: {seconds:.1f} s (server: tiling {t.tiling_s:.1f}, waiting on "
+        f"Predict {t.predict_s:.1f}, reading + aggregation {t.reading_s:.1f}). peak RSS = VmHWM "
+        f"of the two children at the end: scoring {rss['scoring']:.0f} MB + model server "
+        f"{rss['model']:.0f} MB. direct = bare OpenSlide read_region of the same kept tiles + "
+        "the same SavedModels called in-process, batches of 32, no overlap (one process): "
+        f"{direct['total']:.1f} s (decode {direct['decode']:.1f} + predict "
+        f"{direct['predict']:.1f}). One sample each (minutes long)."
+    )
+
+
+# --- concurrency ---------------------------------------------------------------------------
+
+
+def _alternate(
+    fns: dict[str, Callable[[], float]], cfg: PerfConfig, log: Callable[[str], None]
+) -> dict[str, list[float]]:
+    runs: dict[str, list[float]] = {name: [] for name in fns}
+    names = list(fns)
+    for i in range(cfg.concurrent_rounds):
+        for name in names if i % 2 == 0 else names[::-1]:
+            runs[name].append(fns[name]())
+        last = ", ".join(f"{m} {runs[m][-1]:.2f} s" for m in runs)
+        log(f"[bench]   concurrency round {i + 1}: {last}")
+    return runs
+
+
+def bench_concurrency(cfg: PerfConfig, out: Results, log: Callable[[str], None] = print) -> None:
+    """`concurrent_calls` ScoreSlide calls of one small slide, one after another vs all at
+    once, through an in-process ScoringService and a model server with batching on."""
+    ensure_models(cfg.model_root, cfg.tumor_input_size)
+    name, path = cfg.concurrent_slide
+    n = cfg.concurrent_calls
+    env = {
+        "PROLIF_MODEL_SERVER_BATCHING": "true",
+        "PROLIF_MODEL_SERVER_BATCHING_CONFIG": str(BATCHING_CONFIG),
+    }
+    warm_file_cache(path)
+    request = spb.ScoreRequest(path=str(path))
+    with (
+        model_server(cfg.model_root, cfg.work_dir / "concurrency-modelserver.log", env) as server,
+        ThreadPoolExecutor(n) as pool,
+    ):
+        server.wait_serving(180)
+        with scoring_service(server.grpc_address, [path.parent], max_concurrent=n) as stub:
+
+            def sequential() -> float:
+                start = time.perf_counter()
+                for _ in range(n):
+                    _score(stub, request)
+                return time.perf_counter() - start
+
+            def concurrent() -> float:
+                start = time.perf_counter()
+                list(pool.map(lambda _: _score(stub, request), range(n)))
+                return time.perf_counter() - start
+
+            tiles = _score(stub, request)[0].tiles_scored
+            concurrent()  # warm-up: the merged batch shapes
+            runs = _alternate({"sequential": sequential, "concurrent": concurrent}, cfg, log)
+    seq, conc = min(runs["sequential"]), min(runs["concurrent"])
+    out["scoring_concurrent_vs_sequential_speedup"] = round(seq / conc, 3)
+    out["scoring_concurrent_kept_tiles_per_s"] = round(n * tiles / conc, 2)
+    out["scoring_sequential_kept_tiles_per_s"] = round(n * tiles / seq, 2)
+    out["_note_scoring_concurrency"] = (
+        f"{n} unary ScoreSlide calls of {name} ({tiles} kept tiles each) one after another vs "
+        f"all at once from {n} client threads; in-process ScoringService "
+        f"(PROLIF_SCORING_CONCURRENCY={n}, thread reader) and a model server child with "
+        "batching on and the Kubernetes batching config (k8s/base/config/batching.config: "
+        "max_batch_size 64, batch_timeout_micros 5000, 4 batch threads); warm-up of both ways "
+        f"first, then {cfg.concurrent_rounds} rounds alternated, best of each: sequential "
+        f"{seq:.2f} s vs concurrent {conc:.2f} s (all samples: sequential "
+        f"{[round(x, 2) for x in runs['sequential']]}, concurrent "
+        f"{[round(x, 2) for x in runs['concurrent']]}; medians "
+        f"{statistics.median(runs['sequential']):.2f} vs "
+        f"{statistics.median(runs['concurrent']):.2f} s)"
+    )
