@@ -51,9 +51,11 @@ def test_bf16_model_server_scores_like_fp32(exported_root: Path, tmp_path: Path)
             client.close()
     finally:
         server.stop()
-    assert "precision" in (tmp_path / "modelserver.log").read_text()
+    if cpu_has_bf16():
+        assert '"precision": "bf16"' in (tmp_path / "modelserver.log").read_text()
     assert bf16.tiles_scored == reference.tiles_scored > 0
-    assert (bf16.tumor_score, bf16.mitotic_score) == (reference.tumor_score, reference.mitotic_score)
+    grades = (reference.tumor_score, reference.mitotic_score)
+    assert (bf16.tumor_score, bf16.mitotic_score) == grades
     a = np.array([t.probabilities for t in reference.tiles])
     b = np.array([t.probabilities for t in bf16.tiles])
     c, d = [t.mitosis_max for t in reference.tiles], [t.mitosis_max for t in bf16.tiles]
