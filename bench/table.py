@@ -25,7 +25,6 @@ TARGETS = {
     "viewer_vs_decode_ratio": ">= 0.7",
     "scoring_bf16_vs_fp32_speedup": ">= 1.6",
     "scoring_bf16_agreement": "1.0",
-    "scoring_bf16_tile_class_agreement": "1.0",
     "scoring_bf16_max_prob_diff": "<= 0.02",
     "scoring_large_peak_rss_gb": "< 3",
     "scoring_large_vs_direct_model_ratio": "<= 1.1",
