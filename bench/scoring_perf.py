@@ -314,8 +314,8 @@ def report_large(
     where = (
         f"a {cfg.roi_tiles} x {cfg.roi_tiles}-tile square ROI ({cfg.roi_tiles * 256} px side, "
         f"centred at {cfg.roi_centre} of the {side0} px side, ScoreRequest.rois) of the large "
-        "slide, since the whole slide (~14,000 kept tiles) would take over half an hour per "
-        "sample at these rates"
+        "slide, since the whole slide's ~16,000 candidate tiles would take over half an hour "
+        "per sample at these rates (seconds_per_10k_tiles gives the whole-slide time)"
         if cfg.roi_tiles
         else "the whole large slide"
     )
