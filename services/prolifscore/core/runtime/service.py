@@ -20,7 +20,7 @@ from google.protobuf.message import Message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from prolifscore.core.runtime import metrics
+from prolifscore.core.runtime import metrics, tracing
 from prolifscore.core.runtime.bus import Bus
 from prolifscore.core.runtime.delivery import Delivery
 from prolifscore.core.runtime.logs import setup_logging
@@ -28,6 +28,7 @@ from prolifscore.core.runtime.metrics import start_metrics_server
 from prolifscore.core.runtime.ray import init_ray
 from prolifscore.core.runtime.settings import KafkaSettings, RuntimeSettings, load
 from prolifscore.core.runtime.tls import server_credentials
+from prolifscore.core.runtime.tracing_grpc import server_interceptors
 
 log = logging.getLogger(__name__)
 M = TypeVar("M", bound=Message)
@@ -69,7 +70,8 @@ class ServiceRuntime:
         interceptors: Sequence[grpc.ServerInterceptor] = (),
     ) -> None:
         """`grpc_options` (e.g. message size limits) and `interceptors` apply to every service
-        the runtime's server hosts; add servicers to `self.server` before `start()`."""
+        the runtime's server hosts (with tracing on, each call first enters its span); add
+        servicers to `self.server` before `start()`."""
         self.name = name
         self.settings = settings
         self.stopping = threading.Event()
@@ -77,7 +79,7 @@ class ServiceRuntime:
         self.server = grpc.server(
             ThreadPoolExecutor(max_workers=max_workers),
             options=list({**DEFAULT_GRPC_OPTIONS, **dict(grpc_options)}.items()),
-            interceptors=list(interceptors),
+            interceptors=[*server_interceptors(), *interceptors],
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self.port = 0
@@ -221,9 +223,11 @@ def watch_broker(runtime: ServiceRuntime, bus: Bus, every_s: float = BROKER_PROB
 
 
 def configure(name: str, cls: type[S]) -> S:
-    """A service's settings from the environment, logging set up at their level first thing."""
+    """A service's settings from the environment, logging set up at their level first thing,
+    then tracing when the settings turn it on."""
     settings = load(cls)
     setup_logging(name, settings.runtime.log_level)
+    tracing.setup(name, settings.runtime.tracing)
     return settings
 
 
