@@ -44,9 +44,9 @@ def test_one_slide_is_one_trace_from_ingest_to_its_shards(broker, ray_head, tmp_
     try:
         for service in services:
             service.wait_serving(90)
+        ingest = ["ingest", str(CMU), "--max-tiles", "16", "--wait", "--timeout", "120"]
         cli = subprocess.run(
-            [sys.executable, "-m", "prolifscore.cli.main", "ingest", str(CMU)]
-            + ["--max-tiles", "16", "--wait", "--timeout", "120"],
+            [sys.executable, "-m", "prolifscore.cli.main", *ingest],
             env={**os.environ, **env},
             capture_output=True,
             text=True,
