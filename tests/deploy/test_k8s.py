@@ -967,8 +967,8 @@ def test_training_commands_are_valid_cli_calls(render: Render) -> None:
         assert parsed.model in served, f"{where}: trains {parsed.model}, TF Serving serves {served}"
         mount = mount_for(container, parsed.dataset)
         assert mount is not None and mount["name"] == "tiles", f"{where}: dataset {parsed.dataset}"
-        # LEAD-CHECK (issue 16): `prolifscore train --publish` announces the export on
-        # prolif.models (ModelPublished), as the training service does; parsed by the real CLI.
+        # `prolifscore train --publish` announces the export on prolif.models (ModelPublished),
+        # as the training service does; parsed by the real CLI.
         assert parsed.publish is True, f"{where}: the run must announce its model (--publish)"
         trained[where.split("/")[0]].add(parsed.model)
     models = set(render.value("training.models", ["resnet50", "mitosis"]))

@@ -34,6 +34,10 @@ log = logging.getLogger(__name__)
 M = TypeVar("M", bound=Message)
 Handler = Callable[[list[tuple[Any, M]]], None]
 BROKER_PROBE_S = 2.0  # how often a service checks that its broker answers
+# The health name a liveness probe asks for: SERVING while the process runs, whatever its broker
+# or dependencies do ("" is readiness: NOT_SERVING while the broker is unreachable, and a
+# restart would not bring the broker back).
+LIVENESS = "prolifscore.liveness"
 # What a server takes unless its service says otherwise: requests are references and options,
 # never pixels, so 1 MiB is ample; larger messages fail in the transport (RESOURCE_EXHAUSTED).
 DEFAULT_GRPC_OPTIONS: dict[str, Any] = {"grpc.max_receive_message_length": 1024 * 1024}
@@ -105,6 +109,7 @@ class ServiceRuntime:
         self.server.start()
         self.metrics_port = start_metrics_server(self.settings.metrics_port, host).server_port
         self.set_serving(False)
+        self.health.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)
         log.info(
             "service started",
             extra={
@@ -176,6 +181,7 @@ class ServiceRuntime:
 
     def stop(self) -> None:
         self.set_serving(False)
+        self.health.set(LIVENESS, health_pb2.HealthCheckResponse.NOT_SERVING)
         self.server.stop(grace=2).wait()
 
 
