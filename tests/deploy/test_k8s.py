@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from prolifscore.core.runtime.service import LIVENESS
 from tests.deploy.manifests import (
     CHART_DIR,
     CONSUMES,
@@ -385,6 +386,11 @@ def test_probes(render: Render) -> None:
                     # the kubelet's gRPC probe speaks plaintext: TCP with TLS, gRPC without
                     if ("tcpSocket" in c[probe]) != bool(tls):
                         errors.append(f"{pod.where}: {probe} {c[probe]} with TLS={bool(tls)}")
+                    # liveness must not fail with the broker (a restart would not bring it back):
+                    # it asks for the name that stays SERVING; readiness and startup for ""
+                    wanted = LIVENESS if probe == "livenessProbe" else ""
+                    if "grpc" in c[probe] and c[probe]["grpc"].get("service", "") != wanted:
+                        errors.append(f"{pod.where}: {probe} must ask for {wanted!r}")
     assert not errors, "\n".join(errors)
 
 
@@ -978,6 +984,28 @@ def test_training_commands_are_valid_cli_calls(render: Render) -> None:
         assert models == served, "both served models are trained on the cluster"
     with pytest.raises(AssertionError):
         _parse_train_command(["prolifscore", "train", "resnet50"])  # --dataset is required
+
+
+def test_training_path_roots_are_absolute(render: Render) -> None:
+    """Every process that trains (the service, the Jobs, the RayJobs' drivers) confines request
+    paths to absolute roots: the code's defaults are relative, so they would resolve against
+    the image's working directory. Data sets under /data (the tiles volume is there), weights
+    under /data/weights."""
+    trainers = {"training", "training-job", "training-ray-head"}
+    seen: set[str] = set()
+    for pod in pod_specs(render):
+        component = pod.labels.get("app.kubernetes.io/component")
+        if component not in trainers:
+            continue
+        for c in containers(pod.spec):
+            if not is_ours(c):
+                continue
+            env = effective_env(render, c)
+            assert env.get("PROLIF_DATA_ROOTS") == "/data", pod.where
+            assert env.get("PROLIF_WEIGHTS_ROOTS") == "/data/weights", pod.where
+            seen.add(str(component))
+    expected = {"training"} if "training" in grpc_servers(render) else set()
+    assert seen >= expected, seen
 
 
 def _check_training_mounts(pod: PodSpec, c: Obj, env: dict[str, str | None]) -> None:
