@@ -45,7 +45,7 @@ spec:
         - name: PROLIF_RUNS_ROOT
           value: /data/runs
         # Where a request's data set (anything under /data: the tiles volume) and start
-        # weights file (a volume mounted at /data/weights, or earlier runs' checkpoints) may lie.
+        # weights file (a volume at /data/weights, or earlier runs' checkpoints) may lie.
         - name: PROLIF_DATA_ROOTS
           value: /data
         - name: PROLIF_WEIGHTS_ROOTS
