@@ -677,11 +677,6 @@ def test_kafka_bootstrap_topics_and_sizes(render: Render) -> None:
             assert so["spec"]["maxReplicaCount"] <= topic["spec"]["partitions"], "idle consumers"
 
 
-def _text_proto_fields(text: str) -> dict[str, int]:
-    fields = dict(re.findall(r"^\s*([a-z_]+)\s*\{\s*value:\s*(\d+)\s*\}", text, re.M))
-    return {k: int(v) for k, v in fields.items()}
-
-
 def test_tf_serving_serves_the_models_scoring_calls(render: Render) -> None:
     from google.protobuf import text_format
     from tensorflow_serving.config import model_server_config_pb2
@@ -709,28 +704,30 @@ def test_tf_serving_serves_the_models_scoring_calls(render: Render) -> None:
     for name, model in served.items():
         assert model.base_path == f"{models_mount['mountPath']}/{name}"
         assert model.model_platform == "tensorflow"
-    # batching: one Predict of PROLIF_PREDICT_BATCH tiles must fit in a batch
+    # version labels (`prolifscore models promote`) may name a version still loading
+    assert args.get("allow_version_labels_for_unavailable_models") == "true"
+    # batching: one Predict of PROLIF_PREDICT_BATCH tiles must fit in a batch. Parsed (and
+    # checked: allowed sizes increasing, the last = max_batch_size) by the local model server's
+    # reader of the same file, which follows TF Serving's BatchingParameters.
     if args.get("enable_batching") == "true":
-        batching = _text_proto_fields(
+        from prolifscore.modelserver.batching import parse_batching_parameters
+
+        batching = parse_batching_parameters(
             configmap_file(render, tf_pod, tf, args["batching_parameters_file"])
         )
-        assert set(batching) <= {
-            "max_batch_size",
-            "batch_timeout_micros",
-            "max_enqueued_batches",
-            "num_batch_threads",
-        }
         predict_batch = int(env.get("PROLIF_PREDICT_BATCH") or settings["PROLIF_PREDICT_BATCH"][0])
-        assert batching["max_batch_size"] >= predict_batch
+        assert batching.max_batch_size >= predict_batch
+        # a full Predict is never padded; a slide's last, smaller one is padded to a few shapes
+        assert predict_batch in batching.allowed_batch_sizes, batching.allowed_batch_sizes
         # tuned for the hardware: a GPU runs one batch at a time, so few batch threads and
         # batches of several Predicts; on CPUs, up to one thread per CPU
         limits = tf["resources"]["limits"]
         gpus = int(quantity(limits.get("nvidia.com/gpu", 0)))
         if gpus:
-            assert batching["num_batch_threads"] <= 2 * gpus
-            assert batching["max_batch_size"] >= 2 * predict_batch
+            assert batching.num_batch_threads <= 2 * gpus
+            assert batching.max_batch_size >= 2 * predict_batch
         else:
-            assert batching["num_batch_threads"] <= quantity(limits["cpu"])
+            assert batching.num_batch_threads <= quantity(limits["cpu"])
     configmap_file(render, tf_pod, tf, args["monitoring_config_file"])
     # probes: GetModelStatus of exactly these models, via the shipped script
     for probe in ("startupProbe", "readinessProbe"):
