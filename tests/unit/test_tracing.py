@@ -66,6 +66,15 @@ def test_mode_follows_prolif_tracing_then_the_standard_otlp_endpoint():
         tracing.resolve_mode(TracingSettings(mode="jaeger"), {})
 
 
+def test_spans_a_failure_left_open_are_ended_once(spans, caplog):
+    started = [tracing.start(f"s{i}") for i in range(3)]
+    with tracing.current(started[0]):
+        pass
+    tracing.end_all(started)
+    assert sorted(s.name for s in spans.get_finished_spans()) == ["s0", "s1", "s2"]
+    assert not [r for r in caplog.records if "ended span" in r.getMessage()]
+
+
 def test_a_consumer_span_continues_the_trace_of_the_record_headers(spans):
     with tracing.span("ingest slide", kind="producer") as producer:
         headers = [("content-type", b"application/x-protobuf"), *tracing.kafka_headers()]

@@ -129,7 +129,7 @@ class ScoringServicer(scoring_pb2_grpc.ScoringServiceServicer):
         if self.store is not None:  # stored whole (tiles, heatmap) for the viewer and exports
             asked.include_tiles = asked.include_heatmap = True
         with (
-            tracing.span("score slide", **{"prolif.request_id": request.request_id}) as span,
+            tracing.span("score slide") as span,
             self._slots,
             metrics.DURATION.labels(NAME, "slide").time(),
         ):

@@ -189,9 +189,10 @@ def event(name: str, **attributes: Any) -> None:
 
 
 def end_all(spans: Iterable[Any]) -> None:
-    """End spans that a failure left open (ending one twice is harmless)."""
+    """End the spans a failure left open (the SDK warns about ending one twice)."""
     for s in spans:
-        s.end()
+        if getattr(s, "end_time", None) is None:
+            s.end()
 
 
 def _inject(span: Any = None) -> dict[str, str]:
@@ -214,10 +215,3 @@ def kafka_headers() -> list[tuple[str, bytes]]:
 def grpc_metadata(span: Any = None) -> list[tuple[str, str]]:
     """`span`'s (default: the current span's) context as gRPC metadata ([] without one)."""
     return list(_inject(span).items())
-
-
-def trace_id(span: Any) -> str:
-    """`span`'s trace id in hex, as collectors show it ("" when tracing is off): for logs."""
-    if span is NO_SPAN:
-        return ""
-    return format(span.get_span_context().trace_id, "032x")

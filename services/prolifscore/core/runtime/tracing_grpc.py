@@ -99,10 +99,14 @@ class ClientTracing(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInte
 
     def intercept_unary_unary(self, continuation, details, request):  # type: ignore[no-untyped-def]
         method = details.method
-        if method.startswith(_UNTRACED):
+        if method.startswith(_UNTRACED) or not tracing.enabled():
             return continuation(details, request)
         span = tracing.start(method.lstrip("/"), kind="client", attributes=_attributes(method))
-        call = continuation(_with(details, tracing.grpc_metadata(span)), request)
+        try:
+            call = continuation(_with(details, tracing.grpc_metadata(span)), request)
+        except BaseException:
+            span.end()
+            raise
 
         def done(outcome: Any) -> None:
             code = outcome.code()
