@@ -1,18 +1,22 @@
 """Tracing: off costs nothing, on links spans across Kafka headers and gRPC metadata (a real gRPC
-server and channel here; the Kafka hop between real service processes is tests/e2e)."""
+server and channel here; the Kafka hop between real service processes is tests/e2e), and OTLP
+reaches a collector over gRPC and HTTP (real receivers of the OTLP protocol)."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import SimpleNamespace
 
 import grpc
 import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from prolifscore.core.runtime import tracing
@@ -184,3 +188,77 @@ def test_file_mode_appends_one_json_line_per_span(tmp_path):
     assert outer["span_id"] == format(parent.get_span_context().span_id, "016x")
     assert inner["parent_id"] == outer["span_id"] and inner["trace_id"] == outer["trace_id"]
     assert inner["events"] == ["slide filtered"]
+
+
+class Collector(trace_service_pb2_grpc.TraceServiceServicer):
+    """An OTLP/gRPC receiver: what a collector is sent."""
+
+    def __init__(self) -> None:
+        self.requests: list[trace_service_pb2.ExportTraceServiceRequest] = []
+
+    def Export(self, request, context):  # type: ignore[no-untyped-def]
+        self.requests.append(request)
+        return trace_service_pb2.ExportTraceServiceResponse()
+
+
+def exported(requests: list) -> dict[str, tuple[str, bytes]]:
+    """Span name -> (service.name of its resource, trace id) over everything received."""
+    out = {}
+    for request in requests:
+        for rs in request.resource_spans:
+            attrs = {a.key: a.value.string_value for a in rs.resource.attributes}
+            for ss in rs.scope_spans:
+                for s in ss.spans:
+                    out[s.name] = (attrs["service.name"], s.trace_id)
+    return out
+
+
+def test_otlp_over_grpc_reaches_a_collector(monkeypatch):
+    collector = Collector()
+    server = grpc.server(ThreadPoolExecutor(2))
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(collector, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://127.0.0.1:{port}")
+    try:
+        assert tracing.setup("scoring", TracingSettings())  # the endpoint alone turns it on
+        with tracing.span("score slide") as s:
+            pass
+        tracing.shutdown()  # flushes the batch
+    finally:
+        tracing.shutdown()
+        server.stop(0)
+    got = exported(collector.requests)
+    assert got["score slide"] == ("prolifscore-scoring", s.get_span_context().trace_id.to_bytes(16))
+
+
+def test_otlp_over_http_reaches_a_collector(monkeypatch):
+    requests: list = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            if self.path == "/v1/traces":
+                requests.append(trace_service_pb2.ExportTraceServiceRequest.FromString(body))
+            self.send_response(200)
+            self.send_header("Content-Type", "application/x-protobuf")
+            self.end_headers()
+            self.wfile.write(trace_service_pb2.ExportTraceServiceResponse().SerializeToString())
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://127.0.0.1:{httpd.server_port}")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf")
+    monkeypatch.setenv("OTEL_SERVICE_NAME", "my-tiling")
+    try:
+        assert tracing.setup("tiling", TracingSettings(mode="otlp"))
+        with tracing.span("tile slide"):
+            pass
+        tracing.shutdown()
+    finally:
+        tracing.shutdown()
+        httpd.shutdown()
+    assert exported(requests)["tile slide"][0] == "my-tiling"  # OTEL_SERVICE_NAME wins
