@@ -248,9 +248,12 @@ def test_score_request_is_one_trace_down_to_the_model_server(stack):
     bus, topics = stack["bus"], stack["topics"]
     request = spb.ScoreRequest(path=str(CMU), skip_mitosis=True, spec=pb.TilingSpec(max_tiles=8))
     try:
-        with open_channel(stack["address"], None) as channel, tracing.span("grpc caller"):
+        with open_channel(stack["address"], None) as channel:
             stub = scoring_pb2_grpc.ScoringServiceStub(channel)
-            assert stub.ScoreSlide(request, timeout=120).tiles_scored > 0
+            with tracing.span("grpc caller"):
+                assert stub.ScoreSlide(request, timeout=120).tiles_scored > 0
+            with tracing.span("stream caller"):  # scored in a thread of the call's context
+                assert list(stub.StreamScoreSlide(request, timeout=120))[-1].HasField("result")
         with tracing.span("kafka caller", kind="producer"):
             request.request_id = f"r-traced-{uuid.uuid4().hex[:6]}"
             bus.publish(topics["requests"], request.request_id, request)
@@ -289,6 +292,15 @@ def test_score_request_is_one_trace_down_to_the_model_server(stack):
         assert calls and {c["parent_id"] for c in calls} == {scored["span_id"]}
         assert {s["service"] for s in served} == {"prolifscore-modelserver"}
         assert sorted(s["parent_id"] for s in served) == sorted(c["span_id"] for c in calls)
+    stream = [
+        s
+        for s in spans
+        if s["trace_id"] == format(callers["stream caller"].context.trace_id, "032x")
+    ]
+    (served_stream,) = [s for s in stream if s["name"].endswith("/StreamScoreSlide")]
+    (scored_stream,) = [s for s in stream if s["name"] == "score slide"]
+    assert served_stream["parent_id"] == format(callers["stream caller"].context.span_id, "016x")
+    assert scored_stream["parent_id"] == served_stream["span_id"]
     # the result record carries the request's trace on to whoever reads it
     parent = dict(record.headers)["traceparent"].decode()
     assert parent.split("-")[1] == format(callers["kafka caller"].context.trace_id, "032x")
