@@ -55,6 +55,13 @@ HELM_CASES: dict[str, Obj | None] = {
         },
         "ray": {"enabled": False},
         "keda": {"enabled": False},
+        "tracing": {
+            "enabled": True,
+            "otlpEndpoint": "http://collector.telemetry:4318",
+            "protocol": "http/protobuf",
+            "samplingRatio": 0.25,
+            "collectorPort": 4318,
+        },
         "modelServer": {"gpu": {"enabled": True}, "replicas": 2},
         "training": {"job": {"gpu": True}, "rayJob": {"gpu": True}},
         "scoring": {"authSecret": "prolifscore-scoring-token", "replicas": 3},
@@ -114,7 +121,10 @@ KUSTOMIZE_CASES: dict[str, frozenset[str]] = {
     "prod": frozenset(
         {"keda", "network-policies", "gpu", "cert-manager", "grpc-tls", "monitoring"}
     ),
+    # tests/deploy/overlays: dev plus the tracing component (no shipped overlay turns it on)
+    "dev-tracing": frozenset({"keda", "network-policies", "tracing"}),
 }
+TEST_OVERLAYS = Path(__file__).parent / "overlays"
 ALWAYS = frozenset(
     {"ray", "ray-autoscaling", "bundled-kafka", "training-service", "job", "rayjob", "viewer"}
 )
@@ -122,7 +132,16 @@ ALWAYS = frozenset(
 # Environment variables our containers may carry besides the PROLIF_* settings: Ray reads these
 # (prolifscore.core.runtime.ray defaults RAY_AUTH_MODE=token; the token comes from the Secret);
 # JOB_UID names a training Job's run folder (`--run-id <model>-$(JOB_UID)`).
-THIRD_PARTY_ENV = {"RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "JOB_UID"}
+# The OpenTelemetry SDK reads the OTEL_* variables (core/runtime/tracing_export.py).
+THIRD_PARTY_ENV = {
+    "RAY_AUTH_MODE",
+    "RAY_AUTH_TOKEN",
+    "JOB_UID",
+    "OTEL_EXPORTER_OTLP_ENDPOINT",
+    "OTEL_EXPORTER_OTLP_PROTOCOL",
+    "OTEL_TRACES_SAMPLER",
+    "OTEL_TRACES_SAMPLER_ARG",
+}
 OUR_IMAGES = ("/prolifscore:", "/prolifscore@", "/prolifscore-gpu:", "/prolifscore-gpu@")
 SERVICE_COMMANDS = {
     "prolifscore-tiling": "tiling",
@@ -188,7 +207,10 @@ def _load_all(text: str) -> list[Obj]:
 
 
 def _kustomize_path(name: str) -> Path:
-    return K8S_DIR / "base" if name == "base" else K8S_DIR / "overlays" / name
+    if name == "base":
+        return K8S_DIR / "base"
+    shipped = K8S_DIR / "overlays" / name
+    return shipped if shipped.exists() else TEST_OVERLAYS / name
 
 
 def _kustomize_render(name: str, out: str) -> Render:
@@ -243,6 +265,7 @@ def helm_features(values: Obj | None) -> frozenset[str]:
         "job": on("training.job.enabled"),
         "rayjob": ray and on("training.rayJob.enabled"),
         "viewer": on("viewer.enabled"),
+        "tracing": on("tracing.enabled"),
     }
     return frozenset(k for k, v in flags.items() if v)
 

@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from prolifscore.core.runtime.service import LIVENESS
 from tests.deploy.manifests import (
     CHART_DIR,
     CONSUMES,
@@ -385,6 +386,11 @@ def test_probes(render: Render) -> None:
                     # the kubelet's gRPC probe speaks plaintext: TCP with TLS, gRPC without
                     if ("tcpSocket" in c[probe]) != bool(tls):
                         errors.append(f"{pod.where}: {probe} {c[probe]} with TLS={bool(tls)}")
+                    # liveness must not fail with the broker (a restart would not bring it back):
+                    # it asks for the name that stays SERVING; readiness and startup for ""
+                    wanted = LIVENESS if probe == "livenessProbe" else ""
+                    if "grpc" in c[probe] and c[probe]["grpc"].get("service", "") != wanted:
+                        errors.append(f"{pod.where}: {probe} must ask for {wanted!r}")
     assert not errors, "\n".join(errors)
 
 
@@ -671,11 +677,6 @@ def test_kafka_bootstrap_topics_and_sizes(render: Render) -> None:
             assert so["spec"]["maxReplicaCount"] <= topic["spec"]["partitions"], "idle consumers"
 
 
-def _text_proto_fields(text: str) -> dict[str, int]:
-    fields = dict(re.findall(r"^\s*([a-z_]+)\s*\{\s*value:\s*(\d+)\s*\}", text, re.M))
-    return {k: int(v) for k, v in fields.items()}
-
-
 def test_tf_serving_serves_the_models_scoring_calls(render: Render) -> None:
     from google.protobuf import text_format
     from tensorflow_serving.config import model_server_config_pb2
@@ -703,28 +704,30 @@ def test_tf_serving_serves_the_models_scoring_calls(render: Render) -> None:
     for name, model in served.items():
         assert model.base_path == f"{models_mount['mountPath']}/{name}"
         assert model.model_platform == "tensorflow"
-    # batching: one Predict of PROLIF_PREDICT_BATCH tiles must fit in a batch
+    # version labels (`prolifscore models promote`) may name a version still loading
+    assert args.get("allow_version_labels_for_unavailable_models") == "true"
+    # batching: one Predict of PROLIF_PREDICT_BATCH tiles must fit in a batch. Parsed (and
+    # checked: allowed sizes increasing, the last = max_batch_size) by the local model server's
+    # reader of the same file, which follows TF Serving's BatchingParameters.
     if args.get("enable_batching") == "true":
-        batching = _text_proto_fields(
+        from prolifscore.modelserver.batching import parse_batching_parameters
+
+        batching = parse_batching_parameters(
             configmap_file(render, tf_pod, tf, args["batching_parameters_file"])
         )
-        assert set(batching) <= {
-            "max_batch_size",
-            "batch_timeout_micros",
-            "max_enqueued_batches",
-            "num_batch_threads",
-        }
         predict_batch = int(env.get("PROLIF_PREDICT_BATCH") or settings["PROLIF_PREDICT_BATCH"][0])
-        assert batching["max_batch_size"] >= predict_batch
+        assert batching.max_batch_size >= predict_batch
+        # a full Predict is never padded; a slide's last, smaller one is padded to a few shapes
+        assert predict_batch in batching.allowed_batch_sizes, batching.allowed_batch_sizes
         # tuned for the hardware: a GPU runs one batch at a time, so few batch threads and
         # batches of several Predicts; on CPUs, up to one thread per CPU
         limits = tf["resources"]["limits"]
         gpus = int(quantity(limits.get("nvidia.com/gpu", 0)))
         if gpus:
-            assert batching["num_batch_threads"] <= 2 * gpus
-            assert batching["max_batch_size"] >= 2 * predict_batch
+            assert batching.num_batch_threads <= 2 * gpus
+            assert batching.max_batch_size >= 2 * predict_batch
         else:
-            assert batching["num_batch_threads"] <= quantity(limits["cpu"])
+            assert batching.num_batch_threads <= quantity(limits["cpu"])
     configmap_file(render, tf_pod, tf, args["monitoring_config_file"])
     # probes: GetModelStatus of exactly these models, via the shipped script
     for probe in ("startupProbe", "readinessProbe"):
@@ -967,8 +970,8 @@ def test_training_commands_are_valid_cli_calls(render: Render) -> None:
         assert parsed.model in served, f"{where}: trains {parsed.model}, TF Serving serves {served}"
         mount = mount_for(container, parsed.dataset)
         assert mount is not None and mount["name"] == "tiles", f"{where}: dataset {parsed.dataset}"
-        # LEAD-CHECK (issue 16): `prolifscore train --publish` announces the export on
-        # prolif.models (ModelPublished), as the training service does; parsed by the real CLI.
+        # `prolifscore train --publish` announces the export on prolif.models (ModelPublished),
+        # as the training service does; parsed by the real CLI.
         assert parsed.publish is True, f"{where}: the run must announce its model (--publish)"
         trained[where.split("/")[0]].add(parsed.model)
     models = set(render.value("training.models", ["resnet50", "mitosis"]))
@@ -978,6 +981,28 @@ def test_training_commands_are_valid_cli_calls(render: Render) -> None:
         assert models == served, "both served models are trained on the cluster"
     with pytest.raises(AssertionError):
         _parse_train_command(["prolifscore", "train", "resnet50"])  # --dataset is required
+
+
+def test_training_path_roots_are_absolute(render: Render) -> None:
+    """Every process that trains (the service, the Jobs, the RayJobs' drivers) confines request
+    paths to absolute roots: the code's defaults are relative, so they would resolve against
+    the image's working directory. Data sets under /data (the tiles volume is there), weights
+    under /data/weights."""
+    trainers = {"training", "training-job", "training-ray-head"}
+    seen: set[str] = set()
+    for pod in pod_specs(render):
+        component = pod.labels.get("app.kubernetes.io/component")
+        if component not in trainers:
+            continue
+        for c in containers(pod.spec):
+            if not is_ours(c):
+                continue
+            env = effective_env(render, c)
+            assert env.get("PROLIF_DATA_ROOTS") == "/data", pod.where
+            assert env.get("PROLIF_WEIGHTS_ROOTS") == "/data/weights", pod.where
+            seen.add(str(component))
+    expected = {"training"} if "training" in grpc_servers(render) else set()
+    assert seen >= expected, seen
 
 
 def _check_training_mounts(pod: PodSpec, c: Obj, env: dict[str, str | None]) -> None:

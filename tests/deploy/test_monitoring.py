@@ -24,9 +24,6 @@ ALERTS = {
 }
 # Metrics from outside the code: target health (Prometheus), lag (Strimzi's Kafka Exporter).
 EXTERNAL_METRICS = {"up", "kafka_consumergroup_lag"}
-# LEAD-CHECK (issue 16): the gauge the lead adds to core/runtime/metrics.py (1 while the service
-# reaches a Kafka broker, 0 when it cannot); once it is there, code_metrics() finds it itself.
-PENDING_METRICS = {"prolif_broker_up"}
 
 
 def code_metrics() -> set[str]:
@@ -68,7 +65,7 @@ def selectors(expr: str) -> Iterator[tuple[str, dict[str, str]]]:
 
 
 def check_promql(expr: str) -> list[str]:
-    known = code_metrics() | PENDING_METRICS | EXTERNAL_METRICS
+    known = code_metrics() | EXTERNAL_METRICS
     found = list(selectors(expr))
     errors = [f"{expr}: no metric" for _ in [0] if not found]
     errors += [f"{expr}: unknown metric {name}" for name, _ in found if name not in known]

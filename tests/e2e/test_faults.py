@@ -34,6 +34,7 @@ from prolifscore.core.runtime import inflight
 from prolifscore.core.runtime.bus import Bus
 from prolifscore.core.runtime.delivery import Delivery, Transient
 from prolifscore.core.runtime.events import SlideEvents
+from prolifscore.core.runtime.service import LIVENESS
 from prolifscore.core.runtime.settings import KafkaSettings, to_env
 from prolifscore.core.wsi.leftovers import temporary_for
 from prolifscore.localstack.broker import EmbeddedBroker
@@ -247,10 +248,12 @@ def test_broker_killed_mid_slide_is_reported_and_durable_storage_keeps_the_work(
     dead = p.stack.broker.pid  # type: ignore[union-attr]
     os.kill(dead, signal.SIGKILL)
 
-    # Before any restart, every place users look says so.
+    # Before any restart, every place users look says so; liveness does not (a restart would
+    # not bring the broker back).
     for name, proc in p.stack.processes.items():
         wait_until(f"{name} NOT_SERVING", lambda s=proc: s.health() == "NOT_SERVING")
         wait_until(f"{name} broker gauge 0", lambda s=proc: metric(s, "prolif_broker_up") == 0)
+        assert proc.health(service=LIVENESS) == "SERVING", name
     code, lines = status_cli(p.run_dir)
     assert code == 0 and f"DOWN (pid {dead} gone)" in lines["broker"], lines
     for name, proc in p.stack.processes.items():

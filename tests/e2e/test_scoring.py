@@ -12,9 +12,18 @@ from pathlib import Path
 
 import grpc
 import pytest
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
+from prolifscore.core.runtime import tracing
 from prolifscore.core.runtime.bus import Bus
-from prolifscore.core.runtime.settings import PreprocessSettings, RuntimeSettings, load, to_env
+from prolifscore.core.runtime.settings import (
+    PreprocessSettings,
+    RuntimeSettings,
+    TracingSettings,
+    load,
+    to_env,
+)
+from prolifscore.core.runtime.tls import open_channel
 from prolifscore.core.wsi.preprocess import iter_kept_tiles, plan_slide
 from prolifscore.core.wsi.slide import open_slide
 from prolifscore.localstack.broker import free_port
@@ -45,9 +54,11 @@ def stack(broker, ray_head, model_root, tmp_path_factory):
     k = isolated_kafka(broker.bootstrap, "score")
     run = uuid.uuid4().hex[:8]
     topics = {"requests": f"score.{run}.requests", "results": f"score.{run}.results"}
+    # Both trace into one file (test_score_request_is_one_trace_down_to_the_model_server).
+    traced = {"PROLIF_TRACING": "file", "PROLIF_TRACING_FILE": str(tmp / "spans.jsonl")}
     models = ServiceProcess(
         "prolifscore.modelserver.server",
-        {"PROLIF_MODEL_ROOT": str(model_root)},
+        {"PROLIF_MODEL_ROOT": str(model_root), **traced},
         tmp / "modelserver.log",
         port_env="PROLIF_MODEL_SERVER_PORT",
     ).start(timeout=120)
@@ -60,6 +71,7 @@ def stack(broker, ray_head, model_root, tmp_path_factory):
         "PROLIF_TOPIC_SCORE_REQUESTS": topics["requests"],
         "PROLIF_TOPIC_SCORE_RESULTS": topics["results"],
         "PROLIF_PREDICT_BATCH": "8",
+        **traced,
     }
     scoring = ServiceProcess(
         "prolifscore.scoring.server", env, tmp / "scoring.log", port_env="PROLIF_SCORING_PORT"
@@ -225,6 +237,73 @@ def test_kafka_requests_whose_ids_are_not_file_names(stack):
     dlq.close()
     assert not list(tmp.parent.rglob("escaped-result*"))
     assert {p.name for p in (tmp / "results").glob("r-*.json")} >= {"r-nul.json", "r-after.json"}
+
+
+def test_score_request_is_one_trace_down_to_the_model_server(stack):
+    """ScoreSlide over gRPC and a Kafka request: each the trace of the span that sent it (in
+    this process, an in-memory exporter), continued by the scoring service, its Predict calls
+    and the model server (their spans in the stack's file), and by the published result."""
+    exporter = InMemorySpanExporter()
+    tracing.setup("test", TracingSettings(), exporter=exporter)
+    bus, topics = stack["bus"], stack["topics"]
+    request = spb.ScoreRequest(path=str(CMU), skip_mitosis=True, spec=pb.TilingSpec(max_tiles=8))
+    try:
+        with open_channel(stack["address"], None) as channel:
+            stub = scoring_pb2_grpc.ScoringServiceStub(channel)
+            with tracing.span("grpc caller"):
+                assert stub.ScoreSlide(request, timeout=120).tiles_scored > 0
+            with tracing.span("stream caller"):  # scored in a thread of the call's context
+                assert list(stub.StreamScoreSlide(request, timeout=120))[-1].HasField("result")
+        with tracing.span("kafka caller", kind="producer"):
+            request.request_id = f"r-traced-{uuid.uuid4().hex[:6]}"
+            bus.publish(topics["requests"], request.request_id, request)
+        bus.flush()
+    finally:
+        tracing.shutdown()
+    callers = {s.name: s for s in exporter.get_finished_spans()}
+    results = Watcher(bus, topics["results"], spb.ScoreResult, f"res-{uuid.uuid4().hex[:6]}")
+    results.wait_for(lambda items: any(i and i.request_id == request.request_id for i in items))
+    (record,) = [
+        r
+        for r, i in zip(results.records, results.items, strict=True)
+        if i and i.request_id == request.request_id
+    ]
+    results.close()
+    spans = [json.loads(line) for line in (stack["tmp"] / "spans.jsonl").read_text().splitlines()]
+    score_slide = "prolifscore.v1.ScoringService/ScoreSlide"
+    # (span of the caller, its span that sent the request, the service's first span)
+    for caller, sender, entry in [
+        ("grpc caller", score_slide, score_slide),  # the channel's CLIENT span sends
+        ("kafka caller", "kafka caller", "score request"),
+    ]:
+        root = callers[caller].get_span_context()
+        sent = callers[sender]
+        assert sent.context.trace_id == root.trace_id
+        trace = [s for s in spans if s["trace_id"] == format(root.trace_id, "032x")]
+        (first,) = [s for s in trace if s["name"] == entry and s["kind"] != "client"]
+        (scored,) = [s for s in trace if s["name"] == "score slide"]
+        predict = "tensorflow.serving.PredictionService/Predict"
+        calls = [s for s in trace if s["name"] == predict and s["kind"] == "client"]
+        served = [s for s in trace if s["name"] == predict and s["kind"] == "server"]
+        assert first["service"] == scored["service"] == "prolifscore-scoring"
+        assert first["parent_id"] == format(sent.context.span_id, "016x")
+        assert first["remote_parent"]
+        assert scored["parent_id"] == first["span_id"]
+        assert calls and {c["parent_id"] for c in calls} == {scored["span_id"]}
+        assert {s["service"] for s in served} == {"prolifscore-modelserver"}
+        assert sorted(s["parent_id"] for s in served) == sorted(c["span_id"] for c in calls)
+    stream = [
+        s
+        for s in spans
+        if s["trace_id"] == format(callers["stream caller"].context.trace_id, "032x")
+    ]
+    (served_stream,) = [s for s in stream if s["name"].endswith("/StreamScoreSlide")]
+    (scored_stream,) = [s for s in stream if s["name"] == "score slide"]
+    assert served_stream["parent_id"] == format(callers["stream caller"].context.span_id, "016x")
+    assert scored_stream["parent_id"] == served_stream["span_id"]
+    # the result record carries the request's trace on to whoever reads it
+    parent = dict(record.headers)["traceparent"].decode()
+    assert parent.split("-")[1] == format(callers["kafka caller"].context.trace_id, "032x")
 
 
 def test_score_cli_remote_and_local(stack, model_root, tmp_path):

@@ -237,6 +237,7 @@ def _broken_training_labels(data: MitosisDataset, config: MitosisTrainConfig) ->
 
 
 @pytest.mark.skipif(not CMU.is_file(), reason="shared slides not available")
+@pytest.mark.slow
 def test_detector_learns_and_exports(tiny_set: Path, tmp_path: Path) -> None:
     """Held-out F1 clearly above (a) the darkness baseline (local maxima of smoothed darkness,
     threshold tuned on the training cases: what "dark blob = mitosis" achieves) and (b) the

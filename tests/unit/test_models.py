@@ -120,6 +120,7 @@ def test_untrained_is_always_marked(tmp_path: Path) -> None:
     assert read_metadata(path)["trained"] is False
 
 
+@pytest.mark.slow
 def test_weights_errors_are_clear(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     two_class = build_tumor_model(input_size=32, classes=2)
     weights = tmp_path / "two_class.weights.h5"

@@ -260,6 +260,7 @@ def test_config_file_version_policies(tmp_path: Path) -> None:
         server.stop()
 
 
+@pytest.mark.slow
 def test_entry_point_serves_health_and_stops_on_sigterm(tmp_path: Path) -> None:
     export_untrained(tmp_path, "mitosis")
     port = free_port()

@@ -16,6 +16,7 @@ pytest.importorskip("tensorflow")
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_local_score_flags_untrained_models(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
     from prolifscore.core.models.export import export_untrained
 

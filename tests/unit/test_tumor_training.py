@@ -562,6 +562,7 @@ def test_checkpoints_of_another_head_layout_are_not_resumed(tmp_path: Path) -> N
         _check_resumable(tmp_path, old, with_head, "f")
 
 
+@pytest.mark.slow
 def test_molecular_head_export_signature_and_metadata(tmp_path: Path) -> None:
     """With the head the signature adds `molecular_score` float32 [N] (tile values) and the
     metadata says whether the head is trained; without it the export is today's."""

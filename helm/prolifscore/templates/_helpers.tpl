@@ -181,11 +181,15 @@ tolerations:
 {{- end }}
 
 {{/* gRPC probes on a port (startup, readiness, liveness); TCP checks when TLS is on (the
-kubelet's gRPC probe speaks plaintext). */}}
+kubelet's gRPC probe speaks plaintext). Liveness asks for the health name that stays SERVING
+while the process runs, whatever the broker does; readiness for "" (NOT_SERVING while the
+broker is unreachable: a restart would not bring it back). */}}
 {{- define "prolifscore.grpcProbes" -}}
 {{- $check := dict "grpc" (dict "port" .port) }}
+{{- $alive := dict "grpc" (dict "port" .port "service" "prolifscore.liveness") }}
 {{- if .tls }}
 {{- $check = dict "tcpSocket" (dict "port" .port) }}
+{{- $alive = $check }}
 {{- end }}
 startupProbe:
   {{- toYaml $check | nindent 2 }}
@@ -195,7 +199,7 @@ readinessProbe:
   {{- toYaml $check | nindent 2 }}
   periodSeconds: 10
 livenessProbe:
-  {{- toYaml $check | nindent 2 }}
+  {{- toYaml $alive | nindent 2 }}
   periodSeconds: 20
   failureThreshold: 3
 {{- end }}

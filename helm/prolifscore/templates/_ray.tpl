@@ -44,6 +44,12 @@ spec:
           value: /data/models
         - name: PROLIF_RUNS_ROOT
           value: /data/runs
+        # Where a request's data set (anything under /data: the tiles volume) and start
+        # weights file (a volume at /data/weights, or earlier runs' checkpoints) may lie.
+        - name: PROLIF_DATA_ROOTS
+          value: /data
+        - name: PROLIF_WEIGHTS_ROOTS
+          value: /data/weights
         - name: PROLIF_TRAIN_WORKERS
           value: {{ .trainWorkers | int64 | quote }}
         {{- include "prolifscore.kafkaClientEnv" (dict "ctx" $root "service" "training") | nindent 8 }}

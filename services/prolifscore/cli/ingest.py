@@ -13,6 +13,7 @@ from typing import Any
 
 from prolifscore.cli.labels import labels_for, read_labels
 from prolifscore.cli.slidefiles import DEFAULT_PATTERNS, find_slides
+from prolifscore.core.runtime import tracing
 from prolifscore.core.runtime.bus import BrokerUnavailable, Bus
 from prolifscore.core.runtime.events import SlideEvents
 from prolifscore.core.runtime.settings import KafkaSettings, PreprocessSettings, load
@@ -138,11 +139,14 @@ def build_messages(
 
 
 def publish_slides(bus: Bus, msgs: Iterable[pb.SlideIngest]) -> None:
-    """Publish the slides, keyed by slide id; returns once the broker has them all."""
+    """Publish the slides, keyed by slide id; returns once the broker has them all. With
+    tracing on, each slide's record starts its trace (tiling and filtering continue it)."""
     k = bus.settings
     bus.ensure_topics([k.topic_ingest, k.topic_status])
     for m in msgs:
-        bus.publish(k.topic_ingest, m.slide_id, m)
+        attributes = {"prolif.slide_id": m.slide_id, "prolif.run_id": m.run_id}
+        with tracing.span("ingest slide", kind="producer", **attributes):
+            bus.publish(k.topic_ingest, m.slide_id, m)
     bus.flush()
 
 

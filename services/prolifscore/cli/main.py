@@ -12,6 +12,8 @@ import sys
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from prolifscore.cli import demo, export, ingest, models, score, train, up, view
+from prolifscore.core.runtime import tracing
+from prolifscore.core.runtime.settings import TracingSettings, load
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,6 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg.set_defaults(func=print_config)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # Traces start here for `ingest` and `score` when PROLIF_TRACING / OTEL_* turn it on.
+    tracing.setup("cli", load(TracingSettings))
     return int(args.func(args) or 0)
 
 

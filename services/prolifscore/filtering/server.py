@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from prolifscore.core.runtime import inflight, metrics
+from prolifscore.core.runtime import inflight, metrics, tracing
 from prolifscore.core.runtime.bus import Bus
 from prolifscore.core.runtime.events import stamp
 from prolifscore.core.runtime.failures import accepted, give_up, slide_failed
@@ -56,28 +56,39 @@ class FilteringService:
         # Tasks come from the tiling service, but the topic is open to any producer: a task's
         # slide id and spec hash name shard files, so it is checked before a worker sees it.
         items = [(r, t) for r, t in items if accepted(self.bus, r, t, validate_tile_task, "batch")]
+        # One span per batch, from the tile task's trace (its slide's): the shard, its index
+        # record and the status events carry it on.
+        spans = [tracing.start_consumer("filter batch", r, **_attributes(t)) for r, t in items]
         queue = list(enumerate(items))
         free = list(self.actors)
         running: dict[Any, tuple[int, Any]] = {}
         errors: list[Exception] = []
-        while queue or running:
-            while queue and free:
-                index, (_, task) = queue.pop(0)
-                actor = free.pop()
-                running[actor.process.remote(task.SerializeToString())] = (index, actor)
-            ready, _ = ray.wait(list(running), num_returns=1)
-            index, actor = running.pop(ready[0])
-            free.append(actor)
-            try:
-                result = ray.get(ready[0])
-            except ray.exceptions.RayActorError as exc:
-                errors.append(exc)
-                continue
-            record, task = items[index]
-            if "error" in result:
-                self.failed(record, task, result["error"])
-            else:
-                self.done(task, result)
+        try:
+            while queue or running:
+                while queue and free:
+                    index, (_, task) = queue.pop(0)
+                    actor = free.pop()
+                    running[actor.process.remote(task.SerializeToString())] = (index, actor)
+                ready, _ = ray.wait(list(running), num_returns=1)
+                index, actor = running.pop(ready[0])
+                free.append(actor)
+                try:
+                    result = ray.get(ready[0])
+                except ray.exceptions.RayActorError as exc:
+                    spans[index].record_exception(exc)
+                    errors.append(exc)
+                    continue
+                record, task = items[index]
+                with tracing.current(spans[index]) as span:
+                    if "error" in result:
+                        span.set_attribute("prolif.error", result["error"])
+                        self.failed(record, task, result["error"])
+                    else:
+                        span.set_attribute("prolif.tiles.kept", result["tile_count"])
+                        span.set_attribute("prolif.shard.path", result.get("path") or "")
+                        self.done(task, result)
+        finally:
+            tracing.end_all(spans)  # those a failure left open
         if errors:
             raise errors[0]
 
@@ -163,9 +174,18 @@ class FilteringService:
             status.duration_s = sum(m["seconds"] for m in markers)
             status.manifest_path = str(manifest)
             metrics.SLIDES.labels(NAME, "filtered").inc()
+            tracing.event("slide filtered", **{"prolif.manifest": str(manifest)})
             log.info("slide filtered", extra={"slide_id": task.slide_id, "kept": status.kept_tiles})
             inflight.end(root, task.slide_id, task.spec.spec_hash)
         self.bus.publish(k.topic_status, task.slide_id, stamp(status, task.spec.spec_hash))
+
+
+def _attributes(task: pb.TileTask) -> dict[str, Any]:
+    return {
+        "prolif.slide_id": task.slide_id,
+        "prolif.batch_index": task.batch_index,
+        "prolif.batch_count": task.batch_count,
+    }
 
 
 def main() -> None:

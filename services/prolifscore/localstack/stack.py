@@ -87,10 +87,11 @@ class ServiceProcess:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
-    def health(self, timeout: float = 2.0) -> str:
-        """The gRPC health of the whole process ("SERVING", "NOT_SERVING", ...), or why none."""
+    def health(self, timeout: float = 2.0, service: str = "") -> str:
+        """The gRPC health of the whole process ("SERVING", "NOT_SERVING", ...) or of one of
+        its services, or why none."""
         tls = load(RuntimeSettings, environ={**os.environ, **self.env})
-        return check_health(self.grpc_address, timeout, tls)
+        return check_health(self.grpc_address, timeout, tls, service)
 
     def wait_serving(self, timeout: float) -> None:
         """Until the gRPC health check says SERVING (the consumer has joined its group); over
@@ -129,13 +130,15 @@ class ServiceProcess:
         return terminate(self.proc, timeout)
 
 
-def check_health(address: str, timeout: float = 2.0, tls: TLSFiles | None = None) -> str:
-    """`grpc.health.v1` status of `address` ("" service) by name, or `unreachable (CODE)`; over
-    TLS when `tls` names a CA."""
+def check_health(
+    address: str, timeout: float = 2.0, tls: TLSFiles | None = None, service: str = ""
+) -> str:
+    """`grpc.health.v1` status of `service` at `address` (default "": the whole process) by
+    name, or `unreachable (CODE)`; over TLS when `tls` names a CA."""
     try:
         with open_channel(address, tls) as channel:
             resp = health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(service=""), timeout=timeout
+                health_pb2.HealthCheckRequest(service=service), timeout=timeout
             )
         return health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
     except grpc.RpcError as exc:

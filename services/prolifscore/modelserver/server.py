@@ -23,6 +23,7 @@ from tensorflow_serving.apis import (
 
 from prolifscore.core.models.precision import apply_precision
 from prolifscore.core.models.tensors import grpc_message_options
+from prolifscore.core.runtime import tracing
 from prolifscore.core.runtime.logs import setup_logging
 from prolifscore.core.runtime.service import ServiceRuntime
 from prolifscore.core.runtime.settings import load
@@ -132,6 +133,7 @@ def serve(settings: ModelServerSettings) -> tuple[ModelServer, int]:
 def main() -> None:
     settings = load(ModelServerSettings)
     setup_logging(NAME, settings.runtime.log_level)
+    tracing.setup(NAME, settings.runtime.tracing)  # before the runtime: its calls get spans
     server, _ = serve(settings)
     server.runtime.serve_until_stopped()
     server.stop()

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import hmac
 import logging
@@ -19,7 +20,7 @@ from google.protobuf import json_format
 from prolifscore.core.grading.evaluation import SCORE_RULES
 from prolifscore.core.grading.mitoses import MitosisGrading
 from prolifscore.core.results import ResultStore
-from prolifscore.core.runtime import metrics
+from prolifscore.core.runtime import metrics, tracing
 from prolifscore.core.runtime.bus import Bus
 from prolifscore.core.runtime.delivery import Transient
 from prolifscore.core.runtime.failures import fail_slide, slide_failed
@@ -127,7 +128,11 @@ class ScoringServicer(scoring_pb2_grpc.ScoringServiceServicer):
         asked.CopyFrom(request)
         if self.store is not None:  # stored whole (tiles, heatmap) for the viewer and exports
             asked.include_tiles = asked.include_heatmap = True
-        with self._slots, metrics.DURATION.labels(NAME, "slide").time():
+        with (
+            tracing.span("score slide") as span,
+            self._slots,
+            metrics.DURATION.labels(NAME, "slide").time(),
+        ):
             result = score_slide(
                 asked,
                 slide_roots=self.roots,
@@ -137,6 +142,8 @@ class ScoringServicer(scoring_pb2_grpc.ScoringServiceServicer):
                 cancelled=cancelled,
                 deadline=deadline,
             )
+            span.set_attribute("prolif.slide_id", result.slide_id)
+            span.set_attribute("prolif.tiles.scored", result.tiles_scored)
         metrics.SLIDES.labels(NAME, "scored").inc()
         metrics.TILES.labels(NAME, "scored").inc(result.tiles_scored)
         if self.store is not None:
@@ -193,7 +200,9 @@ class ScoringServicer(scoring_pb2_grpc.ScoringServiceServicer):
                 events.put(exc)
             events.put(done)
 
-        threading.Thread(target=work, daemon=True, name="score-stream").start()
+        # In the call's context, so the scoring runs in its span (`core/runtime/tracing.py`).
+        run = contextvars.copy_context().run
+        threading.Thread(target=run, args=(work,), daemon=True, name="score-stream").start()
         while True:
             item = events.get()
             if item is done:
@@ -241,13 +250,15 @@ class BatchScorer:
         for record, request in items:
             if not request.request_id:  # deterministic, so a redelivery maps to the same result
                 request.request_id = f"{record.topic}-{record.partition}-{record.offset}"
-            try:
-                check_id("request_id", request.request_id)  # it names the result files
-            except InvalidInput as exc:
-                result = self._failed(record, request, grpc.StatusCode.INVALID_ARGUMENT, exc)
-            else:
-                result = self._stored(request.request_id) or self._score(record, request)
-            self.bus.publish(self.settings.topic_results, result.request_id, result)
+            # The request's trace (from its headers) goes on to the model calls and the result.
+            with tracing.current(tracing.start_consumer("score request", record)):
+                try:
+                    check_id("request_id", request.request_id)  # it names the result files
+                except InvalidInput as exc:
+                    result = self._failed(record, request, grpc.StatusCode.INVALID_ARGUMENT, exc)
+                else:
+                    result = self._stored(request.request_id) or self._score(record, request)
+                self.bus.publish(self.settings.topic_results, result.request_id, result)
 
     def _failed(
         self, record: Any, request: spb.ScoreRequest, code: grpc.StatusCode, exc: BaseException

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from prolifscore.core.runtime import inflight, metrics
+from prolifscore.core.runtime import inflight, metrics, tracing
 from prolifscore.core.runtime.bus import Bus
 from prolifscore.core.runtime.events import stamp
 from prolifscore.core.runtime.failures import accepted, fail_slide, slide_failed
@@ -33,25 +33,37 @@ class TilingService:
         import ray
 
         valid = [(r, m) for r, m in items if accepted(self.bus, r, m, validate_ingest, "slide")]
+        # One span per slide, from the ingest record's trace; its tile tasks carry it on.
+        spans = [
+            tracing.start_consumer("tile slide", r, **{"prolif.slide_id": m.slide_id})
+            for r, m in valid
+        ]
         refs = [  # only valid messages reach Ray
             self._remote.remote(msg.SerializeToString(), self._roots, self.settings.preprocess)
             for _, msg in valid
         ]
-        for (record, msg), ref in zip(valid, refs, strict=True):
-            with metrics.DURATION.labels(NAME, "slide").time():
-                outcome: TilingOutcome = ray.get(ref)
-            if outcome.error:
-                fail_slide(
-                    self.bus,
-                    record,
-                    outcome.error,
-                    "slide",
-                    slide_id=msg.slide_id,
-                    path=msg.path,
-                    run_id=msg.run_id,
-                )
-                continue
-            self.publish(msg, outcome)
+        try:
+            for (record, msg), ref, span in zip(valid, refs, spans, strict=True):
+                with tracing.current(span):
+                    with metrics.DURATION.labels(NAME, "slide").time():
+                        outcome: TilingOutcome = ray.get(ref)
+                    if outcome.error:
+                        span.set_attribute("prolif.error", outcome.error)
+                        fail_slide(
+                            self.bus,
+                            record,
+                            outcome.error,
+                            "slide",
+                            slide_id=msg.slide_id,
+                            path=msg.path,
+                            run_id=msg.run_id,
+                        )
+                        continue
+                    span.set_attribute("prolif.tiles.candidates", outcome.candidates)
+                    span.set_attribute("prolif.batches", len(outcome.tasks))
+                    self.publish(msg, outcome)
+        finally:
+            tracing.end_all(spans)  # those a failure left open
 
     def publish(self, msg: pb.SlideIngest, outcome: TilingOutcome) -> None:
         """The slide's tile tasks and its TILED status; the slide is in flight from now on."""

@@ -15,7 +15,7 @@ from typing import Any
 
 from google.protobuf import json_format
 
-from prolifscore.core.runtime import metrics
+from prolifscore.core.runtime import metrics, tracing
 from prolifscore.core.runtime.bus import Bus
 from prolifscore.core.runtime.failures import give_up
 from prolifscore.core.runtime.service import KafkaWork, ServiceRuntime, configure, run_service
@@ -42,18 +42,22 @@ class TrainingService:
         for record, request in items:
             if not request.request_id:
                 request.request_id = f"{record.topic}-{record.partition}-{record.offset}"
-            try:
-                check_id("request_id", request.request_id)  # it names the run's folder
-            except InvalidInput as exc:
-                published = self._failed(record, request, str(exc))
-            else:
-                path = self.result_path(request.request_id)
-                if path.exists():
-                    published = json_format.Parse(path.read_text(), tpb.ModelPublished())
-                else:
-                    published = self._run(record, request)
-                    write_atomic(path, json_format.MessageToJson(published).encode())
-            self.bus.publish(self.settings.topic_models, published.model, published)
+            with tracing.current(tracing.start_consumer("train model", record)):
+                published = self._handle_one(record, request)
+                self.bus.publish(self.settings.topic_models, published.model, published)
+
+    def _handle_one(self, record: Any, request: tpb.TrainRequest) -> tpb.ModelPublished:
+        """The request's announcement: stored from an earlier delivery, or of a new run."""
+        try:
+            check_id("request_id", request.request_id)  # it names the run's folder
+        except InvalidInput as exc:
+            return self._failed(record, request, str(exc))
+        path = self.result_path(request.request_id)
+        if path.exists():
+            return json_format.Parse(path.read_text(), tpb.ModelPublished())
+        published = self._run(record, request)
+        write_atomic(path, json_format.MessageToJson(published).encode())
+        return published
 
     def _run(self, record: Any, request: tpb.TrainRequest) -> tpb.ModelPublished:
         try:

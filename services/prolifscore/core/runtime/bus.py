@@ -25,7 +25,7 @@ from kafka import errors as kafka_errors
 from kafka.consumer.fetcher import ConsumerRecord
 from kafka.producer.future import FutureRecordMetadata
 
-from prolifscore.core.runtime import metrics
+from prolifscore.core.runtime import metrics, tracing
 from prolifscore.core.runtime.codec import CONTENT_TYPE, PROTOBUF, Headers, encode, header
 from prolifscore.core.runtime.consumer import Consumer
 from prolifscore.core.runtime.kafka_security import kafka_client_kwargs
@@ -236,7 +236,9 @@ class Bus:
         msg: pb_message.Message,
         content_type: str = PROTOBUF,
     ) -> FutureRecordMetadata:
-        """Queue `msg` keyed by slide id (one slide's events stay ordered); see `flush()`."""
+        """Queue `msg` keyed by slide id (one slide's events stay ordered); see `flush()`.
+        Published inside a span (`core/runtime/tracing.py`), the record carries its trace
+        context in its headers."""
         value, headers = encode(msg, content_type)
         return self._send(topic, None if key is None else key.encode("utf-8"), value, headers)
 
@@ -251,6 +253,7 @@ class Bus:
         self, topic: str, key: bytes | None, value: bytes, headers: Headers
     ) -> FutureRecordMetadata:
         self._ensure_known(topic)
+        headers = [*headers, *tracing.kafka_headers()]  # the current span's, if any
         future = self.producer.send(topic, value=value, key=key, headers=headers)
         with self._lock:
             if len(self._pending) >= 10_000:  # never flushed: keep only what flush must report

@@ -20,7 +20,7 @@ from google.protobuf.message import Message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from prolifscore.core.runtime import metrics
+from prolifscore.core.runtime import metrics, tracing
 from prolifscore.core.runtime.bus import Bus
 from prolifscore.core.runtime.delivery import Delivery
 from prolifscore.core.runtime.logs import setup_logging
@@ -28,11 +28,16 @@ from prolifscore.core.runtime.metrics import start_metrics_server
 from prolifscore.core.runtime.ray import init_ray
 from prolifscore.core.runtime.settings import KafkaSettings, RuntimeSettings, load
 from prolifscore.core.runtime.tls import server_credentials
+from prolifscore.core.runtime.tracing_grpc import server_interceptors
 
 log = logging.getLogger(__name__)
 M = TypeVar("M", bound=Message)
 Handler = Callable[[list[tuple[Any, M]]], None]
 BROKER_PROBE_S = 2.0  # how often a service checks that its broker answers
+# The health name a liveness probe asks for: SERVING while the process runs, whatever its broker
+# or dependencies do ("" is readiness: NOT_SERVING while the broker is unreachable, and a
+# restart would not bring the broker back).
+LIVENESS = "prolifscore.liveness"
 # What a server takes unless its service says otherwise: requests are references and options,
 # never pixels, so 1 MiB is ample; larger messages fail in the transport (RESOURCE_EXHAUSTED).
 DEFAULT_GRPC_OPTIONS: dict[str, Any] = {"grpc.max_receive_message_length": 1024 * 1024}
@@ -69,7 +74,8 @@ class ServiceRuntime:
         interceptors: Sequence[grpc.ServerInterceptor] = (),
     ) -> None:
         """`grpc_options` (e.g. message size limits) and `interceptors` apply to every service
-        the runtime's server hosts; add servicers to `self.server` before `start()`."""
+        the runtime's server hosts (with tracing on, each call first enters its span); add
+        servicers to `self.server` before `start()`."""
         self.name = name
         self.settings = settings
         self.stopping = threading.Event()
@@ -77,7 +83,7 @@ class ServiceRuntime:
         self.server = grpc.server(
             ThreadPoolExecutor(max_workers=max_workers),
             options=list({**DEFAULT_GRPC_OPTIONS, **dict(grpc_options)}.items()),
-            interceptors=list(interceptors),
+            interceptors=[*server_interceptors(), *interceptors],
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self.port = 0
@@ -103,6 +109,7 @@ class ServiceRuntime:
         self.server.start()
         self.metrics_port = start_metrics_server(self.settings.metrics_port, host).server_port
         self.set_serving(False)
+        self.health.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)
         log.info(
             "service started",
             extra={
@@ -174,6 +181,7 @@ class ServiceRuntime:
 
     def stop(self) -> None:
         self.set_serving(False)
+        self.health.set(LIVENESS, health_pb2.HealthCheckResponse.NOT_SERVING)
         self.server.stop(grace=2).wait()
 
 
@@ -221,9 +229,11 @@ def watch_broker(runtime: ServiceRuntime, bus: Bus, every_s: float = BROKER_PROB
 
 
 def configure(name: str, cls: type[S]) -> S:
-    """A service's settings from the environment, logging set up at their level first thing."""
+    """A service's settings from the environment, logging set up at their level first thing,
+    then tracing when the settings turn it on."""
     settings = load(cls)
     setup_logging(name, settings.runtime.log_level)
+    tracing.setup(name, settings.runtime.tracing)
     return settings
 
 

@@ -220,6 +220,25 @@ class PreprocessSettings:
 
 
 @dataclasses.dataclass(frozen=True)
+class TracingSettings:
+    """OpenTelemetry tracing (`core/runtime/tracing.py`); off unless one of these says so."""
+
+    mode: str = env(
+        "PROLIF_TRACING",
+        "",
+        "Tracing: otlp (spans to OTEL_EXPORTER_OTLP_ENDPOINT over OTEL_EXPORTER_OTLP_PROTOCOL "
+        "grpc or http/protobuf), file (JSON lines appended to PROLIF_TRACING_FILE), off; empty "
+        "= otlp when OTEL_EXPORTER_OTLP_ENDPOINT is set, else off",
+    )
+    file: str = env(
+        "PROLIF_TRACING_FILE",
+        "",
+        "With PROLIF_TRACING=file: the file every process appends its spans to, one JSON "
+        "object a line (tests, debugging without a collector)",
+    )
+
+
+@dataclasses.dataclass(frozen=True)
 class RuntimeSettings:
     """What every service process needs besides Kafka."""
 
@@ -253,3 +272,4 @@ class RuntimeSettings:
     shutdown_grace_s: float = env(
         "PROLIF_SHUTDOWN_GRACE_S", 20.0, "On SIGTERM, how long in-flight work may finish"
     )
+    tracing: TracingSettings = nested(TracingSettings)

@@ -20,6 +20,8 @@ from typing import Any, Protocol
 
 import grpc
 
+from prolifscore.core.runtime.tracing_grpc import traced_channel
+
 
 class TLSFiles(Protocol):
     """The three settings (`RuntimeSettings` has them)."""
@@ -87,8 +89,8 @@ def open_channel(
     address: str, files: TLSFiles | None, options: Sequence[tuple[str, Any]] = ()
 ) -> grpc.Channel:
     """A channel to `address`: TLS (mutual when this side has a certificate) when `files`
-    names a CA, else plaintext."""
+    names a CA, else plaintext; sending the trace context of its calls while tracing is on."""
     creds = channel_credentials(files) if files is not None else None
     if creds is None:
-        return grpc.insecure_channel(address, options=list(options))
-    return grpc.secure_channel(address, creds, options=list(options))
+        return traced_channel(grpc.insecure_channel(address, options=list(options)))
+    return traced_channel(grpc.secure_channel(address, creds, options=list(options)))
