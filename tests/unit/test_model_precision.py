@@ -30,6 +30,7 @@ def _score(models) -> spb.SlideScore:
     )
 
 
+@pytest.mark.slow  # starts a model server process
 def test_bf16_model_server_scores_like_fp32(exported_root: Path, tmp_path: Path) -> None:
     server = ServiceProcess(
         "prolifscore.modelserver.server",
