@@ -31,11 +31,14 @@ if TYPE_CHECKING:
 # --------------------------------------------------------------------------------------------
 # Mitosis detector.
 
-# Sized on the shared 2-core machine: ~160 training mitoses, ~30 in the held-out cases and ~90
-# in the test cases; measured held-out F1 0.88 in ~290 s at a load average of 5-7.
-VALIDATE_DATA: dict[str, Any] = {"cases": 20, "regions_per_case": 4, "region_size": 512, "seed": 7}
+# Sized on the shared 2-core machine: ~240 training mitoses, ~60 in the held-out cases and ~90
+# in the test cases (new tissue crops). Width 8 and 20 cases, as `MitosisTrainConfig` trains by
+# default (the demo's budget), reached test-set F1 0.78-0.83 at any threshold (20 or 40 cases);
+# width 16 with 30 cases 0.87 on the test set, 0.91 with the held-out cases, in 368 s of
+# training at a load average of ~10.
+VALIDATE_DATA: dict[str, Any] = {"cases": 30, "regions_per_case": 4, "region_size": 512, "seed": 7}
 VALIDATE_TEST_CASES = 10
-VALIDATE_CONFIG = MitosisTrainConfig(eval_every_epoch=False)
+VALIDATE_CONFIG = MitosisTrainConfig(width=16, eval_every_epoch=False)
 
 
 def evaluate_detector(
@@ -64,7 +67,7 @@ def validate_mitosis(
     model_root: Path | str | None = None,
 ) -> dict[str, Any]:
     """`make bench-training`'s detector check: generate the synthetic auxiliary set in `work_dir`,
-    train, and return held-out figures (target: `mitosis_f1` >= 0.8).
+    train, and return held-out figures (target: `mitosis_f1` >= 0.85).
 
     Held out = the split's held-out cases plus a fresh test set of `test_cases` cases (another
     seed: new tissue crops and figures), counts summed: ~40 held-out mitoses alone would put

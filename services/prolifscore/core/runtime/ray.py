@@ -14,8 +14,14 @@ LOOPBACK_ENV = {
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
     "RAY_USAGE_STATS_ENABLED": "0",
     "RAY_AUTH_MODE": "token",
+    # Ray starts its workers at nice 15 (RayConfig worker_niceness), which suits helper tasks
+    # beside a busy driver; ours do the work (Ray Train's training loop, slide readers), and at
+    # nice 15 any normal-priority process on the machine starves them: the tumor model trained
+    # at 5.8 img/s on a shared 2-core machine, 26-37 img/s at nice 0 (`make bench-training`,
+    # 64 px, load 3-4). Applies to the Ray this process or `RayHead` starts, not to a cluster
+    # it joins.
+    "RAY_worker_niceness": "0",
 }
-WORKER_NICENESS_ENV = "RAY_worker_niceness"
 for _var, _value in LOOPBACK_ENV.items():  # at import, so no earlier `import ray` can miss them
     os.environ.setdefault(_var, _value)
 
@@ -32,11 +38,6 @@ def init_ray(address: str = "", num_cpus: int = 0) -> None:
         ray.init(address=address, log_to_driver=False)
         return
     kwargs = {"num_cpus": num_cpus} if num_cpus > 0 else {}
-    # Ray starts its workers at nice 15 (RayConfig worker_niceness), which suits helper tasks
-    # beside a busy driver; here the workers do the work (Ray Train's training loop, slide
-    # readers). On a shared machine a nice-15 trainer got a fraction of a core: 5.8 img/s
-    # against ~40 at nice 0 (`make bench-training`). Read by the raylet this call starts.
-    os.environ.setdefault(WORKER_NICENESS_ENV, "0")
     ray.init(
         address="local",  # never silently join another Ray that happens to run on this machine
         include_dashboard=False,

@@ -239,6 +239,7 @@ def _journal_start(worker: _Worker, state: dict[str, Any]) -> None:
         attempt=len(state["runs"]),
         start_epoch=state["epoch"],
         share_records=sum(p.records for p in share),
+        nice=os.nice(0),  # Ray's default worker niceness (15) starves training on a busy machine
         share=[[p.shard.path, p.skip, p.stride] for p in share],
     )
 
