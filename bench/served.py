@@ -87,7 +87,9 @@ def score_through_service(
     return figures
 
 
-def served_figures(truth: dict[str, tuple[int, float]], answers: list[tuple[str, Any]]) -> dict:
+def served_figures(
+    truth: dict[str, tuple[int, float]], answers: list[tuple[str, Any]]
+) -> dict[str, Any]:
     """Kappas (tumor model under the export's rule, mitosis route) and the molecular Spearman
     from the service's answers; every answer's figures kept."""
     from prolifscore.core.grading.evaluation import quadratic_weighted_kappa, spearman
