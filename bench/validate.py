@@ -197,9 +197,8 @@ def run_tumor(
         results["figures_from"] = "training run's validation (no scoring service: no detector)"
         return
     held_out = sorted(s for s, split in pre["splits"].items() if split == pb.SPLIT_VALIDATION)
-    with stage(stages, "scoring_service") as record:
+    with stage(stages, "scoring_service"):  # both service processes are reaped children
         served = score_through_service(slide_dir, models, held_out, args.work / "served")
-        record["extra_cpu_s"] = served["served_timing"]["cpu_s"]
     results.update(served)
     results["figures_from"] = "ScoreSlide of the scoring service, one call per held-out slide"
     print(
