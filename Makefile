@@ -91,7 +91,7 @@ $(K8S_NPM_STAMP): tests/deploy/package.json tests/deploy/package-lock.json
 	npm ci --prefix tests/deploy --no-audit --no-fund --loglevel=error
 	touch $@
 
-# Not part of CI (~90 min on 2 cores): does training learn? Writes bench/validate.json.
+# Not part of CI (~25-40 min on 2 cores): does training learn? Writes bench/validate.json.
 bench-training: setup
 	$(PY) -m bench.validate
 

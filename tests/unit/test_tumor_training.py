@@ -137,6 +137,8 @@ def test_learns_resumes_after_a_crash_and_exports(tmp_path: Path) -> None:
     final = json.loads((result.checkpoint / STATE_FILE).read_text())
     assert [r["start_epoch"] for r in final["runs"]] == [0, 1] and final["finished"]
     assert len(result.skipped_shards) == 1 and "checksum" in result.skipped_shards[0]["reason"]
+    # The worker trained at normal priority, not at Ray's default nice 15 (`init_ray`).
+    assert [e["nice"] for e in _journal(run, 0) if e["event"] == "start"] == [0, 0]
 
     # It learnt: slide-level figures far above chance on the held-out slides.
     m = result.metrics

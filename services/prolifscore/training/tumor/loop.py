@@ -239,6 +239,7 @@ def _journal_start(worker: _Worker, state: dict[str, Any]) -> None:
         attempt=len(state["runs"]),
         start_epoch=state["epoch"],
         share_records=sum(p.records for p in share),
+        nice=os.nice(0),  # Ray's default worker niceness (15) starves training on a busy machine
         share=[[p.shard.path, p.skip, p.stride] for p in share],
     )
 
@@ -337,7 +338,7 @@ def _run_epoch(
     ds = _epoch_dataset(worker, epoch, augment)
     per_worker_batch = _batch_dim(ds)
     global_batch = per_worker_batch * worker.strategy.num_replicas_in_sync
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     clock = _step_clock()
     if worker.session.world_size > 1:  # Keras' fit cannot (multiworker.py)
         history = worker.multiworker.fit(
@@ -354,12 +355,12 @@ def _run_epoch(
             verbose=config.verbose,
             callbacks=[clock],
         ).history
-    train_s = time.perf_counter() - started
+    train_s, train_cpu_s = time.perf_counter() - started, time.process_time() - cpu_started
     loss = float(history["loss"][-1])
     acc = next((v for k, v in sorted(history.items()) if k.endswith("accuracy")), [math.nan])
     if not math.isfinite(loss):
         raise TrainingError(f"training loss is {loss} at epoch {epoch + 1}")
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     pred = predict_all(predict, validation.dataset)
     return {
         "epoch": epoch + 1,
@@ -373,9 +374,13 @@ def _run_epoch(
         "per_worker_batch": per_worker_batch,
         "global_batch": global_batch,
         "train_s": round(train_s, 2),
+        # This worker process's CPU seconds (every thread): on a shared machine the wall
+        # seconds also count other people's load, these much less.
+        "train_cpu_s": round(train_cpu_s, 2),
         "train_img_s": round(config.steps_per_epoch * global_batch / train_s, 2),
         "steady_img_s": round(clock.images_per_second(global_batch), 2),
         "eval_s": round(time.perf_counter() - started, 2),
+        "eval_cpu_s": round(time.process_time() - cpu_started, 2),
     }
 
 
