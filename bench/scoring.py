@@ -209,6 +209,37 @@ def model_server(
 
 
 @contextmanager
+def scoring_process(
+    model_server_address: str,
+    slide_roots: Sequence[Path],
+    results_root: Path,
+    log_path: Path,
+    **env: str,
+) -> Iterator[ServiceProcess]:
+    """`python -m prolifscore.scoring.server` in a child of its own on a free port, as `up`
+    runs it: gRPC only (no Kafka consumer), tiles read in its own thread, results stored under
+    `results_root`; more PROLIF_* variables in `env`. Launched; stopped on exit."""
+    proc = ServiceProcess(
+        "prolifscore.scoring.server",
+        {
+            "PROLIF_MODEL_SERVER": model_server_address,
+            "PROLIF_SLIDE_ROOTS": ",".join(str(r) for r in slide_roots),
+            "PROLIF_RESULTS_ROOT": str(results_root),
+            "PROLIF_SCORING_KAFKA": "false",
+            "PROLIF_SCORING_RAY_READERS": "0",
+            **env,
+        },
+        log_path,
+        port_env="PROLIF_SCORING_PORT",
+    )
+    proc.launch()
+    try:
+        yield proc
+    finally:
+        proc.stop()
+
+
+@contextmanager
 def scoring_service(
     model_server_address: str, slide_roots: Sequence[Path], ray_readers: int = 0, **settings: Any
 ) -> Iterator[Any]:

@@ -29,11 +29,11 @@ from bench.scoring import (
     direct_slide,
     ensure_models,
     model_server,
+    scoring_process,
     scoring_service,
 )
 from prolifscore.core.wsi.preprocess import iter_kept_tiles, plan_slide
 from prolifscore.core.wsi.slide import open_slide
-from prolifscore.localstack.stack import ServiceProcess
 from prolifscore.v1 import pipeline_pb2 as pb
 from prolifscore.v1 import scoring_pb2 as spb
 from prolifscore.v1 import scoring_pb2_grpc
@@ -216,21 +216,6 @@ def roi_tiles(name: str, path: Path, rois: list[pb.Polygon]) -> SlideTiles:
     return SlideTiles(name, path, spec.level, spec.read_size, origins, len(plan.candidates))
 
 
-def _scoring_process(model_server: str, large: Path, log_path: Path) -> ServiceProcess:
-    return ServiceProcess(
-        "prolifscore.scoring.server",
-        {
-            "PROLIF_MODEL_SERVER": model_server,
-            "PROLIF_SCORING_KAFKA": "false",
-            "PROLIF_SCORING_RAY_READERS": "0",
-            "PROLIF_SLIDE_ROOTS": f"{large.parent},{CMU.parent}",
-            "PROLIF_RESULTS_ROOT": str(WORK_DIR / "results"),
-        },
-        log_path,
-        port_env="PROLIF_SCORING_PORT",
-    )
-
-
 def _cpu(pids: list[int]) -> float:
     """CPU seconds (user + system, all threads) of this process and of `pids`."""
     total = time.process_time()
@@ -261,31 +246,35 @@ def bench_large(
             models.predict(name, np.zeros((32, 256, 256, 3), np.uint8), output)  # warm-up
         server.wait_serving(180)
         assert server.proc is not None
-        scoring = _scoring_process(server.grpc_address, large, cfg.work_dir / "large-scoring.log")
-        scoring.launch()
         try:
-            scoring.wait_serving(180)
-            assert scoring.proc is not None
-            pids = [server.proc.pid, scoring.proc.pid]
-            with grpc.insecure_channel(scoring.grpc_address) as channel:
-                stub = scoring_pb2_grpc.ScoringServiceStub(channel)
-                _score(stub, spb.ScoreRequest(path=str(CMU)))  # warm-up: the 32-tile shape
-                request = spb.ScoreRequest(path=str(large), rois=rois)
-                for i in range(2 * cfg.large_reps):
-                    kind = "grpc" if i % 4 in (0, 3) else "direct"
-                    cpu = _cpu(pids)
-                    if kind == "grpc":
-                        result, seconds = _score(stub, request, timeout=3600)
-                        sample = {"total": seconds, "predict": result.timings.predict_s}
-                        sample |= {"tiling": result.timings.tiling_s}
-                    else:
-                        sample = direct_slide(tiles, models, 32)
-                    sample["cpu"] = _cpu(pids) - cpu
-                    samples[kind].append(sample)
-                    log(f"[bench]   large {kind}: {sample['total']:.1f} s, cpu {sample['cpu']:.1f}")
-            rss = {"scoring": _vmhwm_mb(scoring.proc.pid), "model": _vmhwm_mb(server.proc.pid)}
+            with scoring_process(
+                server.grpc_address,
+                [large.parent, CMU.parent],
+                WORK_DIR / "results",
+                cfg.work_dir / "large-scoring.log",
+            ) as scoring:
+                scoring.wait_serving(180)
+                assert scoring.proc is not None
+                pids = [server.proc.pid, scoring.proc.pid]
+                with grpc.insecure_channel(scoring.grpc_address) as channel:
+                    stub = scoring_pb2_grpc.ScoringServiceStub(channel)
+                    _score(stub, spb.ScoreRequest(path=str(CMU)))  # warm-up: the 32-tile shape
+                    request = spb.ScoreRequest(path=str(large), rois=rois)
+                    for i in range(2 * cfg.large_reps):
+                        kind = "grpc" if i % 4 in (0, 3) else "direct"
+                        cpu = _cpu(pids)
+                        if kind == "grpc":
+                            result, seconds = _score(stub, request, timeout=3600)
+                            sample = {"total": seconds, "predict": result.timings.predict_s}
+                            sample |= {"tiling": result.timings.tiling_s}
+                        else:
+                            sample = direct_slide(tiles, models, 32)
+                        sample["cpu"] = _cpu(pids) - cpu
+                        samples[kind].append(sample)
+                        took = f"{sample['total']:.1f} s, cpu {sample['cpu']:.1f}"
+                        log(f"[bench]   large {kind}: {took}")
+                rss = {"scoring": _vmhwm_mb(scoring.proc.pid), "model": _vmhwm_mb(server.proc.pid)}
         finally:
-            scoring.stop()
             models.close()
     if result.tiles_scored != len(tiles.origins):
         raise RuntimeError(

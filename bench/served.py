@@ -10,37 +10,11 @@ from __future__ import annotations
 import csv
 import os
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.scoring import cpu_seconds, model_server
-from prolifscore.localstack.stack import ServiceProcess
-
-
-@contextmanager
-def scoring_process(
-    model_server_address: str, model_root: Path, slide_dir: Path, work: Path
-) -> Iterator[ServiceProcess]:
-    """`python -m prolifscore.scoring.server` on a free port: no Kafka consumer (gRPC only),
-    tiles read in its own thread, results stored under `work`; stopped on exit."""
-    env = {
-        "PROLIF_MODEL_SERVER": model_server_address,
-        "PROLIF_MODEL_METADATA_ROOT": str(model_root),
-        "PROLIF_SLIDE_ROOTS": str(slide_dir),
-        "PROLIF_RESULTS_ROOT": str(work / "results"),
-        "PROLIF_SCORING_KAFKA": "false",
-        "PROLIF_SCORING_RAY_READERS": "0",
-    }
-    proc = ServiceProcess(
-        "prolifscore.scoring.server", env, work / "scoring.log", port_env="PROLIF_SCORING_PORT"
-    )
-    proc.launch()
-    try:
-        yield proc
-    finally:
-        proc.stop()
+from bench.scoring import cpu_seconds, model_server, scoring_process
 
 
 def truth_table(slide_dir: Path) -> dict[str, tuple[int, float]]:
@@ -65,7 +39,13 @@ def score_through_service(
     answers = []
     with (
         model_server(model_root, work / "modelserver.log") as server,
-        scoring_process(server.grpc_address, model_root, slide_dir, work) as scoring,
+        scoring_process(
+            server.grpc_address,
+            [slide_dir],
+            work / "results",
+            work / "scoring.log",
+            PROLIF_MODEL_METADATA_ROOT=str(model_root),
+        ) as scoring,
     ):
         server.wait_serving(300)
         scoring.wait_serving(300)
