@@ -104,3 +104,24 @@ def test_heatmap_canvas_draws_every_class_and_shows_the_predicted_one():
     red = np.asarray(Image.open(io.BytesIO(canvas.png(0))).convert("RGB")).astype(int)[80, 80]
     blue = np.asarray(Image.open(io.BytesIO(canvas.png(2))).convert("RGB")).astype(int)[80, 80]
     assert red[0] > red[2] + 60 and blue[2] > blue[0] + 60
+
+
+def test_a_region_heatmap_is_the_window_of_the_whole_slide_heatmap():
+    """With regions of interest the map covers their window only (`CoverageMap.offset`): the
+    heatmap drawn on it is the same picture as the whole slide's, cut to that window."""
+    rng = np.random.default_rng(3)
+    thumbnail = rng.integers(0, 256, (1600, 1700, 3), np.uint8)
+    tiles = [pb.Tile(x=4000, y=3000), pb.Tile(x=4200, y=3400), pb.Tile(x=4700, y=3100)]
+    values = [(0.9, 0.1), (0.4, 0.6), (0.1, 0.9)]
+    mitoses = [(4100.0, 3100.0), (4800.0, 3300.0)]
+    (ox, oy), (w, h) = (300, 250), (800, 780)  # >= MIN_SIDE: no zoom on either canvas
+    whole = heatmap.Canvas(thumbnail, 10.0, 200, 2)
+    part = heatmap.Canvas(thumbnail[oy : oy + h, ox : ox + w], 10.0, 200, 2, offset=(ox, oy))
+    for tile, v in zip(tiles, values, strict=True):
+        whole.add(tile, v)
+        part.add(tile, v)
+    for k in range(2):
+        big = np.asarray(Image.open(io.BytesIO(whole.png(k, mitoses))))
+        small = np.asarray(Image.open(io.BytesIO(part.png(k, mitoses))))
+        assert part.zoom == whole.zoom == 1
+        np.testing.assert_array_equal(small, big[oy : oy + h, ox : ox + w])

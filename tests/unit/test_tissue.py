@@ -13,6 +13,7 @@ from prolifscore.core.wsi.tissue import (
     compute_coverage_map,
     reference_keep,
 )
+from prolifscore.synthetic.pyramid import write_image_pyramid
 from tests.slides import CMU, KIDNEY, TCGA
 
 
@@ -158,3 +159,41 @@ def test_seed_criterion_rejects_background_and_keeps_dense_tissue():
     slide, g = _grid(CMU)
     fractions = [reference_keep(slide.read(x, y, 0, 256), 0.9) for _, _, x, y in g.grid()]
     assert any(k for k, _ in fractions) and not all(k for k, _ in fractions)
+
+
+@pytest.fixture(scope="module")
+def cmu_pyramid(tmp_path_factory):
+    """CMU as a tiled pyramid (downsamples 1 to 16): its map is read in strips of level 2."""
+    with open_slide(CMU) as s:
+        image = s.read(0, 0, 0, 2208, 2960)  # sides divisible by 16: exact downsamples
+    path = tmp_path_factory.mktemp("pyramid") / "cmu.tiff"
+    write_image_pyramid(path, image, mpp=0.5, smallest_side=300)
+    return path
+
+
+@pytest.mark.parametrize("which", ["thumbnail", "pyramid", "strips"])
+def test_a_region_map_is_the_whole_maps_window_with_the_same_coverages(which, cmu_pyramid):
+    """A region of interest's map reads only its window of the slide, and every square
+    inside the region gets the coverage the whole-slide map gives it."""
+    slide, g = _grid({"thumbnail": CMU, "pyramid": cmu_pyramid, "strips": KIDNEY}[which])
+    if which == "pyramid":
+        assert list(slide.level_downsamples[:3]) == [1, 2, 4]
+    ds = mask_downsample_for(g)
+    whole = compute_coverage_map(slide, ds, strip_bytes=1 << 16)
+    x0, y0 = g.footprint0 + 37, g.footprint0 + 5  # not on the mask grid
+    region = (x0, y0, x0 + 2 * g.footprint0, y0 + 2 * g.footprint0)
+    part = compute_coverage_map(slide, ds, strip_bytes=1 << 16, region=region)
+    (ox, oy), (h, w) = part.offset, part.fraction.shape
+    assert (ox, oy) != (0, 0) and h * w < whole.fraction.size / 3
+    np.testing.assert_array_equal(part.fraction, whole.fraction[oy : oy + h, ox : ox + w])
+    np.testing.assert_array_equal(part.thumbnail, whole.thumbnail[oy : oy + h, ox : ox + w])
+    xs, ys = np.meshgrid(
+        np.arange(x0, region[2] - g.footprint0 + 1, 61), np.arange(y0, y0 + 300, 43)
+    )
+    xs, ys = xs.ravel(), ys.ravel()
+    np.testing.assert_array_equal(
+        part.coverages(xs, ys, g.footprint0), whole.coverages(xs, ys, g.footprint0)
+    )
+    assert [part.coverage(x, y, g.footprint0) for x, y in zip(xs, ys, strict=True)] == [
+        whole.coverage(x, y, g.footprint0) for x, y in zip(xs, ys, strict=True)
+    ]

@@ -30,11 +30,18 @@ def _colour(p: float) -> tuple[int, int, int]:
 
 class Canvas:
     """The heatmap being drawn: `thumbnail` covers the slide at `downsample` level-0 px per
-    pixel; `add` draws a tile (level-0 position, one value in [0, 1] per class) on each class's
-    overlay, `png` composes the chosen class's overlay with the mitoses."""
+    pixel, or a window of it whose top-left pixel is `offset` (thumbnail pixels from the
+    slide's origin: a region of interest's map); `add` draws a tile (level-0 position, one
+    value in [0, 1] per class) on each class's overlay, `png` composes the chosen class's
+    overlay with the mitoses."""
 
     def __init__(
-        self, thumbnail: np.ndarray, downsample: float, footprint0: int, classes: int
+        self,
+        thumbnail: np.ndarray,
+        downsample: float,
+        footprint0: int,
+        classes: int,
+        offset: tuple[int, int] = (0, 0),
     ) -> None:
         base = Image.fromarray(thumbnail).convert("RGB")
         self.zoom = max(1, int(np.ceil(MIN_SIDE / max(base.size))))
@@ -43,13 +50,19 @@ class Canvas:
             base = base.resize(size, Image.Resampling.NEAREST)
         self.base = base
         self.scale = self.zoom / downsample
+        self.origin = (offset[0] * self.zoom, offset[1] * self.zoom)
         self.footprint0 = footprint0
         self.overlays = [Image.new("RGBA", base.size, (0, 0, 0, 0)) for _ in range(classes)]
         self._draws = [ImageDraw.Draw(o) for o in self.overlays]
 
     def add(self, tile: pb.Tile, values: Sequence[float]) -> None:
-        s, f = self.scale, self.footprint0
-        box = (tile.x * s, tile.y * s, (tile.x + f) * s - 1, (tile.y + f) * s - 1)
+        s, f, (ox, oy) = self.scale, self.footprint0, self.origin
+        box = (
+            tile.x * s - ox,
+            tile.y * s - oy,
+            (tile.x + f) * s - 1 - ox,
+            (tile.y + f) * s - 1 - oy,
+        )
         for draw, value in zip(self._draws, values, strict=True):
             draw.rectangle(box, fill=(*_colour(value), ALPHA))
 
@@ -58,7 +71,7 @@ class Canvas:
         draw = ImageDraw.Draw(overlay)
         r = max(2.0, 3.0 * self.zoom / 2)
         for x, y in mitoses:
-            cx, cy = x * self.scale, y * self.scale
+            cx, cy = x * self.scale - self.origin[0], y * self.scale - self.origin[1]
             draw.ellipse(
                 (cx - r, cy - r, cx + r, cy + r), outline=(0, 0, 0, 255), fill=(255, 0, 255, 230)
             )

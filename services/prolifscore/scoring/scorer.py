@@ -227,7 +227,7 @@ class _SlideRun:
             if self.request.include_heatmap:
                 cover = self.plan.coverage
                 self.canvas = heatmap.Canvas(
-                    cover.thumbnail, cover.downsample, self.plan.spec.footprint0, k
+                    cover.thumbnail, cover.downsample, self.plan.spec.footprint0, k, cover.offset
                 )
         assert self.class_counts is not None
         self.prob_sum += probs.sum(axis=0, dtype=np.float64)
@@ -437,7 +437,7 @@ def _assemble(run: _SlideRun) -> spb.SlideScore:
         mitoses = [(m.x, m.y) for m in result.mitoses]
         if run.canvas is None:  # no tile: the thumbnail alone
             cover = plan.coverage
-            run.canvas = heatmap.Canvas(cover.thumbnail, cover.downsample, 1, 1)
+            run.canvas = heatmap.Canvas(cover.thumbnail, cover.downsample, 1, 1, cover.offset)
         predicted = min((result.tumor_score or 1) - 1, len(run.canvas.overlays) - 1)
         result.heatmap_png = run.canvas.png(predicted, mitoses)
     timings = run.timings

@@ -160,11 +160,11 @@ def plan_slide(
     except roi_lib.RoiError as exc:
         raise SpecError(f"regions of interest: {exc}") from exc
     spec, geometry, warnings = resolve_spec(slide, overrides, defaults, roi_lib.digest(regions))
-    cmap = compute_coverage_map(slide, mask_downsample_for(geometry), threads=defaults.read_threads)
     criterion = FastCriterion(spec.tissue_threshold)
     every_tile = spec.tissue_mode == pb.TISSUE_MODE_SEED  # the reference study reads them all
     cols, rows = np.meshgrid(np.arange(geometry.cols), np.arange(geometry.rows))
     cols, rows = cols.ravel(), rows.ravel()  # row-major grid order
+    window = None  # the level-0 box the coverage map covers: the whole slide without regions
     if regions:
         half = geometry.footprint0 / 2
         inside = roi_lib.contains(
@@ -173,6 +173,13 @@ def plan_slide(
         cols, rows = cols[inside], rows[inside]
         if not len(cols):
             warnings.append("no tile of the slide's grid has its centre in the regions of interest")
+        else:
+            x0, y0 = int(cols.min()) * geometry.stride0, int(rows.min()) * geometry.stride0
+            x1 = int(cols.max()) * geometry.stride0 + geometry.footprint0
+            window = (x0, y0, x1, int(rows.max()) * geometry.stride0 + geometry.footprint0)
+    cmap = compute_coverage_map(
+        slide, mask_downsample_for(geometry), threads=defaults.read_threads, region=window
+    )
     xs, ys = cols * geometry.stride0, rows * geometry.stride0
     cov = cmap.coverages(xs, ys, geometry.footprint0)
     chosen = np.arange(len(cov)) if every_tile else np.flatnonzero(cov >= criterion.candidate_min)

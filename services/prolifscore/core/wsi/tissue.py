@@ -11,8 +11,9 @@ reference study's test, `reference_keep` (mode `seed`: the public name means the
 from __future__ import annotations
 
 import functools
+import math
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from scipy import ndimage as ndi
@@ -42,6 +43,7 @@ class CoverageMap:
     downsample: float
     thumbnail: np.ndarray  # uint8 [H, W, 3]
     block_min: float = BLOCK_TISSUE_MIN
+    offset: tuple[int, int] = (0, 0)  # (x, y) of fraction[0, 0] in the whole slide's mask grid
 
     def __post_init__(self) -> None:
         h, w = self.fraction.shape
@@ -53,10 +55,11 @@ class CoverageMap:
     def coverage(self, x: int, y: int, size0: int) -> float:
         """Share of tissue mask pixels in the level-0 square (x, y, size0), O(1)."""
         h, w = self.fraction.shape
-        x0 = min(w, max(0, round(x / self.downsample)))
-        y0 = min(h, max(0, round(y / self.downsample)))
-        x1 = min(w, max(x0 + 1, round((x + size0) / self.downsample)))
-        y1 = min(h, max(y0 + 1, round((y + size0) / self.downsample)))
+        (ox, oy), ds = self.offset, self.downsample
+        x0 = min(w, max(0, round(x / ds) - ox))
+        y0 = min(h, max(0, round(y / ds) - oy))
+        x1 = min(w, max(x0 + 1, round((x + size0) / ds) - ox))
+        y1 = min(h, max(y0 + 1, round((y + size0) / ds) - oy))
         if x0 >= w or y0 >= h:
             return 0.0
         s = self._integral
@@ -66,11 +69,11 @@ class CoverageMap:
     def coverages(self, xs: np.ndarray, ys: np.ndarray, size0: int) -> np.ndarray:
         """`coverage` for many squares at once (a 50k slide has ~40k grid tiles)."""
         h, w = self.fraction.shape
-        ds = self.downsample
-        x0 = np.clip(np.round(xs / ds), 0, w).astype(np.int64)
-        y0 = np.clip(np.round(ys / ds), 0, h).astype(np.int64)
-        x1 = np.minimum(w, np.maximum(x0 + 1, np.round((xs + size0) / ds))).astype(np.int64)
-        y1 = np.minimum(h, np.maximum(y0 + 1, np.round((ys + size0) / ds))).astype(np.int64)
+        (ox, oy), ds = self.offset, self.downsample
+        x0 = np.clip(np.round(xs / ds) - ox, 0, w).astype(np.int64)
+        y0 = np.clip(np.round(ys / ds) - oy, 0, h).astype(np.int64)
+        x1 = np.minimum(w, np.maximum(x0 + 1, np.round((xs + size0) / ds) - ox)).astype(np.int64)
+        y1 = np.minimum(h, np.maximum(y0 + 1, np.round((ys + size0) / ds) - oy)).astype(np.int64)
         s = self._integral
         total = s[y1, x1] - s[y0, x1] - s[y1, x0] + s[y0, x0]
         area = np.maximum(1, (y1 - y0) * (x1 - x0))
@@ -83,6 +86,7 @@ def compute_coverage_map(
     beta: float = BETA,
     strip_bytes: int = 64 << 20,
     threads: int = 2,
+    region: tuple[int, int, int, int] | None = None,
 ) -> CoverageMap:
     """Read the coarsest adequate level in horizontal strips and reduce to mask resolution.
 
@@ -95,6 +99,10 @@ def compute_coverage_map(
     decoding the whole slide at full resolution. `threads` strips are decoded at once
     (OpenSlide releases the GIL; decoding is most of the time on a large slide), so at most
     `threads` + 1 strips are in memory.
+
+    `region` (level-0 x0, y0, x1, y1) limits the map to the mask pixels that squares inside it
+    touch (`offset` places them in the whole slide's mask grid, so coverages are the same as
+    the whole map's): scoring a small region of a 50k slide need not scan all of its tissue.
     """
     source_ds = mask_downsample / MIN_BLOCK
     level = 0
@@ -105,18 +113,28 @@ def compute_coverage_map(
     if ds * 2 <= source_ds:
         thumb_map = _coverage_from_thumbnail(slide, mask_downsample, ds, beta)
         if thumb_map is not None:
-            return thumb_map
+            h, w = thumb_map.fraction.shape
+            x0, y0, x1, y1 = _mask_window(w, h, thumb_map.downsample, region)
+            return replace(
+                thumb_map,
+                fraction=thumb_map.fraction[y0:y1, x0:x1],
+                thumbnail=thumb_map.thumbnail[y0:y1, x0:x1],
+                offset=(x0, y0),
+            )
     k = max(1, round(mask_downsample / ds))
     lw, lh = slide.level_dimensions[level]
-    out_w, out_h = max(1, lw // k), max(1, lh // k)
+    mx0, my0, mx1, my1 = _mask_window(max(1, lw // k), max(1, lh // k), ds * k, region)
+    out_w, out_h = mx1 - mx0, my1 - my0
     fraction = np.zeros((out_h, out_w), np.float32)
     thumb = np.full((out_h, out_w, 3), 255, np.uint8)
-    rows_per_strip = max(1, strip_bytes // max(1, lw * 4 * k)) * k
+    rows_per_strip = max(1, strip_bytes // max(1, out_w * k * 4 * k)) * k
     tops = range(0, out_h * k, rows_per_strip)
 
     def read(top: int) -> np.ndarray:
         height = min(rows_per_strip, out_h * k - top)
-        return slide.read(0, round(top * ds), level, out_w * k, height)
+        return slide.read(
+            round(mx0 * k * ds), round((my0 * k + top) * ds), level, out_w * k, height
+        )
 
     # Reader threads decode the next strips while this thread reduces the current one.
     threads = max(1, threads)
@@ -125,7 +143,25 @@ def compute_coverage_map(
             r0, r1 = top // k, (top + rgb.shape[0]) // k
             fraction[r0:r1], thumb[r0:r1] = _reduce(rgb, k, beta)
             del rgb
-    return CoverageMap(fraction=fraction, downsample=ds * k, thumbnail=thumb)
+    return CoverageMap(fraction=fraction, downsample=ds * k, thumbnail=thumb, offset=(mx0, my0))
+
+
+def _mask_window(
+    width: int, height: int, ds: float, region: tuple[int, int, int, int] | None
+) -> tuple[int, int, int, int]:
+    """Mask pixels [x0, x1) x [y0, y1) of a width x height mask (`ds` level-0 px each) that
+    `CoverageMap.coverages` reads for squares inside `region`: the whole mask without one."""
+    if region is None:
+        return 0, 0, width, height
+    x0, y0, x1, y1 = region
+    mx0 = min(width - 1, max(0, math.floor(x0 / ds)))
+    my0 = min(height - 1, max(0, math.floor(y0 / ds)))
+    return (
+        mx0,
+        my0,
+        max(mx0 + 1, min(width, math.ceil(x1 / ds) + 1)),
+        max(my0 + 1, min(height, math.ceil(y1 / ds) + 1)),
+    )
 
 
 def _reduce(rgb: np.ndarray, k: int, beta: float) -> tuple[np.ndarray, np.ndarray]:
