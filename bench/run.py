@@ -21,7 +21,7 @@ import pickle
 import shutil
 import time
 from collections.abc import Callable, Collection
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -45,10 +45,13 @@ from prolifscore.v1 import pipeline_pb2 as pb
 
 SECTIONS = ("pyramid", "ratio", "breakdown", "fast_vs_seed", "rss", "ray", "viewer", "scoring")
 SECTIONS += ("bf16", "large_scoring", "concurrency")  # scoring on users' CPUs (bench/scoring_perf)
-SCORING_SECTIONS = ("scoring", "bf16", "large_scoring", "concurrency")
+SECTIONS += ("whole_slide",)
+# Run only when named in --only: the whole 50k slide takes ~30 min (both sides) on 2 cores.
+OPT_IN = ("whole_slide",)
+SCORING_SECTIONS = ("scoring", "bf16", "large_scoring", "concurrency", "whole_slide")
 NEEDS = {"ratio": ("pyramid",), "breakdown": ("ratio",), "fast_vs_seed": ("ratio",)}
 NEEDS |= {"rss": ("ratio",), "ray": ("ratio",), "viewer": ("pyramid",)}
-NEEDS |= {"large_scoring": ("pyramid",)}
+NEEDS |= {"large_scoring": ("pyramid",), "whole_slide": ("pyramid",)}
 # Tissue mode `seed`: the reference (seed) study's per-tile test, as the results' `seed` keys.
 REFERENCE_SPEC = pb.TilingSpec(tissue_mode=pb.TISSUE_MODE_SEED)
 PIPELINE_SIDE = (
@@ -264,7 +267,7 @@ def bench_ray(cfg: Config, large: Path, work: Workload, out: Results) -> None:
 def selected(only: Collection[str] | None) -> set[str]:
     """The sections to run: `only` (None: all) plus the sections they need."""
     if only is None:
-        return set(SECTIONS)
+        return set(SECTIONS) - set(OPT_IN)
     unknown = set(only) - set(SECTIONS)
     if unknown:
         raise ValueError(f"unknown section(s) {sorted(unknown)}; sections: {', '.join(SECTIONS)}")
@@ -317,6 +320,8 @@ def run(
     step("bf16", lambda: bench_bf16(cfg.perf, out, log))
     step("large_scoring", lambda: bench_large(cfg.perf, large, out, log))
     step("concurrency", lambda: bench_concurrency(cfg.perf, out, log))
+    whole = replace(cfg.perf, roi_tiles=0, large_reps=cfg.perf.whole_reps)
+    step("whole_slide", lambda: bench_large(whole, large, out, log, "scoring_whole_slide"))
     out["bench_seconds"] = _r(time.perf_counter() - start, 1)
     out["_note"] = (
         f"machine: {os.cpu_count()} cores (noisy; compare ratios, not absolute rates). "
@@ -374,7 +379,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n")[0])
     parser.add_argument(
         "--only",
-        help=f"comma-separated sections to run (and what they need): {','.join(SECTIONS)}",
+        help=f"comma-separated sections to run (and what they need): {','.join(SECTIONS)}; "
+        f"without it, all but {','.join(OPT_IN)}",
     )
     where = parser.add_mutually_exclusive_group()
     where.add_argument(

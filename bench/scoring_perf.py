@@ -50,6 +50,7 @@ class PerfConfig:
     bf16_reps: int = 5  # samples of each precision per slide, alternated
     roi_tiles: int = 28  # side of the large slide's square ROI, in 256 px tiles; 0: whole slide
     large_reps: int = 2  # samples of each side on the large slide (ABBA)
+    whole_reps: int = 1  # samples of each side on the whole large slide (section whole_slide)
     roi_centre: tuple[float, float] = (0.66, 0.50)  # in slide widths: inside a tissue piece
     concurrent_calls: int = 8
     concurrent_slide: tuple[str, Path] = ("cmu", CMU)
@@ -226,11 +227,15 @@ def _cpu(pids: list[int]) -> float:
 
 
 def bench_large(
-    cfg: PerfConfig, large: Path, out: Results, log: Callable[[str], None] = print
+    cfg: PerfConfig,
+    large: Path,
+    out: Results,
+    log: Callable[[str], None] = print,
+    prefix: str = "scoring_large",
 ) -> None:
     """The large slide's ROI (or the whole slide) through a ScoringService child and a model
     server child vs the same kept tiles through bare decode + the in-process model,
-    alternated (ABBA), `large_reps` samples each."""
+    alternated (ABBA), `large_reps` samples each; figures under `prefix`_*."""
     from prolifscore.scoring.model_client import InProcessModels
 
     ensure_models(cfg.model_root, cfg.tumor_input_size)
@@ -280,7 +285,7 @@ def bench_large(
         raise RuntimeError(
             f"scored {result.tiles_scored} tiles, the library keeps {len(tiles.origins)}"
         )
-    report_large(cfg, tiles, samples, rss, side0, out)
+    report_large(cfg, tiles, samples, rss, side0, out, prefix)
 
 
 def report_large(
@@ -290,26 +295,28 @@ def report_large(
     rss: dict[str, float],
     side0: int,
     out: Results,
+    prefix: str,
 ) -> None:
     n = len(tiles.origins)
     g = min(samples["grpc"], key=lambda s: s["total"])
     d = min(samples["direct"], key=lambda s: s["total"])
     g_cpu = min(s["cpu"] for s in samples["grpc"])
     d_cpu = min(s["cpu"] for s in samples["direct"])
-    out["scoring_large_kept_tiles_per_s"] = round(n / g["total"], 2)
-    out["scoring_large_seconds_per_10k_tiles"] = round(g["total"] / n * 10_000, 1)
-    out["scoring_large_peak_rss_gb"] = round((rss["scoring"] + rss["model"]) / 1024, 3)
-    out["scoring_large_vs_direct_model_ratio"] = round(g["total"] / d["total"], 3)
-    out["scoring_large_vs_direct_model_cpu_ratio"] = round(g_cpu / d_cpu, 3)
+    out[f"{prefix}_kept_tiles_per_s"] = round(n / g["total"], 2)
+    out[f"{prefix}_seconds_per_10k_tiles"] = round(g["total"] / n * 10_000, 1)
+    out[f"{prefix}_peak_rss_gb"] = round((rss["scoring"] + rss["model"]) / 1024, 3)
+    out[f"{prefix}_vs_direct_model_ratio"] = round(g["total"] / d["total"], 3)
+    out[f"{prefix}_vs_direct_model_cpu_ratio"] = round(g_cpu / d_cpu, 3)
     where = (
         f"a {cfg.roi_tiles} x {cfg.roi_tiles}-tile square ROI ({cfg.roi_tiles * 256} px side, "
-        f"centred at {cfg.roi_centre} of the {side0} px side, ScoreRequest.rois) of the large "
-        "slide, since the whole slide's ~16,000 candidate tiles would take over half an hour "
-        "per sample at these rates (seconds_per_10k_tiles gives the whole-slide time)"
+        f"centred at {cfg.roi_centre} of the {side0} px side, ScoreRequest.rois; the tissue map "
+        "covers the ROI's window only) of the large slide, since the whole slide takes ~15 min "
+        "per sample at these rates: section whole_slide (python -m bench.run --only "
+        "whole_slide) measures it"
         if cfg.roi_tiles
-        else "the whole large slide"
+        else f"the whole large slide ({side0} px side), no ROI"
     )
-    out["_note_scoring_large"] = (
+    out[f"_note_{prefix}"] = (
         f"{where}; {n} kept of {tiles.candidates} candidates. gRPC = one unary ScoreSlide "
         "(default request; results stored with tiles and heatmap, as the service does) to a "
         "ScoringService child (python -m prolifscore.scoring.server, thread reader "
@@ -320,7 +327,8 @@ def report_large(
         f"{g['predict']:.1f}). direct = bare OpenSlide read_region of the same kept tiles + the "
         "same SavedModels called in-process (bench process, warmed), batches of 32, no overlap: "
         f"best {d['total']:.1f} s (decode {d['decode']:.1f} + predict {d['predict']:.1f}). "
-        f"{cfg.large_reps} samples each, alternated ABBA: gRPC "
+        f"{cfg.large_reps} sample(s) each, "
+        f"{'alternated ABBA' if cfg.large_reps > 1 else 'gRPC first'}: gRPC "
         f"{[round(s['total'], 1) for s in samples['grpc']]} s, direct "
         f"{[round(s['total'], 1) for s in samples['direct']]} s; cpu_ratio = best CPU seconds "
         f"(both children + this process) {g_cpu:.1f} vs {d_cpu:.1f}, which other people's load "

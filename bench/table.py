@@ -28,6 +28,8 @@ TARGETS = {
     "scoring_bf16_max_prob_diff": "<= 0.02",
     "scoring_large_peak_rss_gb": "< 3",
     "scoring_large_vs_direct_model_ratio": "<= 1.1",
+    "scoring_whole_slide_peak_rss_gb": "< 3",
+    "scoring_whole_slide_vs_direct_model_ratio": "<= 1.1",
     "scoring_concurrent_vs_sequential_speedup": "> 1",
 }
 README = Path(__file__).resolve().parents[1] / "README.md"

@@ -56,7 +56,8 @@ def test_bench_runs_at_tiny_size(tmp_path: Path) -> None:
 def test_sections_and_merge() -> None:
     assert selected(["scoring"]) == {"scoring"}
     assert selected(["ray"]) == {"ray", "ratio", "pyramid"}
-    assert selected(None) >= {"pyramid", "scoring"}
+    assert selected(None) >= {"pyramid", "scoring"} and "whole_slide" not in selected(None)
+    assert selected(["whole_slide"]) == {"whole_slide", "pyramid"}
     with pytest.raises(ValueError, match="unknown"):
         selected(["nope"])
     full = {"a": 1.0, "b": 2.0, "bench_seconds": 9.0, "_note": "full", "_note_sections": "x"}
