@@ -257,6 +257,10 @@ def run_served(
 def served_only(args: argparse.Namespace, argv: list[str] | None) -> int:
     """Re-run the served stages over an existing work dir (models/, slides/), for the held-out
     slides the figures file names, and merge the new figures into it; nothing is deleted."""
+    needed = [args.work / "models/resnet50", args.work / "models/mitosis"]
+    missing = [p for p in [*needed, args.work / "slides/ground_truth.csv"] if not p.exists()]
+    if missing:
+        raise SystemExit(f"--served-only needs a trained work dir; missing: {missing}")
     existing = json.loads(args.out.read_text())
     held_out = [r["slide_id"] for r in existing.get("served_rows", [])]
     if not held_out:
