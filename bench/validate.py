@@ -8,7 +8,11 @@
 3. The held-out slides (18 of 96) scored as users get them: the model server and the scoring
    service in their own processes over the model root, one ScoreSlide per slide
    (`bench/served.py`) -> tumor-model kappa (the export's cut points), mitosis-route kappa,
-   molecular-score Spearman.
+   molecular-score Spearman. Then the same slides once more with the model server in bf16
+   (PROLIF_MODEL_PRECISION=bf16): its figures and its agreement with the fp32 answers
+   (`served_bf16`).
+`--served-only --work DIR` re-runs only the two served stages over DIR's models and slides (the
+held-out slides of the figures file's `served_rows`) and merges them into that file.
 Writes bench/validate.json: the figures, wall and CPU seconds per stage, load averages.
 Targets: F1 >= 0.85, both kappas >= 0.9, Spearman >= 0.8, under 45 minutes on 2 cores.
 """
@@ -16,6 +20,7 @@ Targets: F1 >= 0.85, both kappas >= 0.9, Spearman >= 0.8, under 45 minutes on 2 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import resource
@@ -28,7 +33,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from bench.served import score_through_service
+from bench.served import precision_agreement, served_answers, served_figures, truth_table
 from bench.validation import VALIDATE_CONFIG, VALIDATE_DATA, validate_mitosis, validate_tumor
 
 OUT = Path(__file__).with_name("validate.json")
@@ -110,6 +115,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="comma list of mitosis, tumor (scoring through the service needs both)",
     )
     parser.add_argument("--out", type=Path, default=OUT, help="figures file")
+    parser.add_argument(
+        "--served-only",
+        action="store_true",
+        help="only the served stages (fp32, bf16) over --work's models and slides, merged into "
+        "--out (which names the held-out slides); no training, the work dir is kept",
+    )
     args = parser.parse_args(argv)
     args.work = args.work.resolve()  # slide roots and Ray workers need absolute paths
     return args
@@ -117,6 +128,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.served_only:
+        return served_only(args, argv)
     parts = set(args.parts.split(","))
     started = time.perf_counter()
     shutil.rmtree(args.work, ignore_errors=True)
@@ -197,16 +210,93 @@ def run_tumor(
         results["figures_from"] = "training run's validation (no scoring service: no detector)"
         return
     held_out = sorted(s for s, split in pre["splits"].items() if split == pb.SPLIT_VALIDATION)
+    results.update(run_served(slide_dir, models, held_out, args.work, stages))
+
+
+def run_served(
+    slide_dir: Path,
+    models: Path,
+    held_out: list[str],
+    work: Path,
+    stages: dict[str, dict[str, Any]],
+) -> dict[str, Any]:
+    """The held-out slides through the scoring service with the model server in fp32, then in
+    bf16 on the same slides and models: the fp32 figures, and under `served_bf16` bf16's own
+    figures with its agreement with the fp32 answers."""
     with stage(stages, "scoring_service"):  # both service processes are reaped children
-        served = score_through_service(slide_dir, models, held_out, args.work / "served")
-    results.update(served)
-    results["figures_from"] = "ScoreSlide of the scoring service, one call per held-out slide"
-    print(
-        f"through the scoring service: tumor kappa {served['tumor_model_kappa']:.3f}, "
-        f"mitosis route kappa {served['mitosis_route_kappa']:.3f}, "
-        f"molecular Spearman {served['molecular_spearman']}",
-        flush=True,
+        fp32, fp32_timing = served_answers(slide_dir, models, held_out, work / "served", "fp32")
+    with stage(stages, "scoring_service_bf16"):
+        bf16, bf16_timing = served_answers(
+            slide_dir, models, held_out, work / "served_bf16", "bf16"
+        )
+    truth = truth_table(slide_dir)
+    served = {**served_figures(truth, fp32), "served_timing": fp32_timing}
+    served["figures_from"] = "ScoreSlide of the scoring service, one call per held-out slide"
+    bf16_figures = served_figures(truth, bf16)
+    del bf16_figures["served_rows"]  # what differs from fp32 is in agreement_with_fp32
+    served["served_bf16"] = {
+        "_note": "the same slides and exports, model server with PROLIF_MODEL_PRECISION=bf16, "
+        "run after the fp32 stage (slides in the page cache; wall_s includes start-up: not a "
+        "speed benchmark, see make bench's scoring_bf16_*)",
+        **bf16_figures,
+        "served_timing": bf16_timing,
+        "agreement_with_fp32": precision_agreement(fp32, bf16),
+    }
+    for name, figures in (("fp32", served), ("bf16", served["served_bf16"])):
+        print(
+            f"through the scoring service ({name}): tumor kappa "
+            f"{figures['tumor_model_kappa']:.3f}, mitosis route kappa "
+            f"{figures['mitosis_route_kappa']:.3f}, molecular Spearman "
+            f"{figures['molecular_spearman']}",
+            flush=True,
+        )
+    print(f"bf16 vs fp32: {served['served_bf16']['agreement_with_fp32']}", flush=True)
+    return served
+
+
+def served_only(args: argparse.Namespace, argv: list[str] | None) -> int:
+    """Re-run the served stages over an existing work dir (models/, slides/), for the held-out
+    slides the figures file names, and merge the new figures into it; nothing is deleted."""
+    needed = [args.work / "models/resnet50", args.work / "models/mitosis"]
+    missing = [p for p in [*needed, args.work / "slides/ground_truth.csv"] if not p.exists()]
+    if missing:
+        raise SystemExit(f"--served-only needs a trained work dir; missing: {missing}")
+    existing = json.loads(args.out.read_text())
+    held_out = [r["slide_id"] for r in existing.get("served_rows", [])]
+    if not held_out:
+        raise SystemExit(f"{args.out} has no served_rows: which slides are held out is unknown")
+    load_start = [round(x, 2) for x in os.getloadavg()]
+    stages: dict[str, dict[str, Any]] = {}
+    served = run_served(args.work / "slides", args.work / "models", held_out, args.work, stages)
+    rerun = {
+        "_note": "only the served stages were re-run, over the models and slides of the "
+        "training run this file describes (not retrained); every other figure, the stages and "
+        "the seconds are that run's",
+        "command": "python -m bench.validate " + " ".join(argv or sys.argv[1:]),
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "load_average_start": load_start,
+        "load_average_end": [round(x, 2) for x in os.getloadavg()],
+        "stages": stages,
+    }
+    args.out.write_text(json.dumps(merge_served(existing, served, rerun), indent=2) + "\n")
+    return 0
+
+
+def merge_served(
+    existing: dict[str, Any], served: dict[str, Any], rerun: dict[str, Any]
+) -> dict[str, Any]:
+    """The figures file with the served keys replaced by a re-run's and the re-run described;
+    the training figures stay. Says whether the fp32 rows came out as the file had them."""
+    before = existing.get("served_rows")
+    changed = sorted(
+        a["slide_id"] for a, b in zip(before or [], served["served_rows"], strict=False) if a != b
     )
+    rerun = {
+        **rerun,
+        "fp32_rows_as_before": before == served["served_rows"],
+        "fp32_rows_changed": changed,
+    }
+    return {**existing, **served, "served_rerun": rerun}
 
 
 if __name__ == "__main__":
