@@ -22,6 +22,20 @@ def test_peaks_map_to_level0_coordinates():
     assert dets == [(1000 + 20.5 * 4 * 2, 2000 + 10.5 * 4 * 2, np.float32(0.9))]
 
 
+def test_a_plateau_of_tied_maxima_is_one_peak_at_its_centre():
+    """bf16 rounds a figure's top to one value over several cells: one detection, not one per
+    cell (cells 8 px apart would escape a 16 px suppression radius)."""
+    spec = pb.ResolvedSpec(tile_size=256, footprint0=256)
+    m = np.zeros((32, 32), np.float32)  # stride 8 px
+    m[4, 4:7] = m[5, 5] = 0.9921875  # one 8-connected plateau (a bf16 step below 1)
+    m[5, 4] = 0.98  # its shoulder
+    m[20, 20] = m[22, 22] = 0.75  # tied but apart: two peaks
+    dets = tile_detections(m, pb.Tile(x=0, y=0), spec, threshold=0.5)
+    centre = (5 + 0.5) * 8, (4.25 + 0.5) * 8  # mean of (4,4), (4,5), (4,6), (5,5)
+    assert dets == [(*centre, 0.9921875), (20.5 * 8, 20.5 * 8, 0.75), (22.5 * 8, 22.5 * 8, 0.75)]
+    assert len(non_max_suppression(dets, radius0=16)) == 3
+
+
 def test_nms_merges_duplicates_across_tile_borders():
     dets = [(100.0, 100.0, 0.9), (105.0, 98.0, 0.8), (300.0, 100.0, 0.7), (302.0, 101.0, 0.95)]
     kept = non_max_suppression(dets, radius0=16)

@@ -34,27 +34,37 @@ class MitosisGrading:
         return math.sqrt(10 * self.hpf_area_mm2) * 1000.0
 
 
-def tile_detections(
-    prob_map: np.ndarray, tile: pb.Tile, spec: pb.ResolvedSpec, threshold: float
-) -> list[tuple[float, float, float]]:
-    """Local maxima of one tile's map as (x0, y0, probability) in level-0 pixels."""
+def map_peaks(prob_map: np.ndarray, threshold: float) -> list[tuple[float, float, float]]:
+    """(row, col, probability) of the map's local maxima (3 x 3) at or above `threshold`, one
+    per plateau: cells tied at a maximum that touch (8-connected) are one peak at their centre.
+    A bf16 model rounds values near 1 to a few steps, so a figure's top becomes a plateau of
+    several cells, further apart than non-maximum suppression's radius; counted cell by cell,
+    bf16 served 46 -> 66 mitoses on one trained-model slide (bench/validate.json served_bf16)."""
     if prob_map.size == 0:
         return []
     peaks = (prob_map == ndi.maximum_filter(prob_map, size=3, mode="constant")) & (
         prob_map >= threshold
     )
-    stride = spec.tile_size / prob_map.shape[0]
-    scale0 = spec.footprint0 / spec.tile_size
-    out = []
-    for i, j in zip(*np.nonzero(peaks), strict=True):
-        out.append(
-            (
-                tile.x + (j + 0.5) * stride * scale0,
-                tile.y + (i + 0.5) * stride * scale0,
-                float(prob_map[i, j]),
-            )
-        )
-    return out
+    labels, count = ndi.label(peaks, structure=np.ones((3, 3), bool))
+    if not count:
+        return []
+    index = np.arange(1, count + 1)
+    centres = ndi.center_of_mass(peaks, labels, index)
+    values = ndi.maximum(prob_map, labels, index)  # a plateau's cells share one value
+    return [(float(i), float(j), float(p)) for (i, j), p in zip(centres, values, strict=True)]
+
+
+def tile_detections(
+    prob_map: np.ndarray, tile: pb.Tile, spec: pb.ResolvedSpec, threshold: float
+) -> list[tuple[float, float, float]]:
+    """`map_peaks` of one tile's map as (x0, y0, probability) in level-0 pixels."""
+    if prob_map.size == 0:
+        return []
+    step = spec.tile_size / prob_map.shape[0] * spec.footprint0 / spec.tile_size
+    return [
+        (tile.x + (j + 0.5) * step, tile.y + (i + 0.5) * step, p)
+        for i, j, p in map_peaks(prob_map, threshold)
+    ]
 
 
 def non_max_suppression(

@@ -9,10 +9,9 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
-from scipy import ndimage as ndi
 
 from prolifscore.core.grading.matching import Counts, evaluate_regions
-from prolifscore.core.grading.mitoses import non_max_suppression
+from prolifscore.core.grading.mitoses import map_peaks, non_max_suppression
 from prolifscore.core.models.contract import MITOSIS_OFFSET, MITOSIS_STRIDE
 
 if TYPE_CHECKING:
@@ -69,20 +68,11 @@ def detection_maps(
 def detections_from_map(
     prob_map: np.ndarray, threshold: float, nms_radius_px: float
 ) -> list[tuple[float, float, float]]:
-    """(row, col, probability) detections: the scoring rule (3x3 local maxima >= threshold,
-    then `non_max_suppression`), map cell (i, j) at pixel (8i + 3.5, 8j + 3.5)."""
-    if prob_map.size == 0:
-        return []
-    peaks = (prob_map == ndi.maximum_filter(prob_map, size=3, mode="constant")) & (
-        prob_map >= threshold
-    )
+    """(row, col, probability) detections: the scoring rule (`map_peaks`, then
+    `non_max_suppression`), map cell (i, j) at pixel (8i + 3.5, 8j + 3.5)."""
     dets = [
-        (
-            MITOSIS_STRIDE * j + MITOSIS_OFFSET,
-            MITOSIS_STRIDE * i + MITOSIS_OFFSET,
-            float(prob_map[i, j]),
-        )
-        for i, j in zip(*np.nonzero(peaks), strict=True)
+        (MITOSIS_STRIDE * j + MITOSIS_OFFSET, MITOSIS_STRIDE * i + MITOSIS_OFFSET, p)
+        for i, j, p in map_peaks(prob_map, threshold)
     ]
     return [(y, x, p) for x, y, p in non_max_suppression(dets, nms_radius_px)]
 
