@@ -132,6 +132,53 @@ def bench_bf16(cfg: PerfConfig, out: Results, log: Callable[[str], None] = print
             best = ", ".join(f"{p} {_best(samples[p][name]):.2f} s" for p in samples)
             log(f"[bench]   bf16 {name}: {best}")
     report_bf16(cfg, samples, out)
+    op_ceiling(out)
+
+
+# The op that dominates ResNet50's cost (a 3 x 3 convolution of stage 3's shape, batch 32) and
+# a plain matmul: what bf16 can gain on this CPU at most, whatever the serving around it.
+CEILING_OPS = {
+    "conv": ((32, 28, 28, 128), (3, 3, 128, 128)),
+    "matmul": ((2048, 2048), (2048, 2048)),
+}
+
+
+def op_ceiling(out: Results, reps: int = 5, calls: int = 10) -> None:
+    """fp32 vs bf16 speed of single TensorFlow ops in this process (oneDNN kernels, all cores),
+    alternated, best of `reps` runs of `calls` calls each."""
+    import tensorflow as tf
+
+    parts = []
+    for name, (a_shape, b_shape) in CEILING_OPS.items():
+        best = {}
+        rng = np.random.default_rng(0)
+        a = rng.standard_normal(a_shape, np.float32)
+        b = rng.standard_normal(b_shape, np.float32)
+        fns = {}
+        for dtype in (tf.float32, tf.bfloat16):
+            x, k = tf.constant(a, dtype), tf.constant(b, dtype)
+            op = (lambda x=x, k=k: tf.nn.conv2d(x, k, 1, "SAME")) if name == "conv" else None
+            fns[dtype.name] = tf.function(op or (lambda x=x, k=k: tf.matmul(x, k)))
+            fns[dtype.name]().numpy()  # trace and warm
+            best[dtype.name] = float("inf")
+        for i in range(2 * reps):
+            dtype = ("float32", "bfloat16")[i % 2]
+            start = time.perf_counter()
+            for _ in range(calls):
+                result = fns[dtype]()
+            result.numpy()
+            best[dtype] = min(best[dtype], time.perf_counter() - start)
+        out[f"scoring_bf16_{name}_op_speedup"] = round(best["float32"] / best["bfloat16"], 3)
+        parts.append(
+            f"{name} {a_shape} x {b_shape}: fp32 {best['float32'] / calls * 1e3:.1f} ms, "
+            f"bf16 {best['bfloat16'] / calls * 1e3:.1f} ms"
+        )
+    out["_note_scoring_bf16_ops"] = (
+        "the ceiling: single TensorFlow ops in the bench process, fp32 vs bf16 inputs, "
+        f"alternated, best of {reps} x {calls} calls: " + "; ".join(parts) + ". A 3 x 3 "
+        "convolution is most of ResNet50's work; bf16 cannot speed the models up by more than "
+        "these ops gain on this CPU (AVX-512 BF16 dot products, no AMX tiles)."
+    )
 
 
 def _best(runs: list[Sample], i: int = 1) -> float:
