@@ -517,16 +517,12 @@ def test_one_poison_record_in_a_batch_takes_no_good_record_with_it(broker):
 
 
 @pytest.fixture(scope="module")
-def scoring(ray_head, tmp_path_factory) -> Iterator[dict[str, Any]]:
-    from prolifscore.core.models.export import export_untrained
-
+def scoring(ray_head, exported_root, tmp_path_factory) -> Iterator[dict[str, Any]]:
     tmp = tmp_path_factory.mktemp("faults-scoring")
-    export_untrained(tmp / "models", "tumor", input_size=64)
-    export_untrained(tmp / "models", "mitosis")
     env = {
         **KAFKA_ENV,
         **own_names(),
-        "PROLIF_MODEL_ROOT": str(tmp / "models"),
+        "PROLIF_MODEL_ROOT": str(exported_root),  # the session's untrained models (read only)
         "PROLIF_SLIDE_ROOTS": str(SLIDES),
         "PROLIF_RESULTS_ROOT": str(tmp / "results"),
         "PROLIF_PREDICT_BATCH": "8",
