@@ -1,8 +1,10 @@
-"""Shared fixtures: one embedded Kafka broker per test session, fresh topic names per test."""
+"""Shared fixtures: one embedded Kafka broker per test session, fresh topic names per test, one
+Ray head, and one export of the untrained models."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -33,3 +35,17 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayHead]:
     head.start()
     yield head
     head.stop()
+
+
+@pytest.fixture(scope="session")
+def exported_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A model root with both models (untrained, small: the tumor model at 64 px), as training
+    leaves it; exported once per session (the tumor model takes ~10-20 s, and seven modules
+    serve these same two models). Tests and the services they start only read it; a test that
+    changes a root copies what it needs."""
+    from prolifscore.core.models.export import export_untrained
+
+    root = tmp_path_factory.mktemp("exported")
+    export_untrained(root, "tumor", input_size=64)
+    export_untrained(root, "mitosis")
+    return root

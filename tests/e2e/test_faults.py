@@ -197,7 +197,9 @@ class Pipeline:
         self.stack.stop()
 
 
-def pipeline_stack(run_dir: Path, ray_address: str, durable: bool) -> EmbeddedStack:
+def pipeline_stack(
+    run_dir: Path, ray_address: str, durable: bool, **extra_env: str
+) -> EmbeddedStack:
     env = {
         **KAFKA_ENV,
         **own_names(),
@@ -207,6 +209,7 @@ def pipeline_stack(run_dir: Path, ray_address: str, durable: bool) -> EmbeddedSt
         "PROLIF_KAFKA_MAX_POLL_RECORDS": "1",  # commit batch by batch: kills land mid-slide
         "PROLIF_FILTER_WORKERS": "1",
         "PROLIF_TEST_FAIL_KEY": "poison",  # test-only: records keyed "poison" make handlers raise
+        **extra_env,
     }
     return EmbeddedStack(
         run_dir,
@@ -275,7 +278,13 @@ def test_broker_killed_mid_slide_is_reported_and_durable_storage_keeps_the_work(
 @pytest.mark.timeout(420)
 def test_in_memory_broker_restart_says_what_was_lost_and_ingest_wait_ends(ray_head, tmp_path):
     run_dir = tmp_path / "run"
-    p = Pipeline(pipeline_stack(run_dir, ray_head.address, durable=False), [])
+    # Tiling is mid-slide when the broker comes back empty; its producer then retries its
+    # records forever (UnknownProducerIdError), so its SIGTERM shutdown never finishes and the
+    # supervisor's restart waited its full 10 s before SIGKILL. A 3 s grace lets it give up
+    # (exit 1, uncommitted: the work is lost either way, and reported) sooner.
+    p = Pipeline(
+        pipeline_stack(run_dir, ray_head.address, durable=False, PROLIF_SHUTDOWN_GRACE_S="3"), []
+    )
     cli_env = {**os.environ, **to_env(p.k)}
     cli = subprocess.Popen(
         [*CLI, "ingest", str(CMU), "--wait", "--tissue-mode", "seed", "--run-id", "lost"],
@@ -517,16 +526,12 @@ def test_one_poison_record_in_a_batch_takes_no_good_record_with_it(broker):
 
 
 @pytest.fixture(scope="module")
-def scoring(ray_head, tmp_path_factory) -> Iterator[dict[str, Any]]:
-    from prolifscore.core.models.export import export_untrained
-
+def scoring(ray_head, exported_root, tmp_path_factory) -> Iterator[dict[str, Any]]:
     tmp = tmp_path_factory.mktemp("faults-scoring")
-    export_untrained(tmp / "models", "tumor", input_size=64)
-    export_untrained(tmp / "models", "mitosis")
     env = {
         **KAFKA_ENV,
         **own_names(),
-        "PROLIF_MODEL_ROOT": str(tmp / "models"),
+        "PROLIF_MODEL_ROOT": str(exported_root),  # the session's untrained models (read only)
         "PROLIF_SLIDE_ROOTS": str(SLIDES),
         "PROLIF_RESULTS_ROOT": str(tmp / "results"),
         "PROLIF_PREDICT_BATCH": "8",

@@ -32,13 +32,9 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> PKI:
 
 
 @pytest.fixture(scope="module")
-def services(pki, tmp_path_factory):
-    from prolifscore.core.models.export import export_untrained
-
+def services(pki, exported_root, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("mtls")
-    root = tmp / "models"
-    export_untrained(root, "tumor", input_size=64)
-    export_untrained(root, "mitosis")
+    root = exported_root  # the session's untrained models (read only)
     tls = pki.server.env(pki.ca)
     models = ServiceProcess(
         "prolifscore.modelserver.server",

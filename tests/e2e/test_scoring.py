@@ -39,13 +39,9 @@ PNG = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture(scope="module")
-def model_root(tmp_path_factory) -> Path:
-    from prolifscore.core.models.export import export_untrained
-
-    root = tmp_path_factory.mktemp("models")
-    export_untrained(root, "tumor", input_size=64)
-    export_untrained(root, "mitosis")
-    return root
+def model_root(exported_root: Path) -> Path:
+    """The session's untrained models (read only)."""
+    return exported_root
 
 
 @pytest.fixture(scope="module")

@@ -42,15 +42,11 @@ def rss_mb(pid: int) -> float:
 
 
 @pytest.fixture(scope="module")
-def processes(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+def processes(exported_root: Path, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
     if not Path("/proc/self/status").exists():
         pytest.skip("needs /proc to read a process's RSS")
-    from prolifscore.core.models.export import export_untrained
-
     tmp = tmp_path_factory.mktemp("memory")
-    root = tmp / "models"
-    export_untrained(root, "tumor", input_size=64)
-    export_untrained(root, "mitosis")
+    root = exported_root  # the session's untrained models (read only)
     (tmp / "batching.config").write_text(BATCHING)
     models = ServiceProcess(
         "prolifscore.modelserver.server",

@@ -17,12 +17,10 @@ PNG = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.mark.slow
-def test_local_score_flags_untrained_models(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
-    from prolifscore.core.models.export import export_untrained
-
-    root = tmp_path / "models"
-    export_untrained(root, "tumor", input_size=64)
-    export_untrained(root, "mitosis")
+def test_local_score_flags_untrained_models(
+    exported_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
+    root = exported_root  # the session's untrained models (read only)
     heat = tmp_path / "heat.png"
     argv = ["score", str(CMU), "--local", "--model-root", str(root), "--json"]
     assert main([*argv, "--heatmap", str(heat)]) == 0

@@ -123,20 +123,16 @@ def test_settings_that_cannot_work_fail_at_start_naming_the_variable(pki, tmp_pa
 
 
 @pytest.fixture(scope="module")
-def model_server(pki, tmp_path_factory):
-    """The local model server over mutual TLS with untrained test models."""
+def model_server(pki, exported_root):
+    """The local model server over mutual TLS with untrained test models (the session's)."""
     pytest.importorskip("tensorflow")
-    from prolifscore.core.models.export import export_untrained
     from prolifscore.modelserver.config import ModelServerSettings
     from prolifscore.modelserver.server import ModelServer
 
-    root = tmp_path_factory.mktemp("models")
-    export_untrained(root, "tumor", input_size=64)
-    export_untrained(root, "mitosis")
     settings = load(
         ModelServerSettings,
         environ={},
-        model_root=root,
+        model_root=exported_root,
         port=0,
         runtime=tls(pki.server, pki.ca),
     )
